@@ -1,0 +1,143 @@
+"""The ``medseg`` command: each subcommand parses its arguments and calls one API function."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+from medseg.errors import find_medseg_error
+
+__all__ = ["main"]
+
+
+def _fmt(value: float) -> str:
+    return "  n/a" if value is None or math.isnan(value) else f"{value:.3f}"
+
+
+def _print_dice(result: dict) -> None:
+    names = list(result["mean"])
+    width = max(len("case"), *(len(c["id"]) for c in result["cases"]))
+    print("  ".join([f"{'case':<{width}}", *(f"{n:>10}" for n in names)]))
+    for case in result["cases"]:
+        print("  ".join([f"{case['id']:<{width}}", *(f"{_fmt(case[n]):>10}" for n in names)]))
+    print("  ".join([f"{'mean':<{width}}", *(f"{_fmt(result['mean'][n]):>10}" for n in names)]))
+    print(f"mean foreground Dice: {_fmt(result['mean_foreground'])}")
+
+
+def cmd_demo(args) -> int:
+    from medseg.demo import run_demo
+
+    start = time.monotonic()
+    result = run_demo(args.output, max_time=args.max_time, overrides=args.set)
+    _print_dice(result)
+    print(f"demo finished in {time.monotonic() - start:.0f} s; results in {args.output}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from medseg.config import load_config
+    from medseg.training.trainer import Trainer
+
+    config = load_config(args.config, args.set)
+    config.data.root, config.train.output_dir = str(args.data), str(args.output)
+    summary = Trainer(config, overwrite=args.overwrite).fit()
+    print(
+        f"trained {summary['epochs']} epochs ({summary['steps']} steps) in {summary['seconds']:.0f} s; "
+        f"best validation Dice {_fmt(summary['best_dice'])}; checkpoint {summary['best']}"
+    )
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from medseg.inference.batch import predict_many
+    from medseg.inference.predictor import Predictor
+
+    predictor = Predictor(args.model, device=args.device)
+    result = predict_many(predictor, args.input, args.output, overwrite=args.overwrite)
+    print(
+        f"{len(result.written)} written, {len(result.skipped)} skipped (already there), "
+        f"{len(result.failed)} failed; masks in {args.output}"
+    )
+    return 2 if result.failed else 0
+
+
+def cmd_evaluate(args) -> int:
+    from medseg.evaluation.metrics import evaluate
+
+    out = args.out or Path(args.pred) / "metrics.csv"
+    result = evaluate(args.pred, args.ref, out=out)
+    _print_dice(result)
+    if result["missing_predictions"]:
+        print(f"no prediction for: {', '.join(result['missing_predictions'])}")
+    print(f"wrote {out} and {Path(out).with_suffix('.json')}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medseg", description="Medical-image segmentation: train U-Nets, write masks, score them."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    overrides = {
+        "action": "append",
+        "default": [],
+        "metavar": "KEY=VALUE",
+        "help": "override a config value (repeatable)",
+    }
+
+    p = sub.add_parser(
+        "demo", help="train on the bundled heart data, predict and evaluate (~4 min on 2 CPU cores)"
+    )
+    p.add_argument(
+        "--output", default="medseg_demo", help="folder for the demo's results (default: %(default)s)"
+    )
+    p.add_argument("--max-time", type=float, default=150.0, help="seconds of training (default: %(default)s)")
+    p.add_argument("--set", **overrides)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train", help="train a model on a dataset folder")
+    p.add_argument("--data", required=True, help="dataset folder (dataset.json, or imagesTr/ + labelsTr/)")
+    p.add_argument("--output", required=True, help="run folder for checkpoints and logs")
+    p.add_argument("--config", help="YAML config (default: the built-in heart settings)")
+    p.add_argument("--set", **overrides)
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --output")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("predict", help="segment a file or a folder of files with a trained checkpoint")
+    p.add_argument("--model", required=True, help="checkpoint file (or run folder holding best.pt)")
+    p.add_argument("--input", required=True, help="an image file or a folder of them")
+    p.add_argument(
+        "--output", required=True, help="folder for the masks (same names and formats as the inputs)"
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace masks that already exist")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("evaluate", help="Dice per case and class of predicted masks against references")
+    p.add_argument("--pred", required=True, help="folder of predicted masks")
+    p.add_argument("--ref", required=True, help="folder of reference masks (matched by file name)")
+    p.add_argument("--out", help="CSV to write (a .json summary goes beside it; default: PRED/metrics.csv)")
+    p.set_defaults(func=cmd_evaluate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        known = find_medseg_error(exc)
+        if known is None:
+            raise
+        print(f"error: {known}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""One typed configuration: dataclasses, YAML in and out, ``--set a.b=c`` overrides.
+
+The defaults are the heart demo's settings, so ``Config()`` trains a sensible model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from medseg.errors import ConfigError
+
+__all__ = [
+    "Config",
+    "DataConfig",
+    "AugmentConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "InferConfig",
+    "load_config",
+    "save_config",
+]
+
+
+@dataclass
+class DataConfig:
+    """Where the cases are and how they are preprocessed.
+
+    Args:
+        root: dataset folder (MSD ``dataset.json`` or ``imagesTr``/``labelsTr``).
+        spacing: target voxel spacing in mm; null takes the median spacing of the training cases.
+        patch_size: training patch, voxels per axis (also the sliding-window size).
+        samples_per_volume: patches cut from a volume each time it is drawn.
+        class_ratios: how often a patch is centred on each class (background first); null: equally.
+        val_fraction: share of the training cases held out for validation.
+        num_workers: data-loader worker processes.
+    """
+
+    root: str | None = None
+    spacing: list[float] | None = None
+    patch_size: list[int] = field(default_factory=lambda: [80, 80, 32])
+    samples_per_volume: int = 2
+    class_ratios: list[float] | None = None
+    val_fraction: float = 0.2
+    num_workers: int = 0
+
+
+@dataclass
+class AugmentConfig:
+    """Random augmentation during training (probabilities per patch).
+
+    Args:
+        flip_prob: mirror along each axis.
+        intensity_prob: random scale and shift of intensities.
+        noise_prob: add Gaussian noise.
+    """
+
+    flip_prob: float = 0.0
+    intensity_prob: float = 0.5
+    noise_prob: float = 0.15
+
+
+@dataclass
+class ModelConfig:
+    """The network. See ``medseg.build_model``.
+
+    Args:
+        name: ``unet``.
+        channels: features per level; the depth follows from its length.
+        strides: down-sampling per level after the first (null: 2 on every axis).
+        norm: ``batch``, ``instance`` or ``group``. Batch norm is the default because it is
+            about 3x faster than instance norm in bf16 channels-last on CPUs, at equal Dice here.
+        dropout: dropout probability in the conv blocks.
+    """
+
+    name: str = "unet"
+    channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
+    strides: list[list[int]] | None = None
+    norm: str = "batch"
+    dropout: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and run control.
+
+    Args:
+        output_dir: run folder for checkpoints and logs.
+        epochs: number of epochs; an epoch is ``iters_per_epoch`` steps.
+        iters_per_epoch: optimiser steps per epoch.
+        max_time: stop after this many seconds of training (null: no limit).
+        batch_size: patches per step.
+        lr: peak learning rate (AdamW, cosine decay after a short warm-up).
+        weight_decay: AdamW weight decay.
+        val_every: validate every this many epochs (and always at the end).
+        seed: random seed for splits, sampling and initialisation.
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+        precision: ``auto``, ``fp32``, ``bf16`` or ``fp16`` (fp16 on CUDA only).
+    """
+
+    output_dir: str = "runs/heart"
+    epochs: int = 40
+    iters_per_epoch: int = 25
+    max_time: float | None = None
+    batch_size: int = 2
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    val_every: int = 2
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+
+
+@dataclass
+class InferConfig:
+    """Sliding-window prediction.
+
+    Args:
+        overlap: overlap of neighbouring windows (0..1); windows are blended with a Gaussian.
+        sw_batch_size: windows per forward pass.
+    """
+
+    overlap: float = 0.5
+    sw_batch_size: int = 2
+
+
+@dataclass
+class Config:
+    """The whole configuration of a run."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> Config:
+        """Build a config from nested dicts, naming the first unknown key or invalid value."""
+        return _build(cls, data or {}, prefix="", source=source)
+
+    def override(self, assignments: list[str]) -> Config:
+        """Apply ``key=value`` strings (values are YAML: ``5``, ``[1, 2]``, ``null``)."""
+        data = self.to_dict()
+        for item in assignments:
+            key, sep, raw = item.partition("=")
+            if not sep or not key.strip():
+                raise ConfigError(item, "expected key=value, e.g. train.epochs=5")
+            parts = key.strip().split(".")
+            node = data
+            for depth, part in enumerate(parts[:-1]):
+                if not isinstance(node.get(part), dict):
+                    raise ConfigError(key, _unknown(".".join(parts[: depth + 1]), node))
+                node = node[part]
+            if parts[-1] not in node:
+                raise ConfigError(key, _unknown(key.strip(), node))
+            node[parts[-1]] = yaml.safe_load(raw)
+        return Config.from_dict(data, source="--set")
+
+
+def _unknown(key: str, known: dict) -> str:
+    leaf = key.split(".")[-1]
+    close = difflib.get_close_matches(leaf, list(known), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else f"; known: {', '.join(known)}"
+    return f"unknown key '{key}'{hint}"
+
+
+def _build(cls, data: Any, prefix: str, source: str):
+    if not isinstance(data, dict):
+        raise ConfigError(source, f"'{prefix.rstrip('.') or 'config'}' must be a mapping")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            raise ConfigError(source, _unknown(prefix + str(key), dict.fromkeys(names)))
+    values = {}
+    for name in names:
+        if name not in data:
+            continue
+        kind = hints[name]
+        if dataclasses.is_dataclass(kind):
+            values[name] = _build(kind, data[name], f"{prefix}{name}.", source)
+        else:
+            values[name] = _coerce(data[name], kind, prefix + name, source)
+    return cls(**values)
+
+
+def _coerce(value: Any, kind: Any, key: str, source: str) -> Any:
+    """Check ``value`` against a type hint, converting ints to floats where floats are asked."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key, source)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(source, f"'{key}' must be a list, got {value!r}")
+        return [_coerce(v, args[0], key, source) for v in value]
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind in (str, bool) and isinstance(value, kind):
+        return value
+    raise ConfigError(source, f"'{key}' must be {kind.__name__}, got {value!r}")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or the defaults) and apply ``key=value`` overrides.
+
+    Args:
+        path: YAML file; None for the built-in defaults.
+        overrides: strings like ``"train.epochs=5"``.
+
+    Example:
+        >>> cfg = load_config(None, ["train.epochs=5"])
+    """
+    config = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(path, "no such config file")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(path, f"not valid YAML ({exc.__class__.__name__})") from None
+        config = Config.from_dict(data or {}, source=str(path))
+    return config.override(overrides or [])
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    """Write the config as YAML."""
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

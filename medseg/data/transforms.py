@@ -1,0 +1,118 @@
+"""MONAI transform pipelines for training, validation and inference, built from the config.
+
+Deterministic steps (load, reorient, resample, normalise, crop) come first so that a
+``CacheDataset`` keeps their result; random steps (patch sampling, augmentation) follow.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from monai import transforms as mt
+from monai.data import MetaTensor
+
+from medseg.config import Config
+from medseg.io import ras_affine, read_volume, to_array
+
+__all__ = ["LoadVolumed", "body_mask", "train_transforms", "eval_transforms", "infer_transforms"]
+
+# Affines here are RAS (medseg.io.ras_affine); saying so also silences MONAI's change of default.
+_RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+
+
+class LoadVolumed(mt.MapTransform):
+    """Read image/label files with medseg.io into channel-first MetaTensors (RAS affine).
+
+    Args:
+        keys: the dict keys holding file paths (or SimpleITK images already read).
+        spatial_dims: the dimensionality the model needs; other inputs are an InputError.
+    """
+
+    def __init__(self, keys, spatial_dims: int = 3, allow_missing_keys: bool = True):
+        super().__init__(keys, allow_missing_keys)
+        self.spatial_dims = spatial_dims
+
+    def __call__(self, data: dict) -> dict:
+        out = dict(data)
+        for key in self.key_iterator(out):
+            if out[key] is None:
+                continue
+            if isinstance(out[key], sitk.Image):
+                image, path = out[key], ""
+            else:
+                path = out[key]
+                image = read_volume(path, spatial_dims=self.spatial_dims)
+            array = to_array(image)
+            array = array.astype(np.float32) if key == "image" else array.astype(np.int64)
+            out[key] = MetaTensor(
+                torch.from_numpy(np.ascontiguousarray(array))[None],
+                affine=torch.as_tensor(ras_affine(image), dtype=torch.float64),
+                meta={"filename_or_obj": str(path)},
+            )
+        return out
+
+
+def body_mask(image: torch.Tensor) -> torch.Tensor:
+    """Voxels brighter than a tenth of the way from the darkest voxel to the 99th percentile.
+
+    Separates the body from the air around it in MRI and CT alike; used for the foreground crop.
+    """
+    flat = image.reshape(-1).float()
+    sample = flat[:: max(1, flat.numel() // 1_000_000)]
+    low, high = sample.min(), torch.quantile(sample, 0.99)
+    return image > low + 0.1 * (high - low)
+
+
+def _preprocess(config: Config, keys: list[str], spacing: list[float]) -> list:
+    modes = ["bilinear" if k == "image" else "nearest" for k in keys]
+    return [
+        LoadVolumed(keys),
+        mt.Orientationd(keys, axcodes="RAS", labels=_RAS_LABELS, allow_missing_keys=True),
+        mt.Spacingd(keys, pixdim=spacing, mode=modes, allow_missing_keys=True),
+        mt.NormalizeIntensityd("image", channel_wise=True),
+    ]
+
+
+def eval_transforms(config: Config, spacing: list[float]) -> mt.Compose:
+    """Validation: preprocess image and label, crop to the body."""
+    keys = ["image", "label"]
+    return mt.Compose(
+        _preprocess(config, keys, spacing)
+        + [mt.CropForegroundd(keys, source_key="image", select_fn=body_mask, margin=4)]
+    )
+
+
+def infer_transforms(config: Config, spacing: list[float]) -> mt.Compose:
+    """Inference: preprocess the image only; the predictor maps results back to the input grid."""
+    return mt.Compose(_preprocess(config, ["image"], spacing))
+
+
+def train_transforms(config: Config, spacing: list[float], num_classes: int) -> mt.Compose:
+    """Training: the validation steps, then class-balanced patch sampling and augmentation."""
+    keys = ["image", "label"]
+    patch = config.data.patch_size
+    aug = config.augment
+    ratios = config.data.class_ratios or [1.0] * num_classes
+    random_steps = [
+        mt.SpatialPadd(keys, spatial_size=patch),
+        mt.RandCropByLabelClassesd(
+            keys,
+            label_key="label",
+            spatial_size=patch,
+            num_classes=num_classes,
+            ratios=ratios,
+            num_samples=config.data.samples_per_volume,
+            warn=False,
+        ),
+        *[
+            mt.RandFlipd(keys, prob=aug.flip_prob, spatial_axis=axis)
+            for axis in range(3)
+            if aug.flip_prob > 0
+        ],
+        mt.RandScaleIntensityd("image", factors=0.15, prob=aug.intensity_prob),
+        mt.RandShiftIntensityd("image", offsets=0.15, prob=aug.intensity_prob),
+        mt.RandGaussianNoised("image", std=0.1, prob=aug.noise_prob),
+        mt.EnsureTyped(keys, track_meta=False),
+    ]
+    return mt.Compose(list(eval_transforms(config, spacing).transforms) + random_steps)

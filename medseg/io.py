@@ -1,0 +1,196 @@
+"""Read and write scans with their geometry (size, spacing, origin, direction) intact.
+
+Images are SimpleITK images: they carry the geometry, whatever the file format. Arrays handed to
+the rest of medseg are in voxel order (i, j, k) -- the order of nibabel and MONAI -- and the world
+frame of an affine is RAS, as in MONAI. SimpleITK's own frame is LPS; ``ras_affine`` converts.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+
+from medseg.errors import InputError
+
+__all__ = [
+    "VOLUME_SUFFIXES",
+    "is_volume_file",
+    "case_id",
+    "read_volume",
+    "write_volume",
+    "to_array",
+    "ras_affine",
+    "image_from_ras",
+    "atomic_path",
+    "write_text_atomic",
+]
+
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+
+
+def _suffix(path: str | Path) -> str:
+    name = Path(path).name.lower()
+    return next((s for s in VOLUME_SUFFIXES if name.endswith(s)), "")
+
+
+def is_volume_file(path: str | Path) -> bool:
+    """True if the file name ends in a volume format medseg reads."""
+    return bool(_suffix(path))
+
+
+def case_id(path: str | Path) -> str:
+    """The case name of a file: its name without the format suffix (``ab.nii.gz`` -> ``ab``)."""
+    name = Path(path).name
+    suffix = _suffix(path)
+    return name[: -len(suffix)] if suffix else Path(path).stem
+
+
+def read_volume(path: str | Path, spatial_dims: int | None = None) -> sitk.Image:
+    """Read a NIfTI, NRRD or MHA/MHD file with its geometry.
+
+    Args:
+        path: the file to read.
+        spatial_dims: if given, the image must have this many dimensions and one channel.
+
+    Returns:
+        A SimpleITK image (geometry in ``GetSpacing``/``GetOrigin``/``GetDirection``).
+
+    Raises:
+        InputError: the file is missing, empty, of an unknown format, truncated or corrupt.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "no such file")
+    if path.is_dir():
+        raise InputError(path, "is a folder, not an image file")
+    if not is_volume_file(path):
+        raise InputError(path, f"unknown format; medseg reads {', '.join(VOLUME_SUFFIXES)}")
+    if path.stat().st_size == 0:
+        raise InputError(path, "file is empty")
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        raise InputError(path, f"cannot read: {_first_reason(exc)}") from None
+    if _suffix(path) in (".nii", ".nii.gz"):
+        _check_nifti_data(path)
+    if image.GetNumberOfPixels() == 0:
+        raise InputError(path, "image has no voxels")
+    if spatial_dims is not None and (
+        image.GetDimension() != spatial_dims or image.GetNumberOfComponentsPerPixel() > 1
+    ):
+        size = "x".join(map(str, image.GetSize()))
+        channels = image.GetNumberOfComponentsPerPixel()
+        extra = f" with {channels} channels" if channels > 1 else ""
+        raise InputError(
+            path, f"is {image.GetDimension()}D ({size}){extra}; this model needs {spatial_dims}D volumes"
+        )
+    return image
+
+
+def _check_nifti_data(path: Path) -> None:
+    """ITK fills a truncated NIfTI with zeros without a word; nibabel notices, so ask it."""
+    try:
+        np.asanyarray(nib.load(str(path), mmap=False).dataobj)
+    except (EOFError, OSError, ValueError, zlib.error):
+        raise InputError(path, "cannot read: file is truncated (the image data ends early)") from None
+
+
+_TRUNCATION_HINTS = ("truncat", "not read completely", "but received", "fread got only", "ended before")
+
+
+def _first_reason(exc: Exception) -> str:
+    """Boil a multi-line ITK exception down to one readable line."""
+    text = str(exc).lower()
+    if any(hint in text for hint in _TRUNCATION_HINTS):
+        return "file is truncated (the image data ends early)"
+    if "unable to determine imageio reader" in text:
+        return "not an image in a format its name promises (wrong format or corrupt)"
+    return "corrupt or unsupported image file"
+
+
+def write_volume(array: np.ndarray, path: str | Path, reference: sitk.Image, overwrite: bool = False) -> Path:
+    """Write an array on exactly the grid of ``reference``, atomically.
+
+    Args:
+        array: voxels in (i, j, k) order, shaped like ``reference``.
+        path: target file; its suffix picks the format.
+        reference: the image whose size, spacing, origin and direction the output takes.
+        overwrite: replace an existing file. Without it an existing file is an error.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise InputError(path, "already exists (pass overwrite to replace it)")
+    if tuple(array.shape) != tuple(reference.GetSize()):
+        raise InputError(path, f"array shape {array.shape} does not match the grid {reference.GetSize()}")
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose()))
+    image.CopyInformation(reference)
+    with atomic_path(path, suffix=_suffix(path) or path.suffix) as tmp:
+        sitk.WriteImage(image, str(tmp), useCompression=True)
+    return path
+
+
+@contextmanager
+def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
+    """Yield a hidden temp path beside ``path``; rename it onto ``path`` once written.
+
+    A crash mid-write leaves the old file (or none) in place, never a half-written one.
+    ``suffix`` keeps the extension for writers that pick the format from it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write a text file atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def to_array(image: sitk.Image) -> np.ndarray:
+    """Voxels of a SimpleITK image in (i, j, k) order (components, if any, last)."""
+    array = sitk.GetArrayFromImage(image)
+    spatial = image.GetDimension()
+    order = tuple(reversed(range(spatial))) + tuple(range(spatial, array.ndim))
+    return array.transpose(order)
+
+
+def ras_affine(image: sitk.Image) -> np.ndarray:
+    """The 4x4 voxel-to-world (RAS, mm) affine of a 3D image, as nibabel and MONAI use it."""
+    direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
+    affine = np.eye(4)
+    affine[:3, :3] = _LPS_TO_RAS @ direction @ np.diag(image.GetSpacing())
+    affine[:3, 3] = _LPS_TO_RAS @ np.asarray(image.GetOrigin(), dtype=float)
+    return affine
+
+
+def image_from_ras(array: np.ndarray, affine: np.ndarray) -> sitk.Image:
+    """A SimpleITK image of a (i, j, k[, c]) array placed by a RAS affine (inverse of ras_affine)."""
+    linear = _LPS_TO_RAS @ np.asarray(affine, dtype=float)[:3, :3]
+    spacing = np.linalg.norm(linear, axis=0)
+    is_vector = array.ndim == 4
+    order = (2, 1, 0, 3) if is_vector else (2, 1, 0)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(order)), isVector=is_vector)
+    image.SetSpacing(spacing.tolist())
+    image.SetDirection((linear / spacing).flatten().tolist())
+    image.SetOrigin((_LPS_TO_RAS @ np.asarray(affine, dtype=float)[:3, 3]).tolist())
+    return image

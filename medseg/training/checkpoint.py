@@ -1,0 +1,70 @@
+"""Checkpoints: one file with weights, config, labels and preprocessing, loadable with
+``weights_only=True`` (plain containers, numbers, strings and tensors only)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from medseg.config import Config
+from medseg.errors import CheckpointError
+from medseg.io import atomic_path
+from medseg.models import build_model
+
+__all__ = ["FORMAT", "save_checkpoint", "load_checkpoint", "model_from_config", "model_from_checkpoint"]
+
+FORMAT = "medseg-checkpoint/1"
+
+
+def save_checkpoint(path: str | Path, payload: dict) -> Path:
+    """Write a checkpoint dict atomically (temp file, then rename)."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        torch.save({"format": FORMAT, **payload}, tmp)
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Load a checkpoint safely (``weights_only=True``) and check that it is medseg's.
+
+    Raises:
+        CheckpointError: missing, unreadable, or not a medseg checkpoint.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "best.pt"
+    if not path.is_file():
+        raise CheckpointError(path, "no such checkpoint")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises several types for corrupt or unsafe files
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(path, f"cannot load checkpoint ({reason[:120]})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(path, f"not a medseg checkpoint (expected format {FORMAT})")
+    return payload
+
+
+def model_from_config(config: Config, out_channels: int) -> nn.Module:
+    """The network a config describes, for ``out_channels`` classes."""
+    m = config.model
+    return build_model(
+        m.name,
+        spatial_dims=3,
+        in_channels=1,
+        out_channels=out_channels,
+        channels=m.channels,
+        strides=m.strides,
+        norm=m.norm,
+        dropout=m.dropout,
+    )
+
+
+def model_from_checkpoint(payload: dict) -> nn.Module:
+    """Rebuild the network a checkpoint was trained with and load its weights (eval mode)."""
+    config = Config.from_dict(payload["config"], source="checkpoint config")
+    model = model_from_config(config, out_channels=len(payload["labels"]))
+    model.load_state_dict(payload["model"])
+    return model.eval()

@@ -1,0 +1,126 @@
+"""The command line end to end on tiny volumes, and its one-line errors."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from medseg.cli import main
+from medseg.io import read_volume
+from tests.conftest import TINY_OVERRIDES
+
+
+def _set(overrides):
+    return [arg for o in overrides for arg in ("--set", o)]
+
+
+def test_train_predict_evaluate(tiny_dataset, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(tiny_dataset), "--output", str(run), *_set(TINY_OVERRIDES)]) == 0
+    assert "best validation Dice" in capsys.readouterr().out
+    assert (run / "best.pt").is_file() and (run / "last.pt").is_file()
+
+    preds = tmp_path / "preds"
+    args = [
+        "predict",
+        "--model",
+        str(run / "best.pt"),
+        "--input",
+        str(tiny_dataset / "imagesTs"),
+        "--output",
+        str(preds),
+    ]
+    assert main([*args, "--device", "cpu"]) == 0
+    assert "2 written, 0 skipped" in capsys.readouterr().out
+    for name in ("heart_003.nii.gz", "heart_004.nii.gz"):
+        mask, image = read_volume(preds / name), read_volume(tiny_dataset / "imagesTs" / name)
+        assert mask.GetSize() == image.GetSize()
+        assert np.allclose(mask.GetDirection(), image.GetDirection())
+    assert main(args) == 0  # again: nothing overwritten
+    assert "0 written, 2 skipped" in capsys.readouterr().out
+
+    assert (
+        main(
+            [
+                "evaluate",
+                "--pred",
+                str(preds),
+                "--ref",
+                str(tiny_dataset / "labelsTs"),
+                "--out",
+                str(tmp_path / "m.csv"),
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "mean foreground Dice" in out
+    assert (tmp_path / "m.csv").read_text().startswith("id,class_1,class_2,class_3")
+
+
+def _run_cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "medseg", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def _assert_one_line_error(proc, *fragments):
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ")
+    for fragment in fragments:
+        assert fragment in lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_missing_dataset_is_one_line(tmp_path):
+    proc = _run_cli("train", "--data", str(tmp_path / "nowhere"), "--output", str(tmp_path / "run"))
+    _assert_one_line_error(proc, str(tmp_path / "nowhere"), "no such dataset folder")
+
+
+def test_unknown_config_key_is_one_line(tiny_dataset, tmp_path):
+    proc = _run_cli(
+        "train", "--data", str(tiny_dataset), "--output", str(tmp_path / "r"), "--set", "train.epoch=3"
+    )
+    _assert_one_line_error(proc, "train.epoch", "did you mean 'epochs'")
+
+
+def test_bad_inputs_to_predict_are_one_line(tiny_run, tmp_path):
+    model = tiny_run["best"]
+    proc = _run_cli(
+        "predict", "--model", model, "--input", str(tmp_path / "gone.nii.gz"), "--output", str(tmp_path / "o")
+    )
+    _assert_one_line_error(proc, "gone.nii.gz", "no such file")
+
+    truncated = tmp_path / "cut.nii.gz"
+    whole = tmp_path / "whole.nii.gz"
+    sitk.WriteImage(_volume(), str(whole))
+    truncated.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    proc = _run_cli("predict", "--model", model, "--input", str(truncated), "--output", str(tmp_path / "o"))
+    _assert_one_line_error(proc, "cut.nii.gz", "truncated")
+
+    flat = tmp_path / "slice.nii.gz"
+    sitk.WriteImage(sitk.Image(24, 24, sitk.sitkInt16), str(flat))
+    proc = _run_cli("predict", "--model", model, "--input", str(flat), "--output", str(tmp_path / "o"))
+    _assert_one_line_error(proc, "slice.nii.gz", "is 2D (24x24); this model needs 3D volumes")
+
+    proc = _run_cli(
+        "predict", "--model", str(tmp_path / "none.pt"), "--input", str(flat), "--output", str(tmp_path / "o")
+    )
+    _assert_one_line_error(proc, "none.pt", "no such checkpoint")
+
+
+def _volume():
+    image = sitk.GetImageFromArray(np.random.default_rng(0).integers(0, 900, (12, 40, 40)).astype(np.int16))
+    image.SetSpacing((4.4, 4.4, 10.0))
+    return image
+
+
+@pytest.mark.parametrize("command", ["demo", "train", "predict", "evaluate"])
+def test_help(command):
+    proc = _run_cli(command, "--help")
+    assert proc.returncode == 0
+    assert "usage: medseg " + command in proc.stdout

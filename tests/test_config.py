@@ -1,0 +1,48 @@
+import pytest
+
+from medseg.config import Config, load_config, save_config
+from medseg.errors import ConfigError
+
+
+def test_defaults_and_overrides():
+    config = load_config(None, ["train.epochs=5", "data.spacing=[1, 1, 2.5]", "train.max_time=240"])
+    assert config.train.epochs == 5
+    assert config.data.spacing == [1.0, 1.0, 2.5]
+    assert config.train.max_time == 240.0
+    assert Config().model.name == "unet"
+
+
+def test_yaml_round_trip(tmp_path):
+    config = load_config(None, ["model.channels=[8, 16, 32]"])
+    save_config(config, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == config
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.epoch=5", "unknown key 'train.epoch' (did you mean 'epochs'?)"),
+        ("trian.epochs=5", "unknown key 'trian' (did you mean 'train'?)"),
+        ("train.epochs=five", "'train.epochs' must be int, got 'five'"),
+        ("model.channels=16", "'model.channels' must be a list, got 16"),
+        ("train.epochs", "expected key=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert message in str(info.value)
+
+
+def test_unknown_key_in_yaml_names_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  epochs: 3\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.path == str(path)
+    assert "unknown key 'train.learning_rate'" in info.value.message
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "nope.yaml")

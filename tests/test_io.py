@@ -1,0 +1,96 @@
+import gzip
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from medseg.data.phantom import make_phantom
+from medseg.errors import InputError
+from medseg.io import case_id, image_from_ras, ras_affine, read_volume, to_array, write_volume
+
+
+@pytest.fixture
+def oblique_image():
+    image, _ = make_phantom(1, shape=(20, 18, 6), spacing=(1.5, 1.7, 4.0), orientation="oblique")
+    return image
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".nrrd", ".mha"])
+def test_truncated_files_are_caught_in_every_format(tmp_path, oblique_image, suffix):
+    whole = tmp_path / f"whole{suffix}"
+    sitk.WriteImage(oblique_image, str(whole), useCompression=suffix != ".nii")
+    cut = tmp_path / f"cut{suffix}"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size * 2 // 3])
+    with pytest.raises(InputError, match="truncated"):
+        read_volume(cut)
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".nrrd", ".mha"])
+def test_write_keeps_the_reference_grid(tmp_path, oblique_image, suffix):
+    mask = (to_array(oblique_image) > 500).astype(np.uint8)
+    path = write_volume(mask, tmp_path / f"m{suffix}", oblique_image)
+    back = read_volume(path)
+    assert back.GetSize() == oblique_image.GetSize()
+    np.testing.assert_allclose(back.GetSpacing(), oblique_image.GetSpacing(), atol=1e-5)
+    np.testing.assert_allclose(back.GetOrigin(), oblique_image.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(back.GetDirection(), oblique_image.GetDirection(), atol=1e-5)
+    np.testing.assert_array_equal(to_array(back), mask)
+    assert [p.name for p in tmp_path.iterdir()] == [f"m{suffix}"]  # no temp file left behind
+
+
+def test_write_refuses_to_overwrite(tmp_path, oblique_image):
+    mask = np.zeros(oblique_image.GetSize(), np.uint8)
+    write_volume(mask, tmp_path / "m.nii.gz", oblique_image)
+    with pytest.raises(InputError, match="already exists"):
+        write_volume(mask, tmp_path / "m.nii.gz", oblique_image)
+    write_volume(mask + 1, tmp_path / "m.nii.gz", oblique_image, overwrite=True)
+    assert to_array(read_volume(tmp_path / "m.nii.gz")).min() == 1
+
+
+def test_write_rejects_a_shape_off_the_grid(tmp_path, oblique_image):
+    with pytest.raises(InputError, match="does not match the grid"):
+        write_volume(np.zeros((3, 3, 3), np.uint8), tmp_path / "m.nii.gz", oblique_image)
+
+
+def test_ras_affine_round_trip(oblique_image):
+    affine = ras_affine(oblique_image)
+    # RAS = LPS with x and y negated: voxel (0,0,0) sits at the origin with those signs flipped.
+    np.testing.assert_allclose(affine[:3, 3], np.array(oblique_image.GetOrigin()) * [-1, -1, 1])
+    back = image_from_ras(to_array(oblique_image), affine)
+    np.testing.assert_allclose(back.GetDirection(), oblique_image.GetDirection(), atol=1e-9)
+    np.testing.assert_allclose(back.GetSpacing(), oblique_image.GetSpacing(), atol=1e-9)
+    np.testing.assert_allclose(back.GetOrigin(), oblique_image.GetOrigin(), atol=1e-9)
+    np.testing.assert_array_equal(to_array(back), to_array(oblique_image))
+
+
+def test_case_id():
+    assert case_id("/a/b/heart_001.nii.gz") == "heart_001"
+    assert case_id("x.mha") == "x"
+
+
+def test_bad_files_give_one_line_errors(tmp_path, oblique_image):
+    good = tmp_path / "good.nii.gz"
+    sitk.WriteImage(oblique_image, str(good))
+    truncated = tmp_path / "truncated.nii.gz"
+    truncated.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+    empty = tmp_path / "empty.nii.gz"
+    empty.write_bytes(b"")
+    text = tmp_path / "notes.nii"
+    text.write_text("this is not an image\n" * 50)
+    cases = {
+        tmp_path / "missing.nii.gz": "no such file",
+        truncated: "file is truncated",
+        empty: "file is empty",
+        text: "not an image",
+    }
+    for path, reason in cases.items():
+        with pytest.raises(InputError) as info:
+            read_volume(path)
+        assert info.value.path == str(path)
+        assert reason in info.value.message
+        assert "\n" not in str(info.value)
+    (tmp_path / "scan.txt").write_text("x")
+    with pytest.raises(InputError, match="unknown format"):
+        read_volume(tmp_path / "scan.txt")
+    assert read_volume(good).GetSize() == oblique_image.GetSize()
+    assert gzip.open(good).read(4)  # the good file stays readable

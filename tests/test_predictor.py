@@ -1,0 +1,97 @@
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from monai import transforms as mt
+
+from medseg.data.phantom import make_phantom
+from medseg.data.transforms import LoadVolumed
+from medseg.errors import CheckpointError, InputError
+from medseg.evaluation.metrics import dice
+from medseg.inference.batch import predict_many
+from medseg.inference.predictor import Predictor
+from medseg.io import read_volume, to_array
+
+
+def _same_grid(a: sitk.Image, b: sitk.Image) -> None:
+    assert a.GetSize() == b.GetSize()
+    np.testing.assert_allclose(a.GetSpacing(), b.GetSpacing(), rtol=1e-6)
+    np.testing.assert_allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(a.GetDirection(), b.GetDirection(), atol=1e-6)
+
+
+@pytest.mark.parametrize("orientation", ["ras", "lps", "oblique"])
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd", ".mha"])
+def test_mask_is_written_on_the_input_grid(tiny_run, tmp_path, orientation, suffix):
+    image, _ = make_phantom(11, shape=(37, 41, 9), spacing=(3.1, 4.7, 11.0), orientation=orientation)
+    source = tmp_path / f"scan{suffix}"
+    sitk.WriteImage(image, str(source))
+    out = Predictor(tiny_run["best"], device="cpu").predict_file(source, tmp_path / "out" / f"scan{suffix}")
+    mask = read_volume(out)
+    _same_grid(mask, image)
+    assert set(np.unique(to_array(mask))) <= {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize("orientation", ["ras", "lps", "oblique"])
+def test_results_map_back_to_the_right_voxels(tmp_path, orientation):
+    """One-hot probabilities of the true label, made on the network's grid (RAS, other spacing),
+    must land back on the true label on the input grid. A flipped grid must not."""
+    image, label = make_phantom(4, shape=(72, 72, 18), spacing=(2.4, 2.4, 6.0), orientation=orientation)
+    sitk.WriteImage(label, str(tmp_path / "label.nii.gz"))
+    to_network_grid = mt.Compose(
+        [
+            LoadVolumed("label"),
+            mt.Orientationd("label", axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+            mt.Spacingd("label", pixdim=(2.0, 2.0, 5.0), mode="nearest"),
+        ]
+    )
+    resampled = to_network_grid({"label": str(tmp_path / "label.nii.gz")})["label"]
+    assert resampled.shape[1:] != label.GetSize()  # the grids really differ
+    probs = torch.nn.functional.one_hot(resampled[0].long(), 4).permute(3, 0, 1, 2).float()
+    truth = to_array(label)
+
+    back = Predictor._to_input_grid(probs, resampled.affine.numpy(), label)
+    for c in (1, 2, 3):
+        assert dice(back == c, truth == c) > 0.85, f"class {c}"
+    flipped = Predictor._to_input_grid(probs.flip(1), resampled.affine.numpy(), label)
+    assert dice(flipped == 1, truth == 1) < 0.5
+
+
+def test_batch_keeps_going_past_bad_files(tiny_run, tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    image, _ = make_phantom(3, shape=(40, 40, 12), spacing=(4.4, 4.4, 10.0))
+    sitk.WriteImage(image, str(inputs / "good.nii.gz"))
+    (inputs / "empty.nii.gz").write_bytes(b"")
+    (inputs / "notes.nii").write_text("not an image")
+    flat = sitk.Image(32, 32, sitk.sitkInt16)
+    sitk.WriteImage(flat, str(inputs / "flat.nii.gz"))
+    predictor = Predictor(tiny_run["best"], device="cpu")
+
+    result = predict_many(predictor, inputs, tmp_path / "out")
+    assert result.written == [str(tmp_path / "out" / "good.nii.gz")]
+    assert result.failed == {
+        str(inputs / "empty.nii.gz"): "file is empty",
+        str(inputs / "flat.nii.gz"): "is 2D (32x32); this model needs 3D volumes",
+        str(
+            inputs / "notes.nii"
+        ): "cannot read: not an image in a format its name promises (wrong format or corrupt)",
+    }
+    again = predict_many(predictor, inputs, tmp_path / "out")  # resumes: nothing redone
+    assert again.written == [] and again.skipped == [str(tmp_path / "out" / "good.nii.gz")]
+
+
+def test_bad_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        Predictor(tmp_path / "none.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot load checkpoint"):
+        Predictor(tmp_path / "junk.pt")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a medseg checkpoint"):
+        Predictor(tmp_path / "other.pt")
+
+
+def test_missing_input(tiny_run, tmp_path):
+    with pytest.raises(InputError, match="no such file or folder"):
+        predict_many(Predictor(tiny_run["best"], device="cpu"), tmp_path / "nope", tmp_path / "out")

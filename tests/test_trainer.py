@@ -1,0 +1,49 @@
+import csv
+
+import pytest
+import torch
+
+from medseg.config import load_config
+from medseg.errors import ConfigError, InputError
+from medseg.training.trainer import Trainer
+from tests.conftest import TINY_OVERRIDES
+
+
+def test_checkpoint_holds_what_predict_needs(tiny_run):
+    payload = torch.load(tiny_run["best"], weights_only=True)
+    assert payload["format"] == "medseg-checkpoint/1"
+    assert payload["labels"] == {0: "background", 1: "LV", 2: "myocardium", 3: "RV"}
+    assert payload["preprocessing"]["spacing"] == pytest.approx([4.4, 4.4, 10.0], abs=1e-3)
+    assert payload["config"]["model"]["channels"] == [8, 16]
+    assert payload["step"] == 2
+    assert {"model", "optimizer", "rng", "epoch"} <= set(payload)
+
+
+def test_metrics_and_config_are_written(tiny_run):
+    run = tiny_run["best"].rsplit("/", 1)[0]
+    rows = list(csv.DictReader(open(f"{run}/metrics.csv")))
+    assert [r["epoch"] for r in rows] == ["1"]
+    assert 0.0 <= float(rows[0]["dice_mean"]) <= 1.0
+    assert load_config(f"{run}/config.yaml").model.channels == [8, 16]
+
+
+def test_time_budget_stops_training(tiny_dataset, tmp_path):
+    config = load_config(None, [*TINY_OVERRIDES, "train.epochs=1000", "train.max_time=3"])
+    config.data.root, config.train.output_dir = str(tiny_dataset), str(tmp_path / "run")
+    summary = Trainer(config).fit()
+    assert summary["epochs"] < 1000
+    assert summary["seconds"] < 60  # stopped near 3 s, plus one validation and the checkpoints
+    assert (tmp_path / "run" / "best.pt").is_file()
+
+
+def test_refuses_to_overwrite_a_run(tiny_run):
+    config = load_config(None, TINY_OVERRIDES)
+    config.data.root = str(tiny_run["best"].rsplit("/", 2)[0])
+    config.train.output_dir = tiny_run["best"].rsplit("/", 1)[0]
+    with pytest.raises((InputError, ConfigError)):
+        Trainer(config).fit()
+
+
+def test_needs_a_dataset():
+    with pytest.raises(ConfigError, match="no dataset given"):
+        Trainer(load_config(None))
