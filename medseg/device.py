@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from medseg.errors import ConfigError
 
-__all__ = ["resolve_device", "autocast_dtype", "cpu_has_fast_bf16"]
+__all__ = ["resolve_device", "autocast_dtype", "cpu_has_fast_bf16", "use_channels_last"]
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -58,3 +59,22 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
     if device.type == "cpu" and cpu_has_fast_bf16():
         return torch.bfloat16
     return None
+
+
+def use_channels_last(
+    setting: bool | None, device: torch.device, amp_dtype: torch.dtype | None, model: nn.Module
+) -> bool:
+    """Whether to run the model in channels-last memory layout.
+
+    ``None`` (auto) says yes with mixed precision on GPUs, and on CPUs only for models without
+    group or instance norm: there oneDNN's bf16 convolutions gain from channels-last but its
+    group and instance norms lose more (scripts/bench_models.py measures both).
+    """
+    if setting is not None:
+        return setting
+    if amp_dtype is None:
+        return False
+    if device.type == "cuda":
+        return True
+    slow_norms = (nn.GroupNorm, nn.InstanceNorm2d, nn.InstanceNorm3d)
+    return device.type == "cpu" and not any(isinstance(m, slow_norms) for m in model.modules())

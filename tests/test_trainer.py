@@ -47,3 +47,34 @@ def test_refuses_to_overwrite_a_run(tiny_run):
 def test_needs_a_dataset():
     with pytest.raises(ConfigError, match="no dataset given"):
         Trainer(load_config(None))
+
+
+@pytest.mark.parametrize("name", ["unet", "residual_unet", "attention_unet"])
+def test_every_model_trains_with_deep_supervision(tiny_dataset, tmp_path, name):
+    overrides = [
+        *TINY_OVERRIDES,
+        f"model.name={name}",
+        "model.channels=[8, 16, 32]",
+        "model.deep_supervision=true",
+    ]
+    config = load_config(None, overrides)
+    config.data.root, config.train.output_dir = str(tiny_dataset), str(tmp_path / "run")
+    trainer = Trainer(config)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    summary = trainer.fit()
+    assert summary["steps"] == 2
+    changed = [
+        k
+        for k, v in trainer.model.state_dict().items()
+        if v.dtype.is_floating_point and not torch.equal(v, before[k])
+    ]
+    assert any(k.startswith("ds_heads") for k in changed)  # the coarse heads were trained
+    payload = torch.load(summary["best"], weights_only=True)
+    assert payload["config"]["model"]["name"] == name
+
+
+def test_unknown_model_name_is_a_config_error(tiny_dataset, tmp_path):
+    config = load_config(None, [*TINY_OVERRIDES, "model.name=vnet"])
+    config.data.root, config.train.output_dir = str(tiny_dataset), str(tmp_path / "run")
+    with pytest.raises(ConfigError, match="unknown model 'vnet'"):
+        Trainer(config)

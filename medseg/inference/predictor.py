@@ -12,7 +12,7 @@ from torch import nn
 
 from medseg.config import Config
 from medseg.data.transforms import infer_transforms
-from medseg.device import autocast_dtype, resolve_device
+from medseg.device import autocast_dtype, resolve_device, use_channels_last
 from medseg.io import image_from_ras, read_volume, write_volume
 from medseg.training.checkpoint import load_checkpoint, model_from_checkpoint
 
@@ -70,8 +70,10 @@ class Predictor:
         self.config = Config.from_dict(payload["config"], source=str(checkpoint))
         self.spacing = list(payload["preprocessing"]["spacing"])
         self.amp_dtype = autocast_dtype(self.device, self.config.train.precision)
-        self.channels_last = self.amp_dtype is not None
         self.model = model_from_checkpoint(payload).to(self.device)
+        self.channels_last = use_channels_last(
+            self.config.train.channels_last, self.device, self.amp_dtype, self.model
+        )
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last_3d)
         self.transform = infer_transforms(self.config, self.spacing)

@@ -1,5 +1,5 @@
-"""medseg's networks."""
+"""medseg's networks: the U-Net family behind ``build_model``."""
 
-from medseg.models.unet import MODELS, UNet, build_model
+from medseg.models.unet import MODELS, AttentionUNet, ResidualUNet, UNet, build_model, model_options
 
-__all__ = ["MODELS", "UNet", "build_model"]
+__all__ = ["MODELS", "UNet", "ResidualUNet", "AttentionUNet", "build_model", "model_options"]

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from medseg.config import Config
-from medseg.errors import CheckpointError
+from medseg.errors import CheckpointError, ConfigError
 from medseg.io import atomic_path
-from medseg.models import build_model
+from medseg.models import MODELS, build_model, model_options
 
 __all__ = ["FORMAT", "save_checkpoint", "load_checkpoint", "model_from_config", "model_from_checkpoint"]
 
@@ -49,17 +49,16 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 def model_from_config(config: Config, out_channels: int) -> nn.Module:
     """The network a config describes, for ``out_channels`` classes."""
-    m = config.model
-    return build_model(
-        m.name,
-        spatial_dims=3,
-        in_channels=1,
-        out_channels=out_channels,
-        channels=m.channels,
-        strides=m.strides,
-        norm=m.norm,
-        dropout=m.dropout,
-    )
+    settings = config.to_dict()["model"]
+    name = settings.pop("name")
+    if name not in MODELS:
+        raise ConfigError("model.name", f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+    wanted = model_options(name)
+    options = {k: v for k, v in settings.items() if k in wanted and v is not None}
+    try:
+        return build_model(name, spatial_dims=3, in_channels=1, out_channels=out_channels, **options)
+    except ValueError as exc:
+        raise ConfigError("model", str(exc)) from None
 
 
 def model_from_checkpoint(payload: dict) -> nn.Module:

@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.data import CacheDataset, DataLoader, list_data_collate
-from monai.losses import DiceCELoss
+from monai.losses import DeepSupervisionLoss, DiceCELoss
 from tqdm.auto import tqdm
 
 from medseg.config import Config, save_config
 from medseg.data.datasets import find_cases, label_names, median_spacing, split_cases
 from medseg.data.transforms import eval_transforms, train_transforms
-from medseg.device import autocast_dtype, resolve_device
+from medseg.device import autocast_dtype, resolve_device, use_channels_last
 from medseg.errors import ConfigError, InputError
 from medseg.evaluation.metrics import dice_per_class
 from medseg.evaluation.report import plot_curves
@@ -49,8 +49,6 @@ class Trainer:
         self.overwrite = overwrite
         self.device = resolve_device(config.train.device)
         self.amp_dtype = autocast_dtype(self.device, config.train.precision)
-        # channels-last 3D is what makes bf16 convolutions fast on CPUs (oneDNN) and tensor cores.
-        self.channels_last = self.amp_dtype is not None
         self.output_dir = Path(config.train.output_dir)
 
         dataset = find_cases(config.data.root)
@@ -61,9 +59,15 @@ class Trainer:
         )
         _seed_everything(config.train.seed)
         self.model = model_from_config(config, out_channels=len(self.labels)).to(self.device)
+        self.channels_last = use_channels_last(
+            config.train.channels_last, self.device, self.amp_dtype, self.model
+        )
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last_3d)
         self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+        if config.model.deep_supervision:
+            # Coarse outputs weigh 1/2, 1/4, ... of the full-resolution one.
+            self.loss_fn = DeepSupervisionLoss(self.loss_fn, weight_mode="exp")
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay
         )
@@ -71,6 +75,7 @@ class Trainer:
         self.step = 0
         self.best_dice = -math.inf
         self.history: list[dict] = []
+        self.val_data: CacheDataset | None = None
 
     # -- data -------------------------------------------------------------------------------
 
@@ -89,8 +94,13 @@ class Trainer:
             drop_last=len(dataset) > cfg.train.batch_size,
         )
 
-    def _val_dataset(self) -> CacheDataset:
-        return CacheDataset(self.val_cases, eval_transforms(self.config, self.spacing), progress=False)
+    def _val_dataset(self) -> CacheDataset | None:
+        """The validation cases, preprocessed once and kept in memory (None without any)."""
+        if self.val_data is None and self.val_cases:
+            self.val_data = CacheDataset(
+                self.val_cases, eval_transforms(self.config, self.spacing), progress=False
+            )
+        return self.val_data
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -104,7 +114,6 @@ class Trainer:
         self._prepare_output_dir()
         save_config(self.config, self.output_dir / "config.yaml")
         loader = self._train_loader()
-        self.val_data = self._val_dataset() if self.val_cases else None
         batches = _forever(loader)
         total_steps = cfg.epochs * cfg.iters_per_epoch
         start = time.monotonic()
@@ -133,7 +142,7 @@ class Trainer:
                 "loss": _mean(losses),
                 "time": time.monotonic() - start,
             }
-            if self.val_data is not None and (last_epoch or self.epoch % cfg.val_every == 0):
+            if self.val_cases and (last_epoch or self.epoch % cfg.val_every == 0):
                 row.update(self.validate())
             self._end_epoch(row)
             if last_epoch:
@@ -158,7 +167,8 @@ class Trainer:
             self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
         ):
             logits = self.model(image)
-        loss = self.loss_fn(logits.float(), label)
+        logits = [x.float() for x in logits] if isinstance(logits, list) else logits.float()
+        loss = self.loss_fn(logits, label)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 12.0)
@@ -169,10 +179,12 @@ class Trainer:
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
         """Dice per class on the validation cases (in the preprocessed space)."""
+        if not self.val_cases:
+            return {}
         self.model.eval()
         classes = [c for c in self.labels if c != 0]
         scores = {c: [] for c in classes}
-        for item in self.val_data:
+        for item in self._val_dataset():
             probs = sliding_window_probs(
                 self.model,
                 item["image"],
@@ -224,7 +236,7 @@ class Trainer:
         save_checkpoint(self.output_dir / "last.pt", payload)
         dice = row.get("dice_mean")
         improved = dice is not None and dice > self.best_dice
-        if improved or (self.val_data is None):
+        if improved or not self.val_cases:
             self.best_dice = dice if dice is not None else self.best_dice
             payload["best_dice"] = self.best_dice
             save_checkpoint(self.output_dir / "best.pt", payload)

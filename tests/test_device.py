@@ -1,0 +1,40 @@
+import pytest
+import torch
+
+from medseg.device import autocast_dtype, resolve_device, use_channels_last
+from medseg.errors import ConfigError
+from medseg.models import build_model
+
+
+def test_auto_device_on_this_machine():
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available() and torch.backends.mps.is_available():
+        expected = "mps"
+    assert resolve_device("auto").type == expected
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without a GPU")
+def test_missing_cuda_is_a_clear_error():
+    with pytest.raises(ConfigError, match="no CUDA GPU"):
+        resolve_device("cuda:0")
+
+
+def test_precision_choices():
+    cpu = torch.device("cpu")
+    assert autocast_dtype(cpu, "fp32") is None
+    assert autocast_dtype(cpu, "bf16") is torch.bfloat16
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
+        autocast_dtype(cpu, "fp16")
+    with pytest.raises(ConfigError, match="must be auto, fp32, bf16 or fp16"):
+        autocast_dtype(cpu, "fp8")
+
+
+def test_channels_last_where_it_pays():
+    cpu = torch.device("cpu")
+    batch_norm = build_model("unet", 3, 1, 2, channels=(4, 8))
+    group_norm = build_model("residual_unet", 3, 1, 2, channels=(4, 8))
+    assert use_channels_last(None, cpu, torch.bfloat16, batch_norm) is True
+    assert use_channels_last(None, cpu, torch.bfloat16, group_norm) is False
+    assert use_channels_last(None, cpu, None, batch_norm) is False
+    assert use_channels_last(True, cpu, None, group_norm) is True
