@@ -65,10 +65,12 @@ def cmd_predict(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    from medseg.data.datasets import read_label_map
     from medseg.evaluation.metrics import evaluate
 
     out = args.out or Path(args.pred) / "metrics.csv"
-    result = evaluate(args.pred, args.ref, out=out)
+    labels = read_label_map(args.labels) if args.labels else None
+    result = evaluate(args.pred, args.ref, out=out, labels=labels)
     _print_dice(result)
     if result["missing_predictions"]:
         print(f"no prediction for: {', '.join(result['missing_predictions'])}")
@@ -120,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pred", required=True, help="folder of predicted masks")
     p.add_argument("--ref", required=True, help="folder of reference masks (matched by file name)")
     p.add_argument("--out", help="CSV to write (a .json summary goes beside it; default: PRED/metrics.csv)")
+    p.add_argument(
+        "--labels",
+        help="JSON with class names (a dataset.json, or a map); default: PRED/labels.json from predict",
+    )
     p.set_defaults(func=cmd_evaluate)
     return parser
 

@@ -57,7 +57,26 @@ def test_train_predict_evaluate(tiny_dataset, tmp_path, capsys):
     )
     out = capsys.readouterr().out
     assert "mean foreground Dice" in out
-    assert (tmp_path / "m.csv").read_text().startswith("id,class_1,class_2,class_3")
+    # Class names come from the labels.json that predict wrote beside the masks.
+    assert (tmp_path / "m.csv").read_text().startswith("id,LV,myocardium,RV\n")
+    (preds / "labels.json").unlink()
+    names = tmp_path / "names.json"
+    names.write_text('{"labels": {"0": "bg", "1": "pool", "2": "wall", "3": "right"}}')
+    assert (
+        main(
+            [
+                "evaluate",
+                "--pred",
+                str(preds),
+                "--ref",
+                str(tiny_dataset / "labelsTs"),
+                "--labels",
+                str(names),
+            ]
+        )
+        == 0
+    )
+    assert (preds / "metrics.csv").read_text().startswith("id,pool,wall,right\n")
 
 
 def _run_cli(*args):

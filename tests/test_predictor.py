@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -77,6 +79,7 @@ def test_batch_keeps_going_past_bad_files(tiny_run, tmp_path):
             inputs / "notes.nii"
         ): "cannot read: not an image in a format its name promises (wrong format or corrupt)",
     }
+    assert json.loads((tmp_path / "out" / "labels.json").read_text())["2"] == "myocardium"
     again = predict_many(predictor, inputs, tmp_path / "out")  # resumes: nothing redone
     assert again.written == [] and again.skipped == [str(tmp_path / "out" / "good.nii.gz")]
 

@@ -16,7 +16,16 @@ import SimpleITK as sitk
 from medseg.errors import InputError
 from medseg.io import case_id, is_volume_file, read_volume
 
-__all__ = ["Dataset", "find_cases", "list_volumes", "split_cases", "median_spacing", "label_names"]
+__all__ = [
+    "Dataset",
+    "find_cases",
+    "list_volumes",
+    "split_cases",
+    "median_spacing",
+    "label_names",
+    "parse_label_map",
+    "read_label_map",
+]
 
 
 @dataclass
@@ -64,7 +73,7 @@ def _from_msd_json(path: Path) -> Dataset:
         meta = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InputError(path, f"not valid JSON ({exc})") from None
-    labels = _label_map(meta.get("labels", {}), path)
+    labels = parse_label_map(meta.get("labels", {}), path)
 
     def case(entry) -> dict:
         entry = {"image": entry} if isinstance(entry, str) else dict(entry)
@@ -83,8 +92,13 @@ def _from_msd_json(path: Path) -> Dataset:
     return Dataset(training, [case(e) for e in meta.get("test", [])], labels)
 
 
-def _label_map(raw: dict, source: Path) -> dict[int, str]:
-    """MSD writes {"0": "background"}, nnU-Net v2 {"background": 0}: accept both."""
+def parse_label_map(raw: dict, source: str | Path) -> dict[int, str]:
+    """Class index -> name from a JSON label map.
+
+    MSD writes ``{"0": "background"}`` and nnU-Net v2 ``{"background": 0}``; both are accepted.
+    """
+    if not isinstance(raw, dict):
+        raise InputError(source, f"the label map must be a JSON object, not {type(raw).__name__}")
     try:
         if all(str(k).isdigit() for k in raw):
             return {int(k): str(v) for k, v in raw.items()}
@@ -161,3 +175,15 @@ def label_names(dataset: Dataset) -> dict[int, str]:
     for case in dataset.training:
         largest = max(largest, int(sitk.GetArrayFromImage(read_volume(case["label"])).max()))
     return {0: "background", **{c: f"class_{c}" for c in range(1, largest + 1)}}
+
+
+def read_label_map(path: str | Path) -> dict[int, str]:
+    """The label map in a JSON file: a dataset.json (its ``labels``) or a bare map."""
+    path = Path(path)
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(path, "no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(path, f"not valid JSON ({exc})") from None
+    return parse_label_map(meta.get("labels", meta) if isinstance(meta, dict) else meta, path)

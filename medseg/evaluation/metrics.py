@@ -10,11 +10,13 @@ from pathlib import Path
 
 import numpy as np
 
-from medseg.data.datasets import list_volumes
+from medseg.data.datasets import list_volumes, read_label_map
 from medseg.errors import InputError
 from medseg.io import case_id, read_volume, to_array, write_text_atomic
 
-__all__ = ["dice", "dice_per_class", "evaluate"]
+__all__ = ["LABELS_FILE", "dice", "dice_per_class", "evaluate"]
+
+LABELS_FILE = "labels.json"  # written by predict beside its masks: class index -> name
 
 
 def dice(pred: np.ndarray, ref: np.ndarray) -> float:
@@ -57,7 +59,8 @@ def evaluate(
         pred_dir: predicted masks.
         ref_dir: reference masks.
         out: CSV path for the per-case table (a JSON with the summary goes beside it).
-        labels: class index -> name; by default every non-zero value found, named ``class_N``.
+        labels: class index -> name; by default the ``labels.json`` that ``predict`` writes
+            beside its masks, else every non-zero value found, named ``class_N``.
 
     Returns:
         ``{"cases": [{"id", "<class>": dice, ...}], "mean": {"<class>": dice}, "mean_foreground"}``.
@@ -77,6 +80,8 @@ def evaluate(
         if not _same_grid(pred_img, ref_img):
             raise InputError(preds[cid], f"grid differs from the reference {refs[cid]}")
         pairs.append((cid, to_array(pred_img), to_array(ref_img)))
+    if labels is None and (pred_dir / LABELS_FILE).is_file():
+        labels = read_label_map(pred_dir / LABELS_FILE)
     if labels is None:
         found = sorted({int(v) for _, p, r in pairs for v in np.union1d(np.unique(p), np.unique(r))} - {0})
         labels = {c: f"class_{c}" for c in found}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,8 +11,9 @@ from tqdm.auto import tqdm
 
 from medseg.data.datasets import list_volumes
 from medseg.errors import InputError, find_medseg_error
+from medseg.evaluation.metrics import LABELS_FILE
 from medseg.inference.predictor import Predictor
-from medseg.io import VOLUME_SUFFIXES
+from medseg.io import VOLUME_SUFFIXES, write_text_atomic
 
 __all__ = ["BatchResult", "collect_inputs", "output_path", "predict_many"]
 
@@ -49,12 +51,15 @@ def predict_many(
 ) -> BatchResult:
     """Segment one file or a folder of files into ``output_dir``.
 
+    Writes ``labels.json`` (class index -> name) beside the masks, for ``evaluate`` and people.
     Existing outputs are kept (and counted as skipped) unless ``overwrite``, so a stopped run
     resumes where it was. A file that fails is recorded with its reason and the run carries on.
     """
     output_dir = Path(output_dir)
     result = BatchResult()
     files = collect_inputs(source)
+    labels = {str(k): v for k, v in sorted(predictor.labels.items())}
+    write_text_atomic(output_dir / LABELS_FILE, json.dumps(labels, indent=2) + "\n")
     for path in tqdm(files, desc="predict", unit="case", disable=None if len(files) > 1 else True):
         target = output_path(path, output_dir)
         if target.exists() and not overwrite:
