@@ -110,7 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="segment a file or a folder of files with a trained checkpoint")
     p.add_argument("--model", required=True, help="checkpoint file (or run folder holding best.pt)")
-    p.add_argument("--input", required=True, help="an image file or a folder of them")
+    p.add_argument(
+        "--input",
+        required=True,
+        help="an image file, or a folder of image files and DICOM series (searched recursively)",
+    )
     p.add_argument(
         "--output", required=True, help="folder for the masks (same names and formats as the inputs)"
     )

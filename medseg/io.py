@@ -18,6 +18,7 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
+from medseg.dicom import read_series
 from medseg.errors import InputError
 
 __all__ = [
@@ -54,34 +55,30 @@ def case_id(path: str | Path) -> str:
     return name[: -len(suffix)] if suffix else Path(path).stem
 
 
-def read_volume(path: str | Path, spatial_dims: int | None = None) -> sitk.Image:
-    """Read a NIfTI, NRRD or MHA/MHD file with its geometry.
+def read_volume(
+    path: str | Path, spatial_dims: int | None = None, series_uid: str | None = None
+) -> sitk.Image:
+    """Read a NIfTI, NRRD or MHA/MHD file, or a folder holding a DICOM series, with its geometry.
 
     Args:
-        path: the file to read.
+        path: the file (or DICOM folder) to read.
         spatial_dims: if given, the image must have this many dimensions and one channel.
+        series_uid: which DICOM series, when the folder holds several.
 
     Returns:
         A SimpleITK image (geometry in ``GetSpacing``/``GetOrigin``/``GetDirection``).
 
     Raises:
-        InputError: the file is missing, empty, of an unknown format, truncated or corrupt.
+        InputError: the file is missing, empty, of an unknown format, truncated or corrupt, or a
+            DICOM series misses slices.
     """
     path = Path(path)
     if not path.exists():
         raise InputError(path, "no such file")
     if path.is_dir():
-        raise InputError(path, "is a folder, not an image file")
-    if not is_volume_file(path):
-        raise InputError(path, f"unknown format; medseg reads {', '.join(VOLUME_SUFFIXES)}")
-    if path.stat().st_size == 0:
-        raise InputError(path, "file is empty")
-    try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError as exc:
-        raise InputError(path, f"cannot read: {_first_reason(exc)}") from None
-    if _suffix(path) in (".nii", ".nii.gz"):
-        _check_nifti_data(path)
+        image = read_series(path, series_uid)
+    else:
+        image = _read_file(path)
     if image.GetNumberOfPixels() == 0:
         raise InputError(path, "image has no voxels")
     if spatial_dims is not None and (
@@ -93,6 +90,20 @@ def read_volume(path: str | Path, spatial_dims: int | None = None) -> sitk.Image
         raise InputError(
             path, f"is {image.GetDimension()}D ({size}){extra}; this model needs {spatial_dims}D volumes"
         )
+    return image
+
+
+def _read_file(path: Path) -> sitk.Image:
+    if not is_volume_file(path):
+        raise InputError(path, f"unknown format; medseg reads {', '.join(VOLUME_SUFFIXES)}")
+    if path.stat().st_size == 0:
+        raise InputError(path, "file is empty")
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        raise InputError(path, f"cannot read: {_first_reason(exc)}") from None
+    if _suffix(path) in (".nii", ".nii.gz"):
+        _check_nifti_data(path)
     return image
 
 

@@ -41,3 +41,44 @@ def tiny_run(tiny_dataset, tmp_path_factory):
     config.train.output_dir = str(tmp_path_factory.mktemp("runs") / "tiny")
     summary = Trainer(config).fit()
     return summary
+
+
+def write_dicom_series(
+    image, folder, uid="1.2.826.0.1.3680043.2.1125.1", description="cine SA", skip=(), nudge=None
+):
+    """Write a 3D SimpleITK image as a DICOM series, one file per slice.
+
+    Slices in ``skip`` are left out; ``nudge`` maps a slice index to mm to move it along the slice
+    normal (to make uneven spacing).
+    """
+    import SimpleITK as sitk
+
+    folder.mkdir(parents=True, exist_ok=True)
+    d = image.GetDirection()
+    orientation = "\\".join(f"{v:.10f}" for v in (d[0], d[3], d[6], d[1], d[4], d[7]))
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    image = sitk.Cast(image, sitk.sitkInt16)
+    for k in range(image.GetDepth()):
+        if k in skip:
+            continue
+        piece = image[:, :, k]
+        position = image.TransformIndexToPhysicalPoint((0, 0, k))
+        normal = (d[2], d[5], d[8])
+        position = [p + (nudge or {}).get(k, 0.0) * n for p, n in zip(position, normal)]
+        tags = {
+            "0008|0060": "MR",
+            "0008|103e": description,
+            "0020|000d": uid + ".0",
+            "0020|000e": uid,
+            "0020|0013": str(k + 1),
+            "0020|0032": "\\".join(f"{v:.6f}" for v in position),
+            "0020|0037": orientation,
+            "0018|0050": f"{image.GetSpacing()[2]:.6f}",
+            "0008|0018": f"{uid}.{k + 1}",
+        }
+        for key, value in tags.items():
+            piece.SetMetaData(key, value)
+        writer.SetFileName(str(folder / f"{uid.replace('.', '_')}_{k:03d}.dcm"))
+        writer.Execute(piece)
+    return folder

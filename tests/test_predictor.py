@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from medseg.evaluation.metrics import dice
 from medseg.inference.batch import predict_many
 from medseg.inference.predictor import Predictor
 from medseg.io import read_volume, to_array
+from tests.conftest import write_dicom_series
 
 
 def _same_grid(a: sitk.Image, b: sitk.Image) -> None:
@@ -98,3 +100,27 @@ def test_bad_checkpoint(tmp_path):
 def test_missing_input(tiny_run, tmp_path):
     with pytest.raises(InputError, match="no such file or folder"):
         predict_many(Predictor(tiny_run["best"], device="cpu"), tmp_path / "nope", tmp_path / "out")
+
+
+@pytest.mark.parametrize("orientation", ["ras", "lps", "oblique"])
+def test_dicom_series_mask_on_the_series_grid(tiny_run, tmp_path, orientation):
+    image, _ = make_phantom(12, shape=(36, 40, 9), spacing=(4.1, 3.9, 10.5), orientation=orientation)
+    write_dicom_series(image, tmp_path / "patient" / "study", uid="1.2.840.99.7", description="SAX cine")
+    result = predict_many(Predictor(tiny_run["best"], device="cpu"), tmp_path / "patient", tmp_path / "out")
+    assert result.failed == {}
+    assert result.written == [str(tmp_path / "out" / "SAX_cine_1.2.840.99.7.nii.gz")]
+    _same_grid(read_volume(result.written[0]), read_volume(tmp_path / "patient" / "study"))
+
+
+def test_mixed_folder_reports_each_bad_case(tiny_run, tmp_path):
+    inputs = tmp_path / "in"
+    image, _ = make_phantom(5, shape=(40, 40, 12), spacing=(4.4, 4.4, 10.0))
+    inputs.mkdir()
+    sitk.WriteImage(image, str(inputs / "good.nii.gz"))
+    write_dicom_series(image, inputs / "dicom_ok", uid="1.2.3.100", description="ok")
+    write_dicom_series(image, inputs / "dicom_gap", uid="1.2.3.200", description="gap", skip=(6,))
+    result = predict_many(Predictor(tiny_run["best"], device="cpu"), inputs, tmp_path / "out")
+    assert sorted(Path(p).name for p in result.written) == ["good.nii.gz", "ok_1.2.3.100.nii.gz"]
+    ((case, reason),) = result.failed.items()
+    assert case == f"{inputs / 'dicom_gap'} [series 1.2.3.200]"
+    assert reason.startswith("series 1.2.3.200 misses 1 slice(s)")

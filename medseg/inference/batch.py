@@ -10,6 +10,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from medseg.data.datasets import list_volumes
+from medseg.dicom import DicomSeries, find_series
 from medseg.errors import InputError, find_medseg_error
 from medseg.evaluation.metrics import LABELS_FILE
 from medseg.inference.predictor import Predictor
@@ -27,29 +28,32 @@ class BatchResult:
     failed: dict[str, str] = field(default_factory=dict)
 
 
-def collect_inputs(source: str | Path) -> list[Path]:
-    """The input files: one file, or every volume file in a folder."""
+def collect_inputs(source: str | Path) -> list[Path | DicomSeries]:
+    """The cases to segment: one file, one DICOM folder, or a folder's volume files plus every
+    DICOM series in it and its subfolders."""
     source = Path(source)
-    if source.is_dir():
-        files = list_volumes(source)
-        if not files:
-            raise InputError(source, f"holds no image files ({', '.join(VOLUME_SUFFIXES)})")
-        return files
     if not source.exists():
         raise InputError(source, "no such file or folder")
-    return [source]
+    if not source.is_dir():
+        return [source]
+    cases: list[Path | DicomSeries] = [*list_volumes(source), *find_series(source)]
+    if not cases:
+        raise InputError(source, f"holds no image files ({', '.join(VOLUME_SUFFIXES)}) and no DICOM series")
+    return cases
 
 
-def output_path(input_path: Path, output_dir: Path) -> Path:
-    """Where the mask of ``input_path`` goes: same name and format, inside ``output_dir`` only."""
-    name = Path(input_path).name  # a bare file name: input paths cannot steer the output elsewhere
+def output_path(case: Path | DicomSeries, output_dir: Path) -> Path:
+    """Where a case's mask goes, always directly inside ``output_dir``: a file keeps its name and
+    format; a DICOM series becomes ``<description>_<uid tail>.nii.gz``. Names are bare file names,
+    so neither input paths nor DICOM metadata can steer the output elsewhere."""
+    name = f"{case.name}.nii.gz" if isinstance(case, DicomSeries) else Path(case).name
     return Path(output_dir) / name
 
 
 def predict_many(
     predictor: Predictor, source: str | Path, output_dir: str | Path, overwrite: bool = False
 ) -> BatchResult:
-    """Segment one file or a folder of files into ``output_dir``.
+    """Segment one file, one DICOM series, or a folder of files and series into ``output_dir``.
 
     Writes ``labels.json`` (class index -> name) beside the masks, for ``evaluate`` and people.
     Existing outputs are kept (and counted as skipped) unless ``overwrite``, so a stopped run
@@ -60,18 +64,18 @@ def predict_many(
     files = collect_inputs(source)
     labels = {str(k): v for k, v in sorted(predictor.labels.items())}
     write_text_atomic(output_dir / LABELS_FILE, json.dumps(labels, indent=2) + "\n")
-    for path in tqdm(files, desc="predict", unit="case", disable=None if len(files) > 1 else True):
-        target = output_path(path, output_dir)
+    for case in tqdm(files, desc="predict", unit="case", disable=None if len(files) > 1 else True):
+        target = output_path(case, output_dir)
         if target.exists() and not overwrite:
             result.skipped.append(str(target))
             continue
         try:
-            predictor.predict_file(path, target, overwrite=overwrite)
+            predictor.predict_file(case, target, overwrite=overwrite)
         except Exception as exc:  # one case must never stop a batch of thousands
             known = find_medseg_error(exc)
-            result.failed[str(path)] = known.message if known else f"unexpected {type(exc).__name__}: {exc}"
-        if str(path) in result.failed:
-            tqdm.write(f"error: {path}: {result.failed[str(path)]}", file=sys.stderr)
+            result.failed[str(case)] = known.message if known else f"unexpected {type(exc).__name__}: {exc}"
+        if str(case) in result.failed:
+            tqdm.write(f"error: {case}: {result.failed[str(case)]}", file=sys.stderr)
             continue
         result.written.append(str(target))
     return result

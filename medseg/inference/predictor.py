@@ -13,6 +13,7 @@ from torch import nn
 from medseg.config import Config
 from medseg.data.transforms import infer_transforms
 from medseg.device import autocast_dtype, resolve_device, use_channels_last
+from medseg.dicom import DicomSeries
 from medseg.io import image_from_ras, read_volume, write_volume
 from medseg.training.checkpoint import load_checkpoint, model_from_checkpoint
 
@@ -61,6 +62,7 @@ class Predictor:
     Example:
         >>> predictor = Predictor("runs/heart/best.pt")
         >>> predictor.predict_file("scan.nii.gz", "scan_mask.nii.gz")
+        >>> mask = predictor.predict_image(medseg.read_volume("dicom_folder/"))
     """
 
     def __init__(self, checkpoint: str | Path, device: str = "auto"):
@@ -78,20 +80,21 @@ class Predictor:
             self.model = self.model.to(memory_format=torch.channels_last_3d)
         self.transform = infer_transforms(self.config, self.spacing)
 
-    def predict_image(self, path: str | Path) -> tuple[np.ndarray, sitk.Image]:
-        """Segment one file. Returns the label map in (i, j, k) order and the input image."""
-        reference = read_volume(path, spatial_dims=3)
-        image = self.transform({"image": reference})["image"]
+    def predict_image(self, image: sitk.Image) -> np.ndarray:
+        """Segment one image; returns the label map in (i, j, k) order on the image's own grid."""
+        if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() > 1:
+            raise ValueError(f"needs a single-channel 3D image, got {image.GetDimension()}D")
+        tensor = self.transform({"image": image})["image"]
         probs = sliding_window_probs(
             self.model,
-            image,
+            tensor,
             self.config.data.patch_size,
             overlap=self.config.infer.overlap,
             sw_batch_size=self.config.infer.sw_batch_size,
             amp_dtype=self.amp_dtype,
             channels_last=self.channels_last,
         )
-        return self._to_input_grid(probs, image.affine.numpy(), reference), reference
+        return self._to_input_grid(probs, tensor.affine.numpy(), image)
 
     @staticmethod
     def _to_input_grid(probs: torch.Tensor, affine: np.ndarray, reference: sitk.Image) -> np.ndarray:
@@ -112,7 +115,12 @@ class Predictor:
             on_input.append(sitk.GetArrayFromImage(resampled).transpose())
         return np.argmax(np.stack(on_input), axis=0).astype(np.uint8)
 
-    def predict_file(self, path: str | Path, output: str | Path, overwrite: bool = False) -> Path:
-        """Segment ``path`` and write the mask to ``output`` on the same grid."""
-        mask, reference = self.predict_image(path)
-        return write_volume(mask, output, reference, overwrite=overwrite)
+    def predict_file(
+        self, source: str | Path | DicomSeries, output: str | Path, overwrite: bool = False
+    ) -> Path:
+        """Segment a file (or a DICOM series) and write the mask to ``output`` on the same grid."""
+        if isinstance(source, DicomSeries):
+            image = read_volume(source.folder, spatial_dims=3, series_uid=source.uid)
+        else:
+            image = read_volume(source, spatial_dims=3)
+        return write_volume(self.predict_image(image), output, image, overwrite=overwrite)
