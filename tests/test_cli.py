@@ -143,3 +143,24 @@ def test_help(command):
     proc = _run_cli(command, "--help")
     assert proc.returncode == 0
     assert "usage: medseg " + command in proc.stdout
+
+
+def test_train_lists_every_bad_case_before_starting(tiny_dataset, tmp_path):
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_dataset, root)
+    (root / "labelsTr" / "heart_001.nii.gz").write_bytes(b"")
+    label = sitk.ReadImage(str(root / "labelsTr" / "heart_002.nii.gz"))
+    sitk.WriteImage(label[:, :, :-1], str(root / "labelsTr" / "heart_002.nii.gz"))
+    proc = _run_cli("train", "--data", str(root), "--output", str(tmp_path / "run"))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines == [
+        f"error: {root / 'labelsTr' / 'heart_001.nii.gz'}: file is empty",
+        f"error: {root / 'labelsTr' / 'heart_002.nii.gz'}: "
+        f"size (40, 40, 11) differs from the size (40, 40, 12) of its image "
+        f"{root / 'imagesTr' / 'heart_002.nii.gz'}",
+        f"error: {root}: 2 training case(s) cannot be used (listed above)",
+    ]
+    assert not (tmp_path / "run" / "last.pt").exists()

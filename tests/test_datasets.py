@@ -1,9 +1,11 @@
 import json
 import shutil
 
+import numpy as np
 import pytest
+import SimpleITK as sitk
 
-from medseg.data.datasets import find_cases, label_names, median_spacing, split_cases
+from medseg.data.datasets import check_cases, find_cases, label_names, median_spacing, split_cases
 from medseg.errors import InputError
 
 
@@ -39,7 +41,7 @@ def test_missing_listed_file_is_named(tiny_dataset, tmp_path):
 
 
 def test_not_a_dataset(tmp_path):
-    with pytest.raises(InputError, match="no dataset.json and no imagesTr"):
+    with pytest.raises(InputError, match="no dataset.json, imagesTr/ or images/ here"):
         find_cases(tmp_path)
     with pytest.raises(InputError, match="no such dataset folder"):
         find_cases(tmp_path / "nope")
@@ -56,3 +58,79 @@ def test_split_is_seeded_and_disjoint():
 def test_median_spacing_is_in_ras_axis_order(tiny_dataset):
     # Every tiny case has 4.4 x 4.4 x 10 mm voxels, whatever its orientation.
     assert median_spacing(find_cases(tiny_dataset).training) == pytest.approx([4.4, 4.4, 10.0], abs=1e-3)
+
+
+def test_plain_images_and_labels_folders(tiny_dataset, tmp_path):
+    shutil.copytree(tiny_dataset / "imagesTr", tmp_path / "images")
+    shutil.copytree(tiny_dataset / "labelsTr", tmp_path / "labels")
+    dataset = find_cases(tmp_path)
+    assert [c["id"] for c in dataset.training] == ["heart_000", "heart_001", "heart_002"]
+    assert dataset.test == []
+
+
+def test_nnunet_layout_with_channel_suffix_and_label_names(tiny_dataset, tmp_path):
+    (tmp_path / "imagesTr").mkdir()
+    shutil.copytree(tiny_dataset / "labelsTr", tmp_path / "labelsTr")
+    for image in (tiny_dataset / "imagesTr").iterdir():
+        shutil.copy(image, tmp_path / "imagesTr" / image.name.replace(".nii.gz", "_0000.nii.gz"))
+    (tmp_path / "dataset.json").write_text(
+        json.dumps({"labels": {"background": 0, "LV": 1, "myo": 2, "RV": 3}})
+    )
+    dataset = find_cases(tmp_path)
+    assert dataset.training[0]["id"] == "heart_000"
+    assert dataset.labels == {0: "background", 1: "LV", 2: "myo", 3: "RV"}
+    shutil.copy(
+        tmp_path / "imagesTr" / "heart_000_0000.nii.gz", tmp_path / "imagesTr" / "heart_000_0001.nii.gz"
+    )
+    with pytest.raises(InputError, match="second image channel"):
+        find_cases(tmp_path)
+
+
+def test_csv_manifest(tiny_dataset, tmp_path):
+    manifest = tmp_path / "cases.csv"
+    rows = ["image,label,id"]
+    rows += [
+        f"{tiny_dataset}/imagesTr/heart_00{k}.nii.gz,{tiny_dataset}/labelsTr/heart_00{k}.nii.gz,p{k}"
+        for k in range(3)
+    ]
+    rows += [f"{tiny_dataset}/imagesTs/heart_003.nii.gz,,"]
+    manifest.write_text("\n".join(rows) + "\n")
+    dataset = find_cases(manifest)
+    assert [c["id"] for c in dataset.training] == ["p0", "p1", "p2"]
+    assert [c["id"] for c in dataset.test] == ["heart_003"]
+    (tmp_path / "bad.csv").write_text("file\nx.nii.gz\n")
+    with pytest.raises(InputError, match="needs a header with an 'image' column"):
+        find_cases(tmp_path / "bad.csv")
+
+
+def test_check_cases_names_every_bad_case(tiny_dataset, tmp_path):
+    root = tmp_path / "mixed"
+    shutil.copytree(tiny_dataset, root)
+    cases = find_cases(root).training
+    labels = {0: "background", 1: "LV", 2: "myocardium", 3: "RV"}
+    assert check_cases(cases, labels) == []
+    # heart_000: the label sits on another grid; heart_001: the label holds an unnamed value;
+    # heart_002: the image is truncated.
+    shifted = sitk.ReadImage(cases[0]["label"])
+    shifted.SetOrigin([v + 5.0 for v in shifted.GetOrigin()])
+    sitk.WriteImage(shifted, cases[0]["label"])
+    odd = sitk.ReadImage(cases[1]["label"])
+    array = sitk.GetArrayFromImage(odd)
+    array[0, 0, 0] = 7
+    sitk.WriteImage(_with_array(odd, array), cases[1]["label"])
+    image_bytes = open(cases[2]["image"], "rb").read()
+    open(cases[2]["image"], "wb").write(image_bytes[: len(image_bytes) // 3])
+
+    problems = dict(check_cases(cases, labels))
+    assert problems[cases[0]["label"]].startswith("origin")
+    assert "differs from the origin" in problems[cases[0]["label"]]
+    assert (
+        problems[cases[1]["label"]] == "holds label values [7] that the label map (0, 1, 2, 3) does not name"
+    )
+    assert "truncated" in problems[cases[2]["image"]]
+
+
+def _with_array(reference, array):
+    image = sitk.GetImageFromArray(np.asarray(array))
+    image.CopyInformation(reference)
+    return image

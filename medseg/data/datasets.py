@@ -4,14 +4,17 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
+from tqdm.auto import tqdm
 
 from medseg.errors import InputError
 from medseg.io import case_id, is_volume_file, read_volume
@@ -25,6 +28,7 @@ __all__ = [
     "label_names",
     "parse_label_map",
     "read_label_map",
+    "check_cases",
 ]
 
 
@@ -50,29 +54,54 @@ def list_volumes(folder: str | Path) -> list[Path]:
 
 
 def find_cases(root: str | Path) -> Dataset:
-    """Read a dataset folder: an MSD ``dataset.json``, or ``imagesTr``/``labelsTr`` folders.
+    """Read a dataset in any layout medseg knows.
+
+    - an MSD folder: ``dataset.json`` listing ``training`` (and ``test``) cases;
+    - an nnU-Net raw folder: ``imagesTr/CASE_0000.nii.gz`` + ``labelsTr/CASE.nii.gz`` (and
+      ``imagesTs``/``labelsTs``), label names from its ``dataset.json`` if there is one;
+    - plain ``images/`` + ``labels/`` folders matched by case name;
+    - a CSV manifest with columns ``image,label[,id]`` (paths relative to the CSV; rows without a
+      label are test cases).
 
     Args:
-        root: the dataset folder.
+        root: the dataset folder or CSV file.
 
     Raises:
         InputError: the folder is missing, has no known layout, or a listed file is missing.
     """
     root = Path(root)
+    if root.is_file() and root.suffix.lower() == ".csv":
+        return _from_csv(root)
     if not root.is_dir():
         raise InputError(root, "no such dataset folder")
-    if (root / "dataset.json").is_file():
-        return _from_msd_json(root / "dataset.json")
-    if (root / "imagesTr").is_dir():
-        return _from_folders(root)
-    raise InputError(root, "no dataset.json and no imagesTr/ folder: not a dataset medseg knows")
+    meta_path = root / "dataset.json"
+    meta = _read_json(meta_path) if meta_path.is_file() else {}
+    if meta.get("training"):
+        return _from_msd_json(meta_path, meta)
+    labels = parse_label_map(meta["labels"], meta_path) if "labels" in meta else {}
+    for images, label_dir, test_images, test_labels in (
+        ("imagesTr", "labelsTr", "imagesTs", "labelsTs"),
+        ("images", "labels", None, None),
+    ):
+        if (root / images).is_dir():
+            training = _pair(root / images, root / label_dir, need_labels=True)
+            if not training:
+                raise InputError(root / images, "holds no images")
+            test = _pair(root / test_images, root / test_labels, need_labels=False) if test_images else []
+            return Dataset(training, test, labels)
+    raise InputError(root, "no dataset.json, imagesTr/ or images/ here: not a dataset layout medseg knows")
 
 
-def _from_msd_json(path: Path) -> Dataset:
+def _read_json(path: Path):
     try:
-        meta = json.loads(path.read_text())
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(path, "no such file") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InputError(path, f"not valid JSON ({exc})") from None
+
+
+def _from_msd_json(path: Path, meta: dict) -> Dataset:
     labels = parse_label_map(meta.get("labels", {}), path)
 
     def case(entry) -> dict:
@@ -114,27 +143,42 @@ def _resolve(base: Path, name: str, source: Path) -> str:
     return str(path)
 
 
-def _from_folders(root: Path) -> Dataset:
-    def pair(images: Path, labels: Path, need_labels: bool) -> list[dict]:
-        if not images.is_dir():
-            return []
-        label_files = {case_id(p): p for p in list_volumes(labels)} if labels.is_dir() else {}
-        cases = []
-        for image in list_volumes(images):
-            cid = case_id(image).removesuffix("_0000")
-            label = label_files.pop(cid, None)
-            if label is None and need_labels:
-                raise InputError(image, f"no label named {cid}.* in {labels}")
-            cases.append({"image": str(image), "label": str(label) if label else None, "id": cid})
-        if label_files:
-            orphan = next(iter(label_files.values()))
-            raise InputError(orphan, "label has no matching image")
-        return cases
+_CHANNEL = re.compile(r"_(\d{4})$")
 
-    training = pair(root / "imagesTr", root / "labelsTr", need_labels=True)
+
+def _pair(images: Path, labels: Path, need_labels: bool) -> list[dict]:
+    """Match images to labels by case name (nnU-Net's ``_0000`` channel suffix understood)."""
+    if not images.is_dir():
+        return []
+    label_files = {case_id(p): p for p in list_volumes(labels)} if labels.is_dir() else {}
+    cases = []
+    for image in list_volumes(images):
+        channel = _CHANNEL.search(case_id(image))
+        if channel and channel.group(1) != "0000":
+            raise InputError(image, "is a second image channel; medseg trains on one channel for now")
+        cid = case_id(image)[: channel.start()] if channel else case_id(image)
+        label = label_files.pop(cid, None)
+        if label is None and need_labels:
+            raise InputError(image, f"no label named {cid}.* in {labels}")
+        cases.append({"image": str(image), "label": str(label) if label else None, "id": cid})
+    if label_files:
+        raise InputError(next(iter(label_files.values())), "label has no matching image")
+    return cases
+
+
+def _from_csv(path: Path) -> Dataset:
+    with path.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows or "image" not in rows[0]:
+        raise InputError(path, "needs a header with an 'image' column (and 'label', optionally 'id')")
+    training, test = [], []
+    for row in rows:
+        image = _resolve(path.parent, row["image"], path)
+        label = _resolve(path.parent, row["label"], path) if row.get("label") else None
+        case = {"image": image, "label": label, "id": row.get("id") or case_id(image)}
+        (training if label else test).append(case)
     if not training:
-        raise InputError(root / "imagesTr", "holds no images")
-    test = pair(root / "imagesTs", root / "labelsTs", need_labels=False)
+        raise InputError(path, "lists no case with a label")
     return Dataset(training, test, {})
 
 
@@ -152,12 +196,7 @@ def median_spacing(cases: list[dict]) -> list[float]:
     """Median voxel spacing along the R, A, S axes (after reorientation), from headers only."""
     spacings = []
     for case in cases:
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(case["image"])
-        try:
-            reader.ReadImageInformation()
-        except RuntimeError:
-            raise InputError(case["image"], "cannot read the image header") from None
+        reader = _header(case["image"])
         affine = np.eye(4)
         affine[:3, :3] = np.asarray(reader.GetDirection()).reshape(3, 3)
         ras_axis = nib.orientations.io_orientation(affine)[:, 0].astype(int)
@@ -179,11 +218,64 @@ def label_names(dataset: Dataset) -> dict[int, str]:
 
 def read_label_map(path: str | Path) -> dict[int, str]:
     """The label map in a JSON file: a dataset.json (its ``labels``) or a bare map."""
-    path = Path(path)
-    try:
-        meta = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(path, "no such file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(path, f"not valid JSON ({exc})") from None
+    meta = _read_json(Path(path))
     return parse_label_map(meta.get("labels", meta) if isinstance(meta, dict) else meta, path)
+
+
+def check_cases(cases: list[dict], labels: dict[int, str]) -> list[tuple[str, str]]:
+    """Find the cases that would spoil training, before it starts.
+
+    Checks that every image and label reads in full (a truncated file is caught here, not an
+    hour into training), that each label lies on its image's grid (size, spacing, origin,
+    direction) and that it holds only values the label map names.
+
+    Returns:
+        ``(file, problem)`` for every problem found (empty when all is well).
+    """
+    problems = []
+    for case in tqdm(cases, desc="checking cases", unit="case", disable=None, leave=False):
+        try:
+            image = read_volume(case["image"])
+            if case.get("label") is None:
+                continue
+            label = read_volume(case["label"])
+        except InputError as exc:
+            problems.append((exc.path, exc.message))
+            continue
+        mismatch = _grid_mismatch(image, label)
+        if mismatch:
+            problems.append((case["label"], f"{mismatch} of its image {case['image']}"))
+            continue
+        extra = sorted(set(np.unique(sitk.GetArrayFromImage(label)).tolist()) - set(labels))
+        if extra:
+            known = ", ".join(str(k) for k in sorted(labels))
+            problems.append(
+                (case["label"], f"holds label values {extra} that the label map ({known}) does not name")
+            )
+    return problems
+
+
+def _header(path: str) -> sitk.ImageFileReader:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        read_volume(path)  # raises the precise InputError
+        raise InputError(path, "cannot read the image header") from None
+    return reader
+
+
+def _grid_mismatch(image, label) -> str:
+    """How a label's grid differs from its image's, or '' if they agree."""
+    if tuple(label.GetSize()) != tuple(image.GetSize()):
+        return f"size {label.GetSize()} differs from the size {image.GetSize()}"
+    for what, a, b, tol in (
+        ("spacing", label.GetSpacing(), image.GetSpacing(), 1e-3),
+        ("origin", label.GetOrigin(), image.GetOrigin(), 1e-2),
+        ("direction", label.GetDirection(), image.GetDirection(), 1e-3),
+    ):
+        if not np.allclose(a, b, atol=tol):
+            ours, theirs = (tuple(round(v, 3) for v in x) for x in (a, b))
+            return f"{what} {ours} differs from the {what} {theirs}"
+    return ""

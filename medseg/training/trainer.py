@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import math
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from monai.losses import DeepSupervisionLoss, DiceCELoss
 from tqdm.auto import tqdm
 
 from medseg.config import Config, save_config
-from medseg.data.datasets import find_cases, label_names, median_spacing, split_cases
+from medseg.data.datasets import check_cases, find_cases, label_names, median_spacing, split_cases
 from medseg.data.transforms import eval_transforms, train_transforms
 from medseg.device import autocast_dtype, resolve_device, use_channels_last
 from medseg.errors import ConfigError, InputError
@@ -53,6 +54,7 @@ class Trainer:
 
         dataset = find_cases(config.data.root)
         self.labels = label_names(dataset)
+        _refuse_bad_cases(dataset.training, self.labels, config.data.root)
         self.spacing = list(config.data.spacing or median_spacing(dataset.training))
         self.train_cases, self.val_cases = split_cases(
             dataset.training, config.data.val_fraction, config.train.seed
@@ -269,6 +271,15 @@ class Trainer:
             "best_dice": self.best_dice,
             "rng": {"torch": torch.get_rng_state()},
         }
+
+
+def _refuse_bad_cases(cases: list[dict], labels: dict[int, str], root) -> None:
+    """Name every unusable case at once, before any time goes into training."""
+    problems = check_cases(cases, labels)
+    for path, problem in problems:
+        tqdm.write(f"error: {path}: {problem}", file=sys.stderr)
+    if problems:
+        raise InputError(root, f"{len(problems)} training case(s) cannot be used (listed above)")
 
 
 def _forever(loader):
