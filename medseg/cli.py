@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from medseg.errors import find_medseg_error
+from medseg.errors import InputError, find_medseg_error
 
 __all__ = ["main"]
 
@@ -48,6 +48,22 @@ def cmd_train(args) -> int:
         f"trained {summary['epochs']} epochs ({summary['steps']} steps) in {summary['seconds']:.0f} s; "
         f"best validation Dice {_fmt(summary['best_dice'])}; checkpoint {summary['best']}"
     )
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from medseg.config import load_config
+    from medseg.data.datasets import find_cases
+    from medseg.data.plan import plan_for_config
+
+    config = load_config(args.config, args.set)
+    plan = plan_for_config(config, find_cases(args.data))
+    print(plan.describe())
+    if args.out:
+        if Path(args.out).exists() and not args.overwrite:
+            raise InputError(args.out, "already exists (pass --overwrite to replace it)")
+        plan.save(args.out)
+        print(f"wrote {args.out}; train with it: --set data.plan={args.out}")
     return 0
 
 
@@ -107,6 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", **overrides)
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --output")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("plan", help="plan spacing, patch size, pooling and normalisation from a dataset")
+    p.add_argument("--data", required=True, help="dataset folder or CSV manifest")
+    p.add_argument("--config", help="YAML config (its model depth and any fixed values are respected)")
+    p.add_argument("--set", **overrides)
+    p.add_argument("--out", help="also save the plan as YAML here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("predict", help="segment a file or a folder of files with a trained checkpoint")
     p.add_argument("--model", required=True, help="checkpoint file (or run folder holding best.pt)")

@@ -34,9 +34,13 @@ class DataConfig:
     """Where the cases are and how they are preprocessed.
 
     Args:
-        root: dataset folder (MSD ``dataset.json`` or ``imagesTr``/``labelsTr``).
-        spacing: target voxel spacing in mm; null takes the median spacing of the training cases.
-        patch_size: training patch, voxels per axis (also the sliding-window size).
+        root: dataset folder or CSV manifest (see ``medseg.data.datasets.find_cases``).
+        plan: a plan YAML from ``medseg plan``; null plans from the training cases.
+        modality: ``MRI``, ``CT``, ...; null reads it from dataset.json (else MRI). CT gets CT
+            normalisation.
+        spacing: target voxel spacing in mm along R, A, S; null: planned.
+        patch_size: training patch, voxels per axis (also the sliding-window size); null: planned.
+        max_patch_voxels: the patch budget planning works to.
         samples_per_volume: patches cut from a volume each time it is drawn.
         class_ratios: how often a patch is centred on each class (background first); null: equally.
         val_fraction: share of the training cases held out for validation.
@@ -44,8 +48,11 @@ class DataConfig:
     """
 
     root: str | None = None
+    plan: str | None = None
+    modality: str | None = None
     spacing: list[float] | None = None
-    patch_size: list[int] = field(default_factory=lambda: [80, 80, 32])
+    patch_size: list[int] | None = None
+    max_patch_voxels: int = 80 * 80 * 32
     samples_per_volume: int = 2
     class_ratios: list[float] | None = None
     val_fraction: float = 0.2
@@ -74,7 +81,7 @@ class ModelConfig:
     Args:
         name: ``unet``, ``residual_unet`` or ``attention_unet``.
         channels: features per level; the depth follows from its length.
-        strides: down-sampling per level after the first (null: 2 on every axis).
+        strides: down-sampling per level after the first; null: planned from the spacing.
         norm: ``batch``, ``instance`` or ``group``; null: the model's own (batch for ``unet``,
             group for the others). Batch norm is about 3x faster than the others in bf16
             channels-last on CPUs.

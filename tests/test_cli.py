@@ -164,3 +164,14 @@ def test_train_lists_every_bad_case_before_starting(tiny_dataset, tmp_path):
         f"error: {root}: 2 training case(s) cannot be used (listed above)",
     ]
     assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_plan_prints_and_saves(tiny_dataset, tmp_path, capsys):
+    out = tmp_path / "plan.yaml"
+    assert main(["plan", "--data", str(tiny_dataset), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "target spacing    4.4 x 4.4 x 10 mm (R, A, S)" in printed
+    assert "pooling per level 2x2x1" in printed
+    assert out.is_file()
+    assert main(["plan", "--data", str(tiny_dataset), "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err

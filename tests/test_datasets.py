@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from medseg.data.datasets import check_cases, find_cases, label_names, median_spacing, split_cases
+from medseg.data.datasets import check_cases, find_cases, label_names, split_cases
 from medseg.errors import InputError
 
 
@@ -53,11 +53,6 @@ def test_split_is_seeded_and_disjoint():
     assert len(val) == 2 and len(train) == 8
     assert not {c["id"] for c in train} & {c["id"] for c in val}
     assert split_cases(cases, 0.2, seed=3) == (train, val)
-
-
-def test_median_spacing_is_in_ras_axis_order(tiny_dataset):
-    # Every tiny case has 4.4 x 4.4 x 10 mm voxels, whatever its orientation.
-    assert median_spacing(find_cases(tiny_dataset).training) == pytest.approx([4.4, 4.4, 10.0], abs=1e-3)
 
 
 def test_plain_images_and_labels_folders(tiny_dataset, tmp_path):

@@ -13,7 +13,8 @@ def test_checkpoint_holds_what_predict_needs(tiny_run):
     payload = torch.load(tiny_run["best"], weights_only=True)
     assert payload["format"] == "medseg-checkpoint/1"
     assert payload["labels"] == {0: "background", 1: "LV", 2: "myocardium", 3: "RV"}
-    assert payload["preprocessing"]["spacing"] == pytest.approx([4.4, 4.4, 10.0], abs=1e-3)
+    assert payload["plan"]["spacing"] == pytest.approx([4.4, 4.4, 10.0], abs=1e-3)
+    assert payload["plan"]["normalization"] == "zscore"
     assert payload["config"]["model"]["channels"] == [8, 16]
     assert payload["step"] == 2
     assert {"model", "optimizer", "rng", "epoch"} <= set(payload)
@@ -24,7 +25,11 @@ def test_metrics_and_config_are_written(tiny_run):
     rows = list(csv.DictReader(open(f"{run}/metrics.csv")))
     assert [r["epoch"] for r in rows] == ["1"]
     assert 0.0 <= float(rows[0]["dice_mean"]) <= 1.0
-    assert load_config(f"{run}/config.yaml").model.channels == [8, 16]
+    saved = load_config(f"{run}/config.yaml")
+    assert saved.model.channels == [8, 16]
+    assert saved.data.patch_size == [32, 32, 8]  # the resolved values, not null
+    assert saved.model.strides == [[2, 2, 1]]  # 10 mm slices are not pooled at the first level
+    assert "patch_size:" in open(f"{run}/plan.yaml").read()
 
 
 def test_time_budget_stops_training(tiny_dataset, tmp_path):

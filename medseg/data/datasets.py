@@ -11,7 +11,6 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 from tqdm.auto import tqdm
@@ -24,7 +23,6 @@ __all__ = [
     "find_cases",
     "list_volumes",
     "split_cases",
-    "median_spacing",
     "label_names",
     "parse_label_map",
     "read_label_map",
@@ -40,11 +38,13 @@ class Dataset:
         training: labelled cases for training and validation.
         test: cases kept for testing (labels optional).
         labels: class index -> name, background included.
+        modality: of the first channel, from dataset.json's ``modality`` or ``channel_names``.
     """
 
     training: list[dict]
     test: list[dict] = field(default_factory=list)
     labels: dict[int, str] = field(default_factory=dict)
+    modality: str = "MRI"
 
 
 def list_volumes(folder: str | Path) -> list[Path]:
@@ -88,8 +88,13 @@ def find_cases(root: str | Path) -> Dataset:
             if not training:
                 raise InputError(root / images, "holds no images")
             test = _pair(root / test_images, root / test_labels, need_labels=False) if test_images else []
-            return Dataset(training, test, labels)
+            return Dataset(training, test, labels, _modality(meta))
     raise InputError(root, "no dataset.json, imagesTr/ or images/ here: not a dataset layout medseg knows")
+
+
+def _modality(meta: dict) -> str:
+    channels = meta.get("modality") or meta.get("channel_names") or {}
+    return str(next(iter(channels.values()), "MRI")).upper() if isinstance(channels, dict) else "MRI"
 
 
 def _read_json(path: Path):
@@ -118,7 +123,7 @@ def _from_msd_json(path: Path, meta: dict) -> Dataset:
     missing = [c["image"] for c in training if c["label"] is None]
     if missing:
         raise InputError(missing[0], "training case has no label")
-    return Dataset(training, [case(e) for e in meta.get("test", [])], labels)
+    return Dataset(training, [case(e) for e in meta.get("test", [])], labels, _modality(meta))
 
 
 def parse_label_map(raw: dict, source: str | Path) -> dict[int, str]:
@@ -192,20 +197,6 @@ def split_cases(cases: list[dict], val_fraction: float, seed: int) -> tuple[list
     return shuffled[n_val:], shuffled[:n_val]
 
 
-def median_spacing(cases: list[dict]) -> list[float]:
-    """Median voxel spacing along the R, A, S axes (after reorientation), from headers only."""
-    spacings = []
-    for case in cases:
-        reader = _header(case["image"])
-        affine = np.eye(4)
-        affine[:3, :3] = np.asarray(reader.GetDirection()).reshape(3, 3)
-        ras_axis = nib.orientations.io_orientation(affine)[:, 0].astype(int)
-        spacing = np.empty(3)
-        spacing[ras_axis] = reader.GetSpacing()
-        spacings.append(spacing)
-    return [round(float(s), 4) for s in np.median(np.asarray(spacings), axis=0)]
-
-
 def label_names(dataset: Dataset) -> dict[int, str]:
     """Class index -> name: the dataset's own map, or ``class_N`` up to the largest label found."""
     if dataset.labels:
@@ -253,17 +244,6 @@ def check_cases(cases: list[dict], labels: dict[int, str]) -> list[tuple[str, st
                 (case["label"], f"holds label values {extra} that the label map ({known}) does not name")
             )
     return problems
-
-
-def _header(path: str) -> sitk.ImageFileReader:
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError:
-        read_volume(path)  # raises the precise InputError
-        raise InputError(path, "cannot read the image header") from None
-    return reader
 
 
 def _grid_mismatch(image, label) -> str:

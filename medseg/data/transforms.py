@@ -13,6 +13,7 @@ from monai import transforms as mt
 from monai.data import MetaTensor
 
 from medseg.config import Config
+from medseg.data.plan import Plan
 from medseg.io import ras_affine, read_volume, to_array
 
 __all__ = ["LoadVolumed", "body_mask", "train_transforms", "eval_transforms", "infer_transforms"]
@@ -64,34 +65,44 @@ def body_mask(image: torch.Tensor) -> torch.Tensor:
     return image > low + 0.1 * (high - low)
 
 
-def _preprocess(config: Config, keys: list[str], spacing: list[float]) -> list:
+def _normalize(plan: Plan) -> list:
+    if plan.normalization == "ct":
+        low, high = plan.clip
+        return [
+            mt.ScaleIntensityRanged("image", a_min=low, a_max=high, b_min=low, b_max=high, clip=True),
+            mt.NormalizeIntensityd("image", subtrahend=plan.mean, divisor=plan.std),
+        ]
+    return [mt.NormalizeIntensityd("image", nonzero=True, channel_wise=True)]
+
+
+def _preprocess(plan: Plan, keys: list[str]) -> list:
     modes = ["bilinear" if k == "image" else "nearest" for k in keys]
     return [
         LoadVolumed(keys),
         mt.Orientationd(keys, axcodes="RAS", labels=_RAS_LABELS, allow_missing_keys=True),
-        mt.Spacingd(keys, pixdim=spacing, mode=modes, allow_missing_keys=True),
-        mt.NormalizeIntensityd("image", channel_wise=True),
+        mt.Spacingd(keys, pixdim=plan.spacing, mode=modes, allow_missing_keys=True),
+        *_normalize(plan),
     ]
 
 
-def eval_transforms(config: Config, spacing: list[float]) -> mt.Compose:
+def eval_transforms(plan: Plan) -> mt.Compose:
     """Validation: preprocess image and label, crop to the body."""
     keys = ["image", "label"]
     return mt.Compose(
-        _preprocess(config, keys, spacing)
+        _preprocess(plan, keys)
         + [mt.CropForegroundd(keys, source_key="image", select_fn=body_mask, margin=4)]
     )
 
 
-def infer_transforms(config: Config, spacing: list[float]) -> mt.Compose:
+def infer_transforms(plan: Plan) -> mt.Compose:
     """Inference: preprocess the image only; the predictor maps results back to the input grid."""
-    return mt.Compose(_preprocess(config, ["image"], spacing))
+    return mt.Compose(_preprocess(plan, ["image"]))
 
 
-def train_transforms(config: Config, spacing: list[float], num_classes: int) -> mt.Compose:
+def train_transforms(config: Config, plan: Plan, num_classes: int) -> mt.Compose:
     """Training: the validation steps, then class-balanced patch sampling and augmentation."""
     keys = ["image", "label"]
-    patch = config.data.patch_size
+    patch = plan.patch_size
     aug = config.augment
     ratios = config.data.class_ratios or [1.0] * num_classes
     random_steps = [
@@ -115,4 +126,4 @@ def train_transforms(config: Config, spacing: list[float], num_classes: int) -> 
         mt.RandGaussianNoised("image", std=0.1, prob=aug.noise_prob),
         mt.EnsureTyped(keys, track_meta=False),
     ]
-    return mt.Compose(list(eval_transforms(config, spacing).transforms) + random_steps)
+    return mt.Compose(list(eval_transforms(plan).transforms) + random_steps)

@@ -11,6 +11,7 @@ from monai.inferers import sliding_window_inference
 from torch import nn
 
 from medseg.config import Config
+from medseg.data.plan import Plan
 from medseg.data.transforms import infer_transforms
 from medseg.device import autocast_dtype, resolve_device, use_channels_last
 from medseg.dicom import DicomSeries
@@ -70,7 +71,7 @@ class Predictor:
         payload = load_checkpoint(checkpoint)
         self.labels: dict[int, str] = {int(k): v for k, v in payload["labels"].items()}
         self.config = Config.from_dict(payload["config"], source=str(checkpoint))
-        self.spacing = list(payload["preprocessing"]["spacing"])
+        self.plan = Plan.from_dict(payload["plan"], source=str(checkpoint))
         self.amp_dtype = autocast_dtype(self.device, self.config.train.precision)
         self.model = model_from_checkpoint(payload).to(self.device)
         self.channels_last = use_channels_last(
@@ -78,7 +79,7 @@ class Predictor:
         )
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last_3d)
-        self.transform = infer_transforms(self.config, self.spacing)
+        self.transform = infer_transforms(self.plan)
 
     def predict_image(self, image: sitk.Image) -> np.ndarray:
         """Segment one image; returns the label map in (i, j, k) order on the image's own grid."""

@@ -44,6 +44,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(path, f"cannot load checkpoint ({reason[:120]})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(path, f"not a medseg checkpoint (expected format {FORMAT})")
+    missing = {"model", "config", "labels", "plan"} - set(payload)
+    if missing:
+        raise CheckpointError(path, f"checkpoint lacks {', '.join(sorted(missing))}")
     return payload
 
 

@@ -16,7 +16,8 @@ from monai.losses import DeepSupervisionLoss, DiceCELoss
 from tqdm.auto import tqdm
 
 from medseg.config import Config, save_config
-from medseg.data.datasets import check_cases, find_cases, label_names, median_spacing, split_cases
+from medseg.data.datasets import check_cases, find_cases, label_names, split_cases
+from medseg.data.plan import apply_plan, plan_for_config
 from medseg.data.transforms import eval_transforms, train_transforms
 from medseg.device import autocast_dtype, resolve_device, use_channels_last
 from medseg.errors import ConfigError, InputError
@@ -46,7 +47,6 @@ class Trainer:
     def __init__(self, config: Config, overwrite: bool = False):
         if not config.data.root:
             raise ConfigError("data.root", "no dataset given (set data.root or pass --data)")
-        self.config = config
         self.overwrite = overwrite
         self.device = resolve_device(config.train.device)
         self.amp_dtype = autocast_dtype(self.device, config.train.precision)
@@ -55,7 +55,10 @@ class Trainer:
         dataset = find_cases(config.data.root)
         self.labels = label_names(dataset)
         _refuse_bad_cases(dataset.training, self.labels, config.data.root)
-        self.spacing = list(config.data.spacing or median_spacing(dataset.training))
+        self.plan = plan_for_config(config, dataset)
+        # The saved config holds the planned spacing, patch and pooling: a run is reproducible
+        # from its config.yaml alone.
+        self.config = config = apply_plan(config, self.plan)
         self.train_cases, self.val_cases = split_cases(
             dataset.training, config.data.val_fraction, config.train.seed
         )
@@ -83,7 +86,7 @@ class Trainer:
 
     def _train_loader(self) -> DataLoader:
         cfg = self.config
-        transform = train_transforms(cfg, self.spacing, num_classes=len(self.labels))
+        transform = train_transforms(cfg, self.plan, num_classes=len(self.labels))
         transform.set_random_state(seed=cfg.train.seed)
         dataset = CacheDataset(self.train_cases, transform, progress=False, num_workers=None)
         return DataLoader(
@@ -99,9 +102,7 @@ class Trainer:
     def _val_dataset(self) -> CacheDataset | None:
         """The validation cases, preprocessed once and kept in memory (None without any)."""
         if self.val_data is None and self.val_cases:
-            self.val_data = CacheDataset(
-                self.val_cases, eval_transforms(self.config, self.spacing), progress=False
-            )
+            self.val_data = CacheDataset(self.val_cases, eval_transforms(self.plan), progress=False)
         return self.val_data
 
     # -- the loop ---------------------------------------------------------------------------
@@ -115,6 +116,7 @@ class Trainer:
         cfg = self.config.train
         self._prepare_output_dir()
         save_config(self.config, self.output_dir / "config.yaml")
+        self.plan.save(self.output_dir / "plan.yaml")
         loader = self._train_loader()
         batches = _forever(loader)
         total_steps = cfg.epochs * cfg.iters_per_epoch
@@ -265,7 +267,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "config": self.config.to_dict(),
             "labels": dict(self.labels),
-            "preprocessing": {"spacing": self.spacing, "normalize": "zscore", "orientation": "RAS"},
+            "plan": self.plan.to_dict(),
             "epoch": self.epoch,
             "step": self.step,
             "best_dice": self.best_dice,

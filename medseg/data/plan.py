@@ -1,0 +1,255 @@
+"""Automatic planning, after nnU-Net's fingerprint: target spacing, patch size, pooling per axis
+and intensity normalisation, derived from the training data itself.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+import yaml
+from tqdm.auto import tqdm
+
+from medseg.config import Config
+from medseg.data.datasets import Dataset
+from medseg.errors import ConfigError, InputError
+from medseg.io import read_volume, to_array, write_text_atomic
+
+__all__ = ["Fingerprint", "Plan", "fingerprint", "make_plan", "load_plan", "plan_for_config", "apply_plan"]
+
+ANISOTROPY = 3.0  # coarsest / finest median spacing above which the coarse axis is planned finer
+MIN_FEATURE_MAP = 4  # voxels per axis at the lowest resolution
+
+
+@dataclass
+class Fingerprint:
+    """What planning needs to know of a dataset.
+
+    Args:
+        spacings: (N, 3) voxel spacing in mm per case, along R, A, S.
+        shapes: (N, 3) voxels per case along R, A, S.
+        modality: e.g. ``"MRI"`` or ``"CT"``.
+        foreground: intensities sampled inside the labels (read for CT only).
+    """
+
+    spacings: np.ndarray
+    shapes: np.ndarray
+    modality: str = "MRI"
+    foreground: np.ndarray | None = None
+
+
+@dataclass
+class Plan:
+    """Preprocessing and network geometry for one dataset; saved as YAML and in checkpoints.
+
+    Args:
+        spacing: target mm per voxel along R, A, S.
+        patch_size: training patch and sliding window, voxels along R, A, S.
+        strides: down-sampling per level (one entry per level after the first).
+        normalization: ``zscore`` (per image, over non-zero voxels: MRI and others) or ``ct``
+            (clip to the foreground's 0.5-99.5 percentiles, z-score with its mean and std).
+        clip: CT clip range; mean, std: CT foreground statistics.
+        modality: as read from the dataset.
+        median_shape: median volume size after resampling (for information).
+    """
+
+    spacing: list[float]
+    patch_size: list[int]
+    strides: list[list[int]]
+    normalization: str = "zscore"
+    clip: list[float] | None = None
+    mean: float | None = None
+    std: float | None = None
+    modality: str = "MRI"
+    median_shape: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "plan") -> Plan:
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise ConfigError(source, f"not a medseg plan ({exc})") from None
+
+    def save(self, path: str | Path) -> None:
+        write_text_atomic(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    def describe(self) -> str:
+        """A readable summary, one setting per line."""
+        norm = "z-score per image over non-zero voxels"
+        if self.normalization == "ct":
+            low, high = self.clip
+            norm = (
+                f"CT: clip to [{low:.0f}, {high:.0f}], z-score with mean {self.mean:.1f}, std {self.std:.1f}"
+            )
+        return "\n".join(
+            [
+                f"modality          {self.modality}",
+                f"target spacing    {' x '.join(f'{s:g}' for s in self.spacing)} mm (R, A, S)",
+                f"median shape      {' x '.join(map(str, self.median_shape))} voxels after resampling",
+                f"patch size        {' x '.join(map(str, self.patch_size))} voxels",
+                f"pooling per level {', '.join('x'.join(map(str, s)) for s in self.strides)}",
+                f"normalisation     {norm}",
+            ]
+        )
+
+
+def load_plan(path: str | Path) -> Plan:
+    """Read a plan YAML written by ``Plan.save`` (or ``medseg plan``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(path, "no such plan file")
+    return Plan.from_dict(yaml.safe_load(path.read_text()) or {}, str(path))
+
+
+def _ras_order(image_or_reader) -> np.ndarray:
+    affine = np.eye(4)
+    affine[:3, :3] = np.asarray(image_or_reader.GetDirection()).reshape(3, 3)
+    return nib.orientations.io_orientation(affine)[:, 0].astype(int)
+
+
+def fingerprint(dataset: Dataset, modality: str = "MRI", samples_per_case: int = 20000) -> Fingerprint:
+    """Spacings and shapes (from headers) and, for CT, foreground intensities (sampled)."""
+    spacings, shapes, foreground = [], [], []
+    rng = np.random.default_rng(0)
+    is_ct = modality.upper() == "CT"
+    for case in tqdm(dataset.training, desc="fingerprint", unit="case", disable=None, leave=False):
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(case["image"])
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError:
+            raise InputError(case["image"], "cannot read the image header") from None
+        axes = _ras_order(reader)
+        spacing, shape = np.empty(3), np.empty(3)
+        spacing[axes], shape[axes] = reader.GetSpacing(), reader.GetSize()
+        spacings.append(spacing)
+        shapes.append(shape)
+        if is_ct and case.get("label"):
+            values = to_array(read_volume(case["image"]))[to_array(read_volume(case["label"])) > 0]
+            if values.size:
+                foreground.append(rng.choice(values, min(samples_per_case, values.size), replace=False))
+    return Fingerprint(
+        np.asarray(spacings),
+        np.asarray(shapes),
+        modality.upper(),
+        np.concatenate(foreground).astype(np.float64) if foreground else None,
+    )
+
+
+def make_plan(
+    fp: Fingerprint,
+    levels: int = 4,
+    max_patch_voxels: int = 80 * 80 * 32,
+    spacing: list[float] | None = None,
+    patch_size: list[int] | None = None,
+) -> Plan:
+    """Plan spacing, patch, pooling and normalisation from a fingerprint.
+
+    Args:
+        fp: the dataset's fingerprint.
+        levels: network depth (``len(model.channels)``); ``levels - 1`` down-samplings.
+        max_patch_voxels: memory budget of one patch, in voxels.
+        spacing, patch_size: fixed values to plan around instead of planning them.
+
+    Rules:
+        - spacing: the median per axis; when the coarsest median is over 3x the finest, the
+          coarse axis takes the 10th percentile instead, so thick-slice outliers do not blur all.
+        - pooling: at each level, an axis is halved only while its spacing is at most twice
+          the finest and it keeps at least 4 voxels; so thick slices are pooled later.
+        - patch: the median resampled shape, shrunk along its longest axis (in mm) until it fits
+          the budget, then rounded down to what the pooling can divide.
+    """
+    fixed_spacing, fixed_patch = spacing, patch_size
+    if fixed_spacing is not None:
+        spacing = np.asarray(fixed_spacing, dtype=float)
+    else:
+        spacing = np.median(fp.spacings, axis=0)
+        if spacing.max() > ANISOTROPY * spacing.min():
+            coarse = int(spacing.argmax())
+            spacing[coarse] = np.percentile(fp.spacings[:, coarse], 10)
+    median_shape = np.median(fp.shapes * fp.spacings / spacing, axis=0)
+    if fixed_patch is not None:
+        patch = np.asarray(fixed_patch, dtype=int)
+    else:
+        patch = np.maximum(np.floor(median_shape), MIN_FEATURE_MAP).astype(int)
+        while patch.prod() > max_patch_voxels:
+            longest = int(np.argmax(patch * spacing))
+            patch[longest] = max(MIN_FEATURE_MAP, int(patch[longest] * 0.9))
+    strides, current, size = [], spacing.copy(), patch.astype(float)
+    for _ in range(levels - 1):
+        pool = [
+            2 if current[a] <= 2 * current.min() and size[a] / 2 >= MIN_FEATURE_MAP else 1 for a in range(3)
+        ]
+        strides.append(pool)
+        current, size = current * pool, size / pool
+    factor = np.prod(np.asarray(strides), axis=0) if strides else np.ones(3, int)
+    if fixed_patch is None:
+        patch = np.maximum(patch // factor * factor, factor)
+    plan = Plan(
+        spacing=[round(float(s), 4) for s in spacing],
+        patch_size=[int(p) for p in patch],
+        strides=strides,
+        modality=fp.modality,
+        median_shape=[int(math.ceil(s)) for s in median_shape],
+    )
+    if fp.modality == "CT" and fp.foreground is not None and fp.foreground.size:
+        low, high = np.percentile(fp.foreground, [0.5, 99.5])
+        clipped = np.clip(fp.foreground, low, high)
+        plan.normalization = "ct"
+        plan.clip = [float(low), float(high)]
+        plan.mean, plan.std = float(clipped.mean()), float(max(clipped.std(), 1e-6))
+    return plan
+
+
+def plan_for_config(config: Config, dataset: Dataset) -> Plan:
+    """The plan a run uses: a saved one (``data.plan``) or a new one from the training cases.
+
+    Values set in the config (``data.spacing``, ``data.patch_size``, ``model.strides``) win
+    over planned ones. The patch must be divisible by the pooling.
+    """
+    data, model = config.data, config.model
+    if data.plan:
+        plan = load_plan(data.plan)
+    else:
+        modality = data.modality or dataset.modality
+        plan = make_plan(
+            fingerprint(dataset, modality),
+            levels=len(model.channels),
+            max_patch_voxels=data.max_patch_voxels,
+            spacing=data.spacing,
+            patch_size=data.patch_size,
+        )
+    if data.spacing:
+        plan.spacing = list(data.spacing)
+    if data.patch_size:
+        plan.patch_size = list(data.patch_size)
+    if model.strides:
+        plan.strides = [[s] * 3 if isinstance(s, int) else list(s) for s in model.strides]
+    if len(plan.strides) != len(model.channels) - 1:
+        raise ConfigError(
+            "model.strides", f"needs {len(model.channels) - 1} entries for {len(model.channels)} levels"
+        )
+    factor = np.prod(np.asarray(plan.strides), axis=0) if plan.strides else np.ones(3, int)
+    if any(p % f for p, f in zip(plan.patch_size, factor)):
+        fit = [int(max(f, p // f * f)) for p, f in zip(plan.patch_size, factor)]
+        raise ConfigError(
+            "data.patch_size",
+            f"{plan.patch_size} is not divisible by the pooling {tuple(int(f) for f in factor)}; try {fit}",
+        )
+    return plan
+
+
+def apply_plan(config: Config, plan: Plan) -> Config:
+    """A copy of the config with the plan's spacing, patch and pooling written in."""
+    resolved = Config.from_dict(config.to_dict())
+    resolved.data.spacing = list(plan.spacing)
+    resolved.data.patch_size = list(plan.patch_size)
+    resolved.model.strides = [list(s) for s in plan.strides]
+    return resolved

@@ -1,0 +1,73 @@
+import numpy as np
+import pytest
+
+from medseg.config import load_config
+from medseg.data.datasets import find_cases
+from medseg.data.plan import Fingerprint, apply_plan, fingerprint, load_plan, make_plan, plan_for_config
+from medseg.errors import ConfigError
+
+
+def _fp(spacings, shapes, **kw):
+    return Fingerprint(np.asarray(spacings, float), np.asarray(shapes, float), **kw)
+
+
+def test_isotropic_data():
+    plan = make_plan(_fp([[1.0, 1.0, 1.0]] * 5, [[200, 200, 200]] * 5))
+    assert plan.spacing == [1.0, 1.0, 1.0]
+    assert plan.strides == [[2, 2, 2]] * 3
+    assert np.prod(plan.patch_size) <= 80 * 80 * 32
+    assert all(p % 8 == 0 for p in plan.patch_size)
+    assert max(plan.patch_size) - min(plan.patch_size) <= 8  # cube-like for cube-like data
+
+
+def test_anisotropic_data_takes_a_finer_coarse_axis_and_pools_it_later():
+    spacings = [[0.7, 0.7, 5.0]] * 4 + [[0.7, 0.7, 2.0]]
+    plan = make_plan(_fp(spacings, [[512, 512, 40]] * 5))
+    # median 5.0 is > 3x 0.7, so the coarse axis takes the 10th percentile of (2, 5, 5, 5, 5)
+    assert plan.spacing == pytest.approx([0.7, 0.7, 3.2])
+    # z (3.2 mm) is not pooled until in-plane spacing reaches half of it: 0.7 -> 1.4 -> 2.8
+    assert plan.strides == [[2, 2, 1], [2, 2, 1], [2, 2, 2]]
+    assert plan.patch_size[2] % 2 == 0 and plan.patch_size[0] % 8 == 0
+
+
+def test_mild_anisotropy_keeps_the_median():
+    plan = make_plan(_fp([[1.8, 1.8, 4.4], [1.8, 1.8, 4.6], [1.9, 1.9, 4.5]], [[96, 96, 28]] * 3))
+    assert plan.spacing == pytest.approx([1.8, 1.8, 4.5])
+    assert plan.strides[0] == [2, 2, 1]
+
+
+def test_tiny_volumes_never_pool_below_four_voxels():
+    plan = make_plan(_fp([[1.0, 1.0, 1.0]] * 3, [[12, 10, 6]] * 3))
+    assert plan.patch_size == [12, 10, 6]
+    assert plan.strides == [[2, 2, 1], [1, 1, 1], [1, 1, 1]]
+
+
+def test_ct_normalisation_from_foreground():
+    foreground = np.concatenate([np.full(990, 40.0), np.full(5, -1000.0), np.full(5, 3000.0)])
+    plan = make_plan(_fp([[1.0] * 3] * 2, [[64] * 3] * 2, modality="CT", foreground=foreground))
+    assert plan.normalization == "ct"
+    assert plan.clip[0] > -1000 and plan.clip[1] < 3000  # outliers clipped
+    assert plan.mean == pytest.approx(40.0, abs=30)
+    assert "CT: clip to" in plan.describe()
+
+
+def test_sample_data_plan_and_round_trip(tiny_dataset, tmp_path):
+    fp = fingerprint(find_cases(tiny_dataset))
+    np.testing.assert_allclose(fp.spacings, [[4.4, 4.4, 10.0]] * 3, atol=1e-4)  # RAS order, any grid
+    plan = make_plan(fp)
+    plan.save(tmp_path / "plan.yaml")
+    assert load_plan(tmp_path / "plan.yaml") == plan
+    assert "target spacing    4.4 x 4.4 x 10 mm" in plan.describe()
+
+
+def test_config_values_win_and_are_checked(tiny_dataset):
+    dataset = find_cases(tiny_dataset)
+    config = load_config(None, ["data.patch_size=[32, 32, 8]", "model.channels=[8, 16, 32]"])
+    plan = plan_for_config(config, dataset)
+    assert plan.patch_size == [32, 32, 8]
+    resolved = apply_plan(config, plan)
+    assert resolved.model.strides == plan.strides and config.model.strides is None
+    with pytest.raises(ConfigError, match=r"not divisible by the pooling \(4, 4, 2\); try \[32, 32, 8\]"):
+        plan_for_config(
+            load_config(None, ["data.patch_size=[33, 32, 9]", "model.channels=[8, 16, 32]"]), dataset
+        )
