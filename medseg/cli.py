@@ -72,7 +72,7 @@ def cmd_predict(args) -> int:
     from medseg.inference.predictor import Predictor
 
     predictor = Predictor(args.model, device=args.device)
-    result = predict_many(predictor, args.input, args.output, overwrite=args.overwrite)
+    result = predict_many(predictor, args.input, args.output, overwrite=args.overwrite, fmt=args.format)
     print(
         f"{len(result.written)} written, {len(result.skipped)} skipped (already there), "
         f"{len(result.failed)} failed; masks in {args.output}"
@@ -143,6 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", required=True, help="folder for the masks (same names and formats as the inputs)"
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
+    p.add_argument(
+        "--format",
+        default="same",
+        choices=["same", "nifti", "nrrd", "mha", "dicom-seg"],
+        help="mask format: same as the input (NIfTI for DICOM series), nifti, nrrd, mha, "
+        "or dicom-seg (DICOM inputs; needs medseg[dicom])",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace masks that already exist")
     p.set_defaults(func=cmd_predict)
 

@@ -12,7 +12,7 @@ import SimpleITK as sitk
 
 from medseg.errors import InputError
 
-__all__ = ["DicomSeries", "find_series", "read_series", "check_slices"]
+__all__ = ["DicomSeries", "find_series", "read_series", "check_slices", "write_dicom_seg"]
 
 _POSITION, _ORIENTATION, _DESCRIPTION = "0020|0032", "0020|0037", "0008|103e"
 
@@ -121,3 +121,75 @@ def read_series(folder: str | Path, uid: str | None = None) -> sitk.Image:
         return reader.Execute()
     except RuntimeError:
         raise InputError(folder, f"cannot read DICOM series {series[0].uid} (corrupt pixel data?)") from None
+
+
+def write_dicom_seg(
+    mask: np.ndarray,
+    series: DicomSeries,
+    labels: dict[int, str],
+    path: str | Path,
+    overwrite: bool = False,
+    algorithm: str = "medseg",
+) -> Path:
+    """Write a label map as a DICOM-SEG object that references the source series slice by slice.
+
+    Needs the optional ``highdicom`` package (``pip install medseg[dicom]``).
+
+    Args:
+        mask: labels in (i, j, k) order on the series' grid (as read by ``read_series``).
+        series: the source series; frame k of the SEG refers to its k-th slice.
+        labels: class index -> name; every non-zero class becomes a segment.
+        path: the ``.dcm`` file to write.
+        overwrite: replace an existing file.
+        algorithm: the algorithm name recorded in the segments.
+    """
+    try:
+        import highdicom as hd
+        import pydicom
+        from pydicom.sr.codedict import codes
+    except ImportError:
+        raise InputError(path, "DICOM-SEG output needs highdicom: pip install 'medseg[dicom]'") from None
+    from medseg import __version__
+    from medseg.io import atomic_path
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise InputError(path, "already exists (pass overwrite to replace it)")
+    sources = [pydicom.dcmread(f) for f in series.files]
+    if mask.shape[2] != len(sources):
+        raise InputError(series.folder, f"mask has {mask.shape[2]} slices but the series {len(sources)}")
+    # DICOM frames are (rows, columns) = (j, i): the transpose of each k-slice.
+    frames = np.ascontiguousarray(np.transpose(mask, (2, 1, 0))).astype(np.uint8)
+    identity = hd.AlgorithmIdentificationSequence(
+        name=algorithm, version=__version__, family=codes.cid7162.ArtificialIntelligence
+    )
+    segments = [
+        hd.seg.SegmentDescription(
+            segment_number=int(index),
+            segment_label=name[:64],
+            segmented_property_category=codes.SCT.Tissue,
+            segmented_property_type=codes.SCT.Tissue,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=identity,
+        )
+        for index, name in sorted(labels.items())
+        if int(index) != 0
+    ]
+    seg = hd.seg.Segmentation(
+        source_images=sources,
+        pixel_array=frames,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=segments,
+        series_instance_uid=hd.UID(),
+        series_number=int(getattr(sources[0], "SeriesNumber", 0) or 0) + 1000,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="medseg",
+        manufacturer_model_name=algorithm,
+        software_versions=__version__,
+        device_serial_number="none",
+        series_description=f"medseg {algorithm}"[:64],
+    )
+    with atomic_path(path, suffix=".dcm") as tmp:
+        seg.save_as(tmp)
+    return path

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from medseg.data.phantom import make_phantom
-from medseg.dicom import find_series
+from medseg.dicom import find_series, write_dicom_seg
 from medseg.errors import InputError
 from medseg.io import read_volume, to_array
 from tests.conftest import write_dicom_series
@@ -54,3 +54,31 @@ def test_several_series_in_one_folder(tmp_path):
 def test_folder_without_dicom(tmp_path):
     with pytest.raises(InputError, match="holds no DICOM series"):
         read_volume(tmp_path)
+
+
+@pytest.mark.parametrize("orientation", ["lps", "oblique"])
+def test_dicom_seg_round_trip_lines_up_with_source_slices(tmp_path, orientation):
+    hd = pytest.importorskip("highdicom")
+    import pydicom
+
+    image, label = make_phantom(6, shape=(30, 28, 8), spacing=(3.1, 3.3, 9.0), orientation=orientation)
+    series = find_series(write_dicom_series(image, tmp_path / "series"))[0]
+    mask = to_array(label)
+    out = write_dicom_seg(
+        mask, series, {0: "background", 1: "LV", 2: "myocardium", 3: "RV"}, tmp_path / "seg.dcm"
+    )
+
+    seg = hd.seg.segread(out)
+    assert [seg.get_segment_description(i).segment_label for i in (1, 2, 3)] == ["LV", "myocardium", "RV"]
+    sources = [pydicom.dcmread(f) for f in series.files]
+    frames = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=[s.SOPInstanceUID for s in sources], combine_segments=True, relabel=False
+    )
+    for k, source in enumerate(sources):
+        # slice k of the volume is source file k; its frame must hold exactly that slice's labels
+        np.testing.assert_array_equal(frames[k], mask[:, :, k].T)
+        position = [float(v) for v in source.ImagePositionPatient]
+        assert position == pytest.approx(image.TransformIndexToPhysicalPoint((0, 0, k)), abs=1e-3)
+    assert seg.StudyInstanceUID == sources[0].StudyInstanceUID
+    with pytest.raises(InputError, match="already exists"):
+        write_dicom_seg(mask, series, {1: "LV"}, out)

@@ -9,7 +9,7 @@ from monai import transforms as mt
 
 from medseg.data.phantom import make_phantom
 from medseg.data.transforms import LoadVolumed
-from medseg.errors import CheckpointError, InputError
+from medseg.errors import CheckpointError, ConfigError, InputError
 from medseg.evaluation.metrics import dice
 from medseg.inference.batch import predict_many
 from medseg.inference.predictor import Predictor
@@ -124,3 +124,23 @@ def test_mixed_folder_reports_each_bad_case(tiny_run, tmp_path):
     ((case, reason),) = result.failed.items()
     assert case == f"{inputs / 'dicom_gap'} [series 1.2.3.200]"
     assert reason.startswith("series 1.2.3.200 misses 1 slice(s)")
+
+
+def test_output_formats(tiny_run, tmp_path):
+    pytest.importorskip("highdicom")
+    image, _ = make_phantom(12, shape=(36, 40, 9), spacing=(4.1, 3.9, 10.5), orientation="oblique")
+    write_dicom_series(image, tmp_path / "in" / "series", uid="1.2.840.99.8", description="SAX")
+    sitk.WriteImage(image, str(tmp_path / "in" / "scan.nii.gz"))
+    predictor = Predictor(tiny_run["best"], device="cpu")
+
+    nrrd = predict_many(predictor, tmp_path / "in", tmp_path / "nrrd", fmt="nrrd")
+    assert sorted(Path(p).name for p in nrrd.written) == ["SAX_1.2.840.99.8.nrrd", "scan.nrrd"]
+    _same_grid(read_volume(tmp_path / "nrrd" / "scan.nrrd"), image)
+
+    seg = predict_many(predictor, tmp_path / "in", tmp_path / "seg", fmt="dicom-seg")
+    assert seg.written == [str(tmp_path / "seg" / "SAX_1.2.840.99.8.dcm")]
+    assert seg.failed == {
+        str(tmp_path / "in" / "scan.nii.gz"): "DICOM-SEG output needs a DICOM series as input"
+    }
+    with pytest.raises(ConfigError, match="unknown output format 'png'"):
+        predict_many(predictor, tmp_path / "in", tmp_path / "png", fmt="png")

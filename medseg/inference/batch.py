@@ -11,10 +11,10 @@ from tqdm.auto import tqdm
 
 from medseg.data.datasets import list_volumes
 from medseg.dicom import DicomSeries, find_series
-from medseg.errors import InputError, find_medseg_error
+from medseg.errors import ConfigError, InputError, find_medseg_error
 from medseg.evaluation.metrics import LABELS_FILE
 from medseg.inference.predictor import Predictor
-from medseg.io import VOLUME_SUFFIXES, write_text_atomic
+from medseg.io import VOLUME_SUFFIXES, case_id, write_text_atomic
 
 __all__ = ["BatchResult", "collect_inputs", "output_path", "predict_many"]
 
@@ -42,30 +42,47 @@ def collect_inputs(source: str | Path) -> list[Path | DicomSeries]:
     return cases
 
 
-def output_path(case: Path | DicomSeries, output_dir: Path) -> Path:
-    """Where a case's mask goes, always directly inside ``output_dir``: a file keeps its name and
-    format; a DICOM series becomes ``<description>_<uid tail>.nii.gz``. Names are bare file names,
-    so neither input paths nor DICOM metadata can steer the output elsewhere."""
-    name = f"{case.name}.nii.gz" if isinstance(case, DicomSeries) else Path(case).name
-    return Path(output_dir) / name
+FORMATS = {"same": "", "nifti": ".nii.gz", "nrrd": ".nrrd", "mha": ".mha", "dicom-seg": ".dcm"}
+
+
+def output_path(case: Path | DicomSeries, output_dir: Path, fmt: str = "same") -> Path:
+    """Where a case's mask goes, always directly inside ``output_dir``.
+
+    With ``same``, a file keeps its name and format and a DICOM series becomes
+    ``<description>_<uid tail>.nii.gz``; other formats change the suffix. Names are bare file
+    names, so neither input paths nor DICOM metadata can steer the output elsewhere.
+    """
+    if fmt not in FORMATS:
+        raise ConfigError("format", f"unknown output format {fmt!r}; choose from {', '.join(FORMATS)}")
+    if isinstance(case, DicomSeries):
+        return Path(output_dir) / f"{case.name}{FORMATS[fmt] or '.nii.gz'}"
+    name = Path(case).name
+    return Path(output_dir) / (f"{case_id(name)}{FORMATS[fmt]}" if FORMATS[fmt] else name)
 
 
 def predict_many(
-    predictor: Predictor, source: str | Path, output_dir: str | Path, overwrite: bool = False
+    predictor: Predictor,
+    source: str | Path,
+    output_dir: str | Path,
+    overwrite: bool = False,
+    fmt: str = "same",
 ) -> BatchResult:
     """Segment one file, one DICOM series, or a folder of files and series into ``output_dir``.
 
+    ``fmt`` is ``same`` (the input's format; NIfTI for DICOM series), ``nifti``, ``nrrd``,
+    ``mha`` or ``dicom-seg`` (DICOM series only; needs ``medseg[dicom]``).
     Writes ``labels.json`` (class index -> name) beside the masks, for ``evaluate`` and people.
     Existing outputs are kept (and counted as skipped) unless ``overwrite``, so a stopped run
     resumes where it was. A file that fails is recorded with its reason and the run carries on.
     """
     output_dir = Path(output_dir)
+    output_path(Path("check"), output_dir, fmt)  # an unknown format fails before any work
     result = BatchResult()
     files = collect_inputs(source)
     labels = {str(k): v for k, v in sorted(predictor.labels.items())}
     write_text_atomic(output_dir / LABELS_FILE, json.dumps(labels, indent=2) + "\n")
     for case in tqdm(files, desc="predict", unit="case", disable=None if len(files) > 1 else True):
-        target = output_path(case, output_dir)
+        target = output_path(case, output_dir, fmt)
         if target.exists() and not overwrite:
             result.skipped.append(str(target))
             continue

@@ -14,7 +14,8 @@ from medseg.config import Config
 from medseg.data.plan import Plan
 from medseg.data.transforms import infer_transforms
 from medseg.device import autocast_dtype, resolve_device, use_channels_last
-from medseg.dicom import DicomSeries
+from medseg.dicom import DicomSeries, write_dicom_seg
+from medseg.errors import InputError
 from medseg.io import image_from_ras, read_volume, write_volume
 from medseg.training.checkpoint import load_checkpoint, model_from_checkpoint
 
@@ -119,9 +120,20 @@ class Predictor:
     def predict_file(
         self, source: str | Path | DicomSeries, output: str | Path, overwrite: bool = False
     ) -> Path:
-        """Segment a file (or a DICOM series) and write the mask to ``output`` on the same grid."""
+        """Segment a file (or a DICOM series) and write the mask to ``output`` on the same grid.
+
+        The suffix of ``output`` picks the format; ``.dcm`` writes DICOM-SEG, which needs a
+        DICOM series as the source.
+        """
         if isinstance(source, DicomSeries):
             image = read_volume(source.folder, spatial_dims=3, series_uid=source.uid)
         else:
             image = read_volume(source, spatial_dims=3)
-        return write_volume(self.predict_image(image), output, image, overwrite=overwrite)
+        mask = self.predict_image(image)
+        if str(output).lower().endswith(".dcm"):
+            if not isinstance(source, DicomSeries):
+                raise InputError(source, "DICOM-SEG output needs a DICOM series as input")
+            return write_dicom_seg(
+                mask, source, self.labels, output, overwrite, algorithm=self.config.model.name
+            )
+        return write_volume(mask, output, image, overwrite=overwrite)
