@@ -45,6 +45,9 @@ class DataConfig:
         class_ratios: how often a patch is centred on each class (background first); null: equally.
         val_fraction: share of the training cases held out for validation.
         num_workers: data-loader worker processes.
+        cache: keep preprocessed volumes in ``memory`` (this run), on ``disk`` (across runs,
+            keyed by file content and plan) or ``none``.
+        cache_dir: where the disk cache lives; null: ``~/.cache/medseg``.
     """
 
     root: str | None = None
@@ -57,6 +60,8 @@ class DataConfig:
     class_ratios: list[float] | None = None
     val_fraction: float = 0.2
     num_workers: int = 0
+    cache: str = "memory"
+    cache_dir: str | None = None
 
 
 @dataclass

@@ -83,3 +83,13 @@ def test_unknown_model_name_is_a_config_error(tiny_dataset, tmp_path):
     config.data.root, config.train.output_dir = str(tiny_dataset), str(tmp_path / "run")
     with pytest.raises(ConfigError, match="unknown model 'vnet'"):
         Trainer(config)
+
+
+def test_trains_from_the_disk_cache(tiny_dataset, tmp_path):
+    overrides = [*TINY_OVERRIDES, "data.cache=disk", f"data.cache_dir={tmp_path / 'cache'}"]
+    for run in ("first", "second"):
+        config = load_config(None, overrides)
+        config.data.root, config.train.output_dir = str(tiny_dataset), str(tmp_path / run)
+        assert Trainer(config).fit()["steps"] == 2
+    # three training cases: two train, one validation; both runs share the same entries
+    assert len(list((tmp_path / "cache").rglob("*.pt"))) == 3

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.data import CacheDataset, DataLoader, list_data_collate
+from monai.data import DataLoader, Dataset, list_data_collate
 from monai.losses import DeepSupervisionLoss, DiceCELoss
 from tqdm.auto import tqdm
 
 from medseg.config import Config, save_config
+from medseg.data.cache import cached_dataset
 from medseg.data.datasets import check_cases, find_cases, label_names, split_cases
 from medseg.data.plan import apply_plan, plan_for_config
 from medseg.data.transforms import eval_transforms, train_transforms
@@ -80,7 +81,7 @@ class Trainer:
         self.step = 0
         self.best_dice = -math.inf
         self.history: list[dict] = []
-        self.val_data: CacheDataset | None = None
+        self.val_data: Dataset | None = None
 
     # -- data -------------------------------------------------------------------------------
 
@@ -88,7 +89,7 @@ class Trainer:
         cfg = self.config
         transform = train_transforms(cfg, self.plan, num_classes=len(self.labels))
         transform.set_random_state(seed=cfg.train.seed)
-        dataset = CacheDataset(self.train_cases, transform, progress=False, num_workers=None)
+        dataset = cached_dataset(self.train_cases, transform, self.plan, cfg.data.cache, cfg.data.cache_dir)
         return DataLoader(
             dataset,
             batch_size=cfg.train.batch_size,
@@ -99,10 +100,13 @@ class Trainer:
             drop_last=len(dataset) > cfg.train.batch_size,
         )
 
-    def _val_dataset(self) -> CacheDataset | None:
+    def _val_dataset(self) -> Dataset | None:
         """The validation cases, preprocessed once and kept in memory (None without any)."""
         if self.val_data is None and self.val_cases:
-            self.val_data = CacheDataset(self.val_cases, eval_transforms(self.plan), progress=False)
+            data = self.config.data
+            self.val_data = cached_dataset(
+                self.val_cases, eval_transforms(self.plan), self.plan, data.cache, data.cache_dir
+            )
         return self.val_data
 
     # -- the loop ---------------------------------------------------------------------------

@@ -1,0 +1,68 @@
+"""Datasets that keep preprocessed volumes: in memory for one run, or on disk across runs.
+
+On disk, an entry is keyed by the bytes of the case's files and by the plan (and medseg's
+version), so a changed file or plan is preprocessed again and nothing stale is served.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from monai.data import CacheDataset, PersistentDataset
+from monai.data import Dataset as PlainDataset
+
+from medseg.data.plan import Plan
+from medseg.errors import ConfigError
+
+__all__ = ["CACHE_KINDS", "default_cache_dir", "content_hash", "plan_key", "cached_dataset"]
+
+CACHE_KINDS = ("memory", "disk", "none")
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/medseg`` (``~/.cache/medseg`` by default)."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "medseg"
+
+
+def content_hash(case: dict) -> bytes:
+    """A key for one case from the bytes of its image and label files."""
+    digest = hashlib.sha256()
+    for key in ("image", "label"):
+        if case.get(key):
+            digest.update(key.encode())
+            with open(case[key], "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest().encode()
+
+
+def plan_key(plan: Plan) -> str:
+    """A short key for everything that shapes the preprocessed volumes."""
+    from medseg import __version__
+
+    text = json.dumps({"plan": plan.to_dict(), "version": __version__}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def cached_dataset(cases: list[dict], transform, plan: Plan, kind: str = "memory", cache_dir=None):
+    """A MONAI dataset that runs the deterministic head of ``transform`` once per case.
+
+    Args:
+        cases: case dicts.
+        transform: the pipeline (deterministic steps first, as medseg builds them).
+        plan: the plan the pipeline follows (part of the disk key).
+        kind: ``memory`` (this run only), ``disk`` (kept across runs) or ``none``.
+        cache_dir: where ``disk`` keeps its files; default ``default_cache_dir()``.
+    """
+    if kind == "memory":
+        return CacheDataset(cases, transform, progress=False)
+    if kind == "disk":
+        folder = Path(cache_dir or default_cache_dir()) / plan_key(plan)
+        folder.mkdir(parents=True, exist_ok=True)
+        return PersistentDataset(cases, transform, cache_dir=folder, hash_func=content_hash)
+    if kind == "none":
+        return PlainDataset(cases, transform)
+    raise ConfigError("data.cache", f"must be one of {', '.join(CACHE_KINDS)}, not {kind!r}")

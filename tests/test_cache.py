@@ -1,0 +1,52 @@
+import shutil
+
+import pytest
+
+import medseg.data.transforms as transforms_module
+from medseg.data.cache import cached_dataset, content_hash, plan_key
+from medseg.data.datasets import find_cases
+from medseg.data.plan import fingerprint, make_plan
+from medseg.data.transforms import eval_transforms
+from medseg.errors import ConfigError
+
+
+def test_disk_cache_survives_runs_and_notices_changes(tiny_dataset, tmp_path, monkeypatch):
+    root = tmp_path / "data"
+    shutil.copytree(tiny_dataset, root)
+    cases = find_cases(root).training[:2]
+    plan = make_plan(fingerprint(find_cases(root)))
+    first = [
+        item["image"].shape
+        for item in cached_dataset(cases, eval_transforms(plan), plan, "disk", tmp_path / "c")
+    ]
+    assert len(list((tmp_path / "c" / plan_key(plan)).glob("*.pt"))) == 2
+
+    # A second run reads nothing from the source files: reading them now would fail.
+    def no_reading(*args, **kwargs):
+        raise AssertionError("read a source file although it was cached")
+
+    monkeypatch.setattr(transforms_module, "read_volume", no_reading)
+    again = [
+        item["image"].shape
+        for item in cached_dataset(cases, eval_transforms(plan), plan, "disk", tmp_path / "c")
+    ]
+    assert again == first
+
+    # A changed file has another key, so it is preprocessed afresh.
+    before = content_hash(cases[0])
+    shutil.copy(root / "labelsTr" / "heart_002.nii.gz", cases[0]["label"])
+    assert content_hash(cases[0]) != before
+    with pytest.raises(RuntimeError):
+        cached_dataset(cases, eval_transforms(plan), plan, "disk", tmp_path / "c")[0]
+
+
+def test_plan_changes_the_key(tiny_dataset):
+    plan = make_plan(fingerprint(find_cases(tiny_dataset)))
+    other = make_plan(fingerprint(find_cases(tiny_dataset)), spacing=[5.0, 5.0, 10.0])
+    assert plan_key(plan) != plan_key(other)
+
+
+def test_unknown_cache_kind(tiny_dataset):
+    plan = make_plan(fingerprint(find_cases(tiny_dataset)))
+    with pytest.raises(ConfigError, match="must be one of memory, disk, none"):
+        cached_dataset([], eval_transforms(plan), plan, "ssd")
