@@ -1,6 +1,9 @@
 """medseg: read scans, train U-Nets, write masks on the input's grid, score them."""
 
 from medseg.config import Config, load_config, save_config
+from medseg.data.datasets import find_cases
+from medseg.data.plan import Plan, plan_for_config
+from medseg.demo import run_demo
 from medseg.errors import CheckpointError, ConfigError, InputError, MedsegError
 from medseg.evaluation.metrics import dice, evaluate
 from medseg.inference.batch import predict_many
@@ -27,4 +30,8 @@ __all__ = [
     "write_volume",
     "build_model",
     "Trainer",
+    "find_cases",
+    "Plan",
+    "plan_for_config",
+    "run_demo",
 ]

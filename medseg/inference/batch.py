@@ -45,6 +45,11 @@ def collect_inputs(source: str | Path) -> list[Path | DicomSeries]:
 FORMATS = {"same": "", "nifti": ".nii.gz", "nrrd": ".nrrd", "mha": ".mha", "dicom-seg": ".dcm"}
 
 
+def _check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise ConfigError("format", f"unknown output format {fmt!r}; choose from {', '.join(FORMATS)}")
+
+
 def output_path(case: Path | DicomSeries, output_dir: Path, fmt: str = "same") -> Path:
     """Where a case's mask goes, always directly inside ``output_dir``.
 
@@ -52,8 +57,7 @@ def output_path(case: Path | DicomSeries, output_dir: Path, fmt: str = "same") -
     ``<description>_<uid tail>.nii.gz``; other formats change the suffix. Names are bare file
     names, so neither input paths nor DICOM metadata can steer the output elsewhere.
     """
-    if fmt not in FORMATS:
-        raise ConfigError("format", f"unknown output format {fmt!r}; choose from {', '.join(FORMATS)}")
+    _check_format(fmt)
     if isinstance(case, DicomSeries):
         return Path(output_dir) / f"{case.name}{FORMATS[fmt] or '.nii.gz'}"
     name = Path(case).name
@@ -76,7 +80,7 @@ def predict_many(
     resumes where it was. A file that fails is recorded with its reason and the run carries on.
     """
     output_dir = Path(output_dir)
-    output_path(Path("check"), output_dir, fmt)  # an unknown format fails before any work
+    _check_format(fmt)  # before any work
     result = BatchResult()
     files = collect_inputs(source)
     labels = {str(k): v for k, v in sorted(predictor.labels.items())}
@@ -90,9 +94,9 @@ def predict_many(
             predictor.predict_file(case, target, overwrite=overwrite)
         except Exception as exc:  # one case must never stop a batch of thousands
             known = find_medseg_error(exc)
-            result.failed[str(case)] = known.message if known else f"unexpected {type(exc).__name__}: {exc}"
-        if str(case) in result.failed:
-            tqdm.write(f"error: {case}: {result.failed[str(case)]}", file=sys.stderr)
-            continue
-        result.written.append(str(target))
+            reason = known.message if known else f"unexpected {type(exc).__name__}: {exc}"
+            result.failed[str(case)] = reason
+            tqdm.write(f"error: {case}: {reason}", file=sys.stderr)
+        else:
+            result.written.append(str(target))
     return result
