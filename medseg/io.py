@@ -32,6 +32,8 @@ __all__ = [
     "image_from_ras",
     "atomic_path",
     "write_text_atomic",
+    "grid_mismatch",
+    "channel_files",
 ]
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -205,3 +207,23 @@ def image_from_ras(array: np.ndarray, affine: np.ndarray) -> sitk.Image:
     image.SetDirection((linear / spacing).flatten().tolist())
     image.SetOrigin((_LPS_TO_RAS @ np.asarray(affine, dtype=float)[:3, 3]).tolist())
     return image
+
+
+def grid_mismatch(image: sitk.Image, other: sitk.Image) -> str:
+    """How ``image``'s grid differs from ``other``'s (size, spacing, origin, direction), or ''."""
+    if tuple(image.GetSize()) != tuple(other.GetSize()):
+        return f"size {image.GetSize()} differs from the size {other.GetSize()}"
+    for what, a, b, tol in (
+        ("spacing", image.GetSpacing(), other.GetSpacing(), 1e-3),
+        ("origin", image.GetOrigin(), other.GetOrigin(), 1e-2),
+        ("direction", image.GetDirection(), other.GetDirection(), 1e-3),
+    ):
+        if not np.allclose(a, b, atol=tol):
+            ours, theirs = (tuple(round(v, 3) for v in x) for x in (a, b))
+            return f"{what} {ours} differs from the {what} {theirs}"
+    return ""
+
+
+def channel_files(image) -> list[str]:
+    """The files of a case's image: one path, or an iterable of paths (one per channel)."""
+    return [str(image)] if isinstance(image, (str, Path)) else [str(p) for p in image]

@@ -77,7 +77,7 @@ def test_nnunet_layout_with_channel_suffix_and_label_names(tiny_dataset, tmp_pat
     shutil.copy(
         tmp_path / "imagesTr" / "heart_000_0000.nii.gz", tmp_path / "imagesTr" / "heart_000_0001.nii.gz"
     )
-    with pytest.raises(InputError, match="second image channel"):
+    with pytest.raises(InputError, match=r"different numbers of channels: \[1, 2\]"):
         find_cases(tmp_path)
 
 

@@ -56,7 +56,9 @@ def test_evaluate_rejects_a_grid_mismatch(tmp_path):
     (tmp_path / "ref").mkdir()
     _write(tmp_path / "ref" / "a.nii.gz", np.zeros((4, 4, 4)))
     _write(tmp_path / "pred" / "a.nii.gz", np.zeros((4, 4, 4)), spacing=(2.0, 1.0, 1.0))
-    with pytest.raises(InputError, match="grid differs"):
+    with pytest.raises(
+        InputError, match=r"spacing \(2.0, 1.0, 1.0\) differs from the spacing \(1.0, 1.0, 1.0\)"
+    ):
         evaluate(tmp_path / "pred", tmp_path / "ref")
 
 

@@ -16,6 +16,7 @@ from monai.data import Dataset as PlainDataset
 
 from medseg.data.plan import Plan
 from medseg.errors import ConfigError
+from medseg.io import channel_files
 
 __all__ = ["CACHE_KINDS", "default_cache_dir", "content_hash", "plan_key", "cached_dataset"]
 
@@ -31,9 +32,9 @@ def content_hash(case: dict) -> bytes:
     """A key for one case from the bytes of its image and label files."""
     digest = hashlib.sha256()
     for key in ("image", "label"):
-        if case.get(key):
+        for path in channel_files(case[key]) if case.get(key) else []:
             digest.update(key.encode())
-            with open(case[key], "rb") as handle:
+            with open(path, "rb") as handle:
                 for block in iter(lambda: handle.read(1 << 20), b""):
                     digest.update(block)
     return digest.hexdigest().encode()

@@ -16,7 +16,7 @@ import SimpleITK as sitk
 from tqdm.auto import tqdm
 
 from medseg.errors import InputError
-from medseg.io import case_id, is_volume_file, read_volume
+from medseg.io import case_id, channel_files, grid_mismatch, is_volume_file, read_volume
 
 __all__ = [
     "Dataset",
@@ -152,22 +152,30 @@ _CHANNEL = re.compile(r"_(\d{4})$")
 
 
 def _pair(images: Path, labels: Path, need_labels: bool) -> list[dict]:
-    """Match images to labels by case name (nnU-Net's ``_0000`` channel suffix understood)."""
+    """Match images to labels by case name. nnU-Net's channel files ``CASE_0000``, ``CASE_0001``,
+    ... form one case whose ``image`` is the list of them, in channel order."""
     if not images.is_dir():
         return []
     label_files = {case_id(p): p for p in list_volumes(labels)} if labels.is_dir() else {}
-    cases = []
+    groups: dict[str, list[Path]] = {}
     for image in list_volumes(images):
         channel = _CHANNEL.search(case_id(image))
-        if channel and channel.group(1) != "0000":
-            raise InputError(image, "is a second image channel; medseg trains on one channel for now")
-        cid = case_id(image)[: channel.start()] if channel else case_id(image)
+        groups.setdefault(case_id(image)[: channel.start()] if channel else case_id(image), []).append(image)
+    cases = []
+    for cid, files in groups.items():
+        names = [case_id(f) for f in files]
+        if len(files) > 1 and names != [f"{cid}_{k:04d}" for k in range(len(files))]:
+            raise InputError(files[0], f"channels of case {cid} are not numbered _0000, _0001, ...: {names}")
         label = label_files.pop(cid, None)
         if label is None and need_labels:
-            raise InputError(image, f"no label named {cid}.* in {labels}")
-        cases.append({"image": str(image), "label": str(label) if label else None, "id": cid})
+            raise InputError(files[0], f"no label named {cid}.* in {labels}")
+        image = [str(f) for f in files] if len(files) > 1 else str(files[0])
+        cases.append({"image": image, "label": str(label) if label else None, "id": cid})
     if label_files:
         raise InputError(next(iter(label_files.values())), "label has no matching image")
+    counts = {len(channel_files(c["image"])) for c in cases}
+    if len(counts) > 1:
+        raise InputError(images, f"cases have different numbers of channels: {sorted(counts)}")
     return cases
 
 
@@ -225,17 +233,22 @@ def check_cases(cases: list[dict], labels: dict[int, str]) -> list[tuple[str, st
     """
     problems = []
     for case in tqdm(cases, desc="checking cases", unit="case", disable=None, leave=False):
+        files = channel_files(case["image"])
         try:
-            image = read_volume(case["image"])
-            if case.get("label") is None:
-                continue
-            label = read_volume(case["label"])
+            channels = [read_volume(f) for f in files]
+            label = read_volume(case["label"]) if case.get("label") else None
         except InputError as exc:
             problems.append((exc.path, exc.message))
             continue
-        mismatch = _grid_mismatch(image, label)
-        if mismatch:
-            problems.append((case["label"], f"{mismatch} of its image {case['image']}"))
+        image = channels[0]
+        off_grid = [(f, grid_mismatch(c, image)) for f, c in zip(files[1:], channels[1:])]
+        if label is not None:
+            off_grid.append((case["label"], grid_mismatch(label, image)))
+        off_grid = [(f, why) for f, why in off_grid if why]
+        if off_grid:
+            problems += [(f, f"{why} of its image {files[0]}") for f, why in off_grid]
+            continue
+        if label is None:
             continue
         extra = sorted(set(np.unique(sitk.GetArrayFromImage(label)).tolist()) - set(labels))
         if extra:
@@ -244,18 +257,3 @@ def check_cases(cases: list[dict], labels: dict[int, str]) -> list[tuple[str, st
                 (case["label"], f"holds label values {extra} that the label map ({known}) does not name")
             )
     return problems
-
-
-def _grid_mismatch(image, label) -> str:
-    """How a label's grid differs from its image's, or '' if they agree."""
-    if tuple(label.GetSize()) != tuple(image.GetSize()):
-        return f"size {label.GetSize()} differs from the size {image.GetSize()}"
-    for what, a, b, tol in (
-        ("spacing", label.GetSpacing(), image.GetSpacing(), 1e-3),
-        ("origin", label.GetOrigin(), image.GetOrigin(), 1e-2),
-        ("direction", label.GetDirection(), image.GetDirection(), 1e-3),
-    ):
-        if not np.allclose(a, b, atol=tol):
-            ours, theirs = (tuple(round(v, 3) for v in x) for x in (a, b))
-            return f"{what} {ours} differs from the {what} {theirs}"
-    return ""

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from medseg.config import Config
 from medseg.data.datasets import Dataset
 from medseg.errors import ConfigError, InputError
-from medseg.io import read_volume, to_array, write_text_atomic
+from medseg.io import channel_files, read_volume, to_array, write_text_atomic
 
 __all__ = ["Fingerprint", "Plan", "fingerprint", "make_plan", "load_plan", "plan_for_config", "apply_plan"]
 
@@ -34,12 +34,14 @@ class Fingerprint:
         shapes: (N, 3) voxels per case along R, A, S.
         modality: e.g. ``"MRI"`` or ``"CT"``.
         foreground: intensities sampled inside the labels (read for CT only).
+        channels: image channels per case.
     """
 
     spacings: np.ndarray
     shapes: np.ndarray
     modality: str = "MRI"
     foreground: np.ndarray | None = None
+    channels: int = 1
 
 
 @dataclass
@@ -55,6 +57,7 @@ class Plan:
         clip: CT clip range; mean, std: CT foreground statistics.
         modality: as read from the dataset.
         median_shape: median volume size after resampling (for information).
+        channels: image channels the network takes.
     """
 
     spacing: list[float]
@@ -66,6 +69,7 @@ class Plan:
     std: float | None = None
     modality: str = "MRI"
     median_shape: list[int] = field(default_factory=list)
+    channels: int = 1
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -90,7 +94,7 @@ class Plan:
             )
         return "\n".join(
             [
-                f"modality          {self.modality}",
+                f"modality          {self.modality}, {self.channels} channel(s)",
                 f"target spacing    {' x '.join(f'{s:g}' for s in self.spacing)} mm (R, A, S)",
                 f"median shape      {' x '.join(map(str, self.median_shape))} voxels after resampling",
                 f"patch size        {' x '.join(map(str, self.patch_size))} voxels",
@@ -120,19 +124,20 @@ def fingerprint(dataset: Dataset, modality: str = "MRI", samples_per_case: int =
     rng = np.random.default_rng(0)
     is_ct = modality.upper() == "CT"
     for case in tqdm(dataset.training, desc="fingerprint", unit="case", disable=None, leave=False):
+        first = channel_files(case["image"])[0]
         reader = sitk.ImageFileReader()
-        reader.SetFileName(case["image"])
+        reader.SetFileName(first)
         try:
             reader.ReadImageInformation()
         except RuntimeError:
-            raise InputError(case["image"], "cannot read the image header") from None
+            raise InputError(first, "cannot read the image header") from None
         axes = _ras_order(reader)
         spacing, shape = np.empty(3), np.empty(3)
         spacing[axes], shape[axes] = reader.GetSpacing(), reader.GetSize()
         spacings.append(spacing)
         shapes.append(shape)
         if is_ct and case.get("label"):
-            values = to_array(read_volume(case["image"]))[to_array(read_volume(case["label"])) > 0]
+            values = to_array(read_volume(first))[to_array(read_volume(case["label"])) > 0]
             if values.size:
                 foreground.append(rng.choice(values, min(samples_per_case, values.size), replace=False))
     return Fingerprint(
@@ -140,6 +145,7 @@ def fingerprint(dataset: Dataset, modality: str = "MRI", samples_per_case: int =
         np.asarray(shapes),
         modality.upper(),
         np.concatenate(foreground).astype(np.float64) if foreground else None,
+        channels=len(channel_files(dataset.training[0]["image"])),
     )
 
 
@@ -198,8 +204,10 @@ def make_plan(
         strides=strides,
         modality=fp.modality,
         median_shape=[int(math.ceil(s)) for s in median_shape],
+        channels=fp.channels,
     )
-    if fp.modality == "CT" and fp.foreground is not None and fp.foreground.size:
+    # CT statistics describe the first channel; several channels are z-scored one by one.
+    if fp.modality == "CT" and fp.channels == 1 and fp.foreground is not None and fp.foreground.size:
         low, high = np.percentile(fp.foreground, [0.5, 99.5])
         clipped = np.clip(fp.foreground, low, high)
         plan.normalization = "ct"

@@ -14,7 +14,8 @@ from monai.data import MetaTensor
 
 from medseg.config import Config
 from medseg.data.plan import Plan
-from medseg.io import ras_affine, read_volume, to_array
+from medseg.errors import InputError
+from medseg.io import grid_mismatch, ras_affine, read_volume, to_array
 
 __all__ = ["LoadVolumed", "body_mask", "train_transforms", "eval_transforms", "infer_transforms"]
 
@@ -26,7 +27,8 @@ class LoadVolumed(mt.MapTransform):
     """Read image/label files with medseg.io into channel-first MetaTensors (RAS affine).
 
     Args:
-        keys: the dict keys holding file paths (or SimpleITK images already read).
+        keys: the dict keys holding a file path, a SimpleITK image already read, or a list of
+            either (one per channel, all on one grid).
         spatial_dims: the dimensionality the model needs; other inputs are an InputError.
     """
 
@@ -39,19 +41,25 @@ class LoadVolumed(mt.MapTransform):
         for key in self.key_iterator(out):
             if out[key] is None:
                 continue
-            if isinstance(out[key], sitk.Image):
-                image, path = out[key], ""
-            else:
-                path = out[key]
-                image = read_volume(path, spatial_dims=self.spatial_dims)
-            array = to_array(image)
-            array = array.astype(np.float32) if key == "image" else array.astype(np.int64)
+            sources = out[key] if isinstance(out[key], (list, tuple)) else [out[key]]
+            images = [self._read(source) for source in sources]
+            for source, image in zip(sources[1:], images[1:]):
+                mismatch = grid_mismatch(image, images[0])
+                if mismatch:
+                    raise InputError(str(source), f"{mismatch} of the case's first channel")
+            dtype = np.float32 if key == "image" else np.int64
+            array = np.stack([to_array(image).astype(dtype) for image in images])
             out[key] = MetaTensor(
-                torch.from_numpy(np.ascontiguousarray(array))[None],
-                affine=torch.as_tensor(ras_affine(image), dtype=torch.float64),
-                meta={"filename_or_obj": str(path)},
+                torch.from_numpy(np.ascontiguousarray(array)),
+                affine=torch.as_tensor(ras_affine(images[0]), dtype=torch.float64),
+                meta={"filename_or_obj": "" if isinstance(sources[0], sitk.Image) else str(sources[0])},
             )
         return out
+
+    def _read(self, source) -> sitk.Image:
+        if isinstance(source, sitk.Image):
+            return source
+        return read_volume(source, spatial_dims=self.spatial_dims)
 
 
 def body_mask(image: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ import numpy as np
 
 from medseg.data.datasets import list_volumes, read_label_map
 from medseg.errors import InputError
-from medseg.io import case_id, read_volume, to_array, write_text_atomic
+from medseg.io import case_id, grid_mismatch, read_volume, to_array, write_text_atomic
 
 __all__ = ["LABELS_FILE", "dice", "dice_per_class", "evaluate"]
 
@@ -33,15 +33,6 @@ def dice_per_class(pred: np.ndarray, ref: np.ndarray, classes) -> dict[int, floa
     if pred.shape != ref.shape:
         raise ValueError(f"shapes differ: {pred.shape} vs {ref.shape}")
     return {int(c): dice(pred == c, ref == c) for c in classes}
-
-
-def _same_grid(a, b) -> bool:
-    return (
-        a.GetSize() == b.GetSize()
-        and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=1e-4)
-        and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-3)
-        and np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-4)
-    )
 
 
 def evaluate(
@@ -77,8 +68,9 @@ def evaluate(
     pairs = []
     for cid in common:
         pred_img, ref_img = read_volume(preds[cid]), read_volume(refs[cid])
-        if not _same_grid(pred_img, ref_img):
-            raise InputError(preds[cid], f"grid differs from the reference {refs[cid]}")
+        mismatch = grid_mismatch(pred_img, ref_img)
+        if mismatch:
+            raise InputError(preds[cid], f"{mismatch} of the reference {refs[cid]}")
         pairs.append((cid, to_array(pred_img), to_array(ref_img)))
     if labels is None and (pred_dir / LABELS_FILE).is_file():
         labels = read_label_map(pred_dir / LABELS_FILE)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ from medseg.evaluation.metrics import LABELS_FILE
 from medseg.inference.predictor import Predictor
 from medseg.io import VOLUME_SUFFIXES, case_id, write_text_atomic
 
-__all__ = ["BatchResult", "collect_inputs", "output_path", "predict_many"]
+__all__ = ["BatchResult", "ChannelFiles", "collect_inputs", "output_path", "predict_many"]
 
 
 @dataclass
@@ -28,15 +29,41 @@ class BatchResult:
     failed: dict[str, str] = field(default_factory=dict)
 
 
-def collect_inputs(source: str | Path) -> list[Path | DicomSeries]:
-    """The cases to segment: one file, one DICOM folder, or a folder's volume files plus every
-    DICOM series in it and its subfolders."""
+@dataclass(frozen=True)
+class ChannelFiles:
+    """The files of one multi-channel case (nnU-Net's ``CASE_0000``, ``CASE_0001``, ...)."""
+
+    id: str
+    files: tuple[Path, ...]
+
+    def __iter__(self):
+        return iter(self.files)
+
+    def __str__(self) -> str:
+        return str(self.files[0].parent / f"{self.id}_*")
+
+
+def _group_channels(files: list[Path]) -> list[Path | ChannelFiles]:
+    """Files named ``CASE_0000``, ``CASE_0001``, ... become one case; others stay single."""
+    groups: dict[str, list[Path]] = {}
+    for path in files:
+        match = re.search(r"_(\d{4})$", case_id(path))
+        groups.setdefault(case_id(path)[: match.start()] if match else str(path), []).append(path)
+    return [ChannelFiles(key, tuple(paths)) if len(paths) > 1 else paths[0] for key, paths in groups.items()]
+
+
+def collect_inputs(source: str | Path) -> list[Path | ChannelFiles | DicomSeries]:
+    """The cases to segment: one file, one DICOM folder, or a folder's volume files (channel
+    files grouped) plus every DICOM series in it and its subfolders."""
     source = Path(source)
     if not source.exists():
         raise InputError(source, "no such file or folder")
     if not source.is_dir():
         return [source]
-    cases: list[Path | DicomSeries] = [*list_volumes(source), *find_series(source)]
+    cases: list[Path | ChannelFiles | DicomSeries] = [
+        *_group_channels(list_volumes(source)),
+        *find_series(source),
+    ]
     if not cases:
         raise InputError(source, f"holds no image files ({', '.join(VOLUME_SUFFIXES)}) and no DICOM series")
     return cases
@@ -50,7 +77,7 @@ def _check_format(fmt: str) -> None:
         raise ConfigError("format", f"unknown output format {fmt!r}; choose from {', '.join(FORMATS)}")
 
 
-def output_path(case: Path | DicomSeries, output_dir: Path, fmt: str = "same") -> Path:
+def output_path(case: Path | ChannelFiles | DicomSeries, output_dir: Path, fmt: str = "same") -> Path:
     """Where a case's mask goes, always directly inside ``output_dir``.
 
     With ``same``, a file keeps its name and format and a DICOM series becomes
@@ -60,6 +87,9 @@ def output_path(case: Path | DicomSeries, output_dir: Path, fmt: str = "same") -
     _check_format(fmt)
     if isinstance(case, DicomSeries):
         return Path(output_dir) / f"{case.name}{FORMATS[fmt] or '.nii.gz'}"
+    if isinstance(case, ChannelFiles):
+        first = case.files[0].name
+        return Path(output_dir) / f"{case.id}{FORMATS[fmt] or first[len(case_id(first)) :]}"
     name = Path(case).name
     return Path(output_dir) / (f"{case_id(name)}{FORMATS[fmt]}" if FORMATS[fmt] else name)
 

@@ -16,7 +16,7 @@ from medseg.data.transforms import infer_transforms
 from medseg.device import autocast_dtype, resolve_device, use_channels_last
 from medseg.dicom import DicomSeries, write_dicom_seg
 from medseg.errors import InputError
-from medseg.io import image_from_ras, read_volume, write_volume
+from medseg.io import channel_files, image_from_ras, read_volume, write_volume
 from medseg.training.checkpoint import load_checkpoint, model_from_checkpoint
 
 __all__ = ["sliding_window_probs", "Predictor"]
@@ -82,11 +82,13 @@ class Predictor:
             self.model = self.model.to(memory_format=torch.channels_last_3d)
         self.transform = infer_transforms(self.plan)
 
-    def predict_image(self, image: sitk.Image) -> np.ndarray:
-        """Segment one image; returns the label map in (i, j, k) order on the image's own grid."""
-        if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() > 1:
-            raise ValueError(f"needs a single-channel 3D image, got {image.GetDimension()}D")
-        tensor = self.transform({"image": image})["image"]
+    def predict_image(self, image: sitk.Image | list[sitk.Image]) -> np.ndarray:
+        """Segment one image (or its channels, as a list on one grid); returns the label map in
+        (i, j, k) order on the image's own grid."""
+        channels = list(image) if isinstance(image, (list, tuple)) else [image]
+        if len(channels) != self.plan.channels:
+            raise ValueError(f"got {len(channels)} channel(s); this model needs {self.plan.channels}")
+        tensor = self.transform({"image": channels})["image"]
         probs = sliding_window_probs(
             self.model,
             tensor,
@@ -96,7 +98,7 @@ class Predictor:
             amp_dtype=self.amp_dtype,
             channels_last=self.channels_last,
         )
-        return self._to_input_grid(probs, tensor.affine.numpy(), image)
+        return self._to_input_grid(probs, tensor.affine.numpy(), channels[0])
 
     @staticmethod
     def _to_input_grid(probs: torch.Tensor, affine: np.ndarray, reference: sitk.Image) -> np.ndarray:
@@ -118,18 +120,23 @@ class Predictor:
         return np.argmax(np.stack(on_input), axis=0).astype(np.uint8)
 
     def predict_file(
-        self, source: str | Path | DicomSeries, output: str | Path, overwrite: bool = False
+        self, source: str | Path | DicomSeries | list, output: str | Path, overwrite: bool = False
     ) -> Path:
-        """Segment a file (or a DICOM series) and write the mask to ``output`` on the same grid.
+        """Segment a file, a DICOM series, or a list of channel files, and write the mask to
+        ``output`` on the (first) input's grid.
 
         The suffix of ``output`` picks the format; ``.dcm`` writes DICOM-SEG, which needs a
         DICOM series as the source.
         """
         if isinstance(source, DicomSeries):
-            image = read_volume(source.folder, spatial_dims=3, series_uid=source.uid)
+            channels = [read_volume(source.folder, spatial_dims=3, series_uid=source.uid)]
         else:
-            image = read_volume(source, spatial_dims=3)
-        mask = self.predict_image(image)
+            channels = [read_volume(f, spatial_dims=3) for f in channel_files(source)]
+        if len(channels) != self.plan.channels:
+            where = channel_files(source)[0] if not isinstance(source, DicomSeries) else source.folder
+            raise InputError(where, f"has {len(channels)} channel(s); this model needs {self.plan.channels}")
+        image = channels[0]
+        mask = self.predict_image(channels)
         if str(output).lower().endswith(".dcm"):
             if not isinstance(source, DicomSeries):
                 raise InputError(source, "DICOM-SEG output needs a DICOM series as input")

@@ -50,8 +50,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return payload
 
 
-def model_from_config(config: Config, out_channels: int) -> nn.Module:
-    """The network a config describes, for ``out_channels`` classes."""
+def model_from_config(config: Config, out_channels: int, in_channels: int = 1) -> nn.Module:
+    """The network a config describes, for ``in_channels`` image channels and ``out_channels`` classes."""
     settings = config.to_dict()["model"]
     name = settings.pop("name")
     if name not in MODELS:
@@ -59,7 +59,9 @@ def model_from_config(config: Config, out_channels: int) -> nn.Module:
     wanted = model_options(name)
     options = {k: v for k, v in settings.items() if k in wanted and v is not None}
     try:
-        return build_model(name, spatial_dims=3, in_channels=1, out_channels=out_channels, **options)
+        return build_model(
+            name, spatial_dims=3, in_channels=in_channels, out_channels=out_channels, **options
+        )
     except ValueError as exc:
         raise ConfigError("model", str(exc)) from None
 
@@ -67,6 +69,6 @@ def model_from_config(config: Config, out_channels: int) -> nn.Module:
 def model_from_checkpoint(payload: dict) -> nn.Module:
     """Rebuild the network a checkpoint was trained with and load its weights (eval mode)."""
     config = Config.from_dict(payload["config"], source="checkpoint config")
-    model = model_from_config(config, out_channels=len(payload["labels"]))
+    model = model_from_config(config, len(payload["labels"]), payload["plan"].get("channels", 1))
     model.load_state_dict(payload["model"])
     return model.eval()

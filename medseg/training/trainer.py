@@ -64,7 +64,7 @@ class Trainer:
             dataset.training, config.data.val_fraction, config.train.seed
         )
         _seed_everything(config.train.seed)
-        self.model = model_from_config(config, out_channels=len(self.labels)).to(self.device)
+        self.model = model_from_config(config, len(self.labels), self.plan.channels).to(self.device)
         self.channels_last = use_channels_last(
             config.train.channels_last, self.device, self.amp_dtype, self.model
         )
