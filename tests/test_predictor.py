@@ -117,13 +117,28 @@ def test_mixed_folder_reports_each_bad_case(tiny_run, tmp_path):
     image, _ = make_phantom(5, shape=(40, 40, 12), spacing=(4.4, 4.4, 10.0))
     inputs.mkdir()
     sitk.WriteImage(image, str(inputs / "good.nii.gz"))
+    whole = (inputs / "good.nii.gz").read_bytes()
+    (inputs / "cut.nii.gz").write_bytes(whole[: len(whole) // 2])
+    (inputs / "empty.nii.gz").write_bytes(b"")
+    (inputs / "notes.nii").write_text("not an image")
     write_dicom_series(image, inputs / "dicom_ok", uid="1.2.3.100", description="ok")
     write_dicom_series(image, inputs / "dicom_gap", uid="1.2.3.200", description="gap", skip=(6,))
     result = predict_many(Predictor(tiny_run["best"], device="cpu"), inputs, tmp_path / "out")
     assert sorted(Path(p).name for p in result.written) == ["good.nii.gz", "ok_1.2.3.100.nii.gz"]
-    ((case, reason),) = result.failed.items()
-    assert case == f"{inputs / 'dicom_gap'} [series 1.2.3.200]"
-    assert reason.startswith("series 1.2.3.200 misses 1 slice(s)")
+    assert sorted(result.failed) == sorted(
+        [
+            str(inputs / "cut.nii.gz"),
+            str(inputs / "empty.nii.gz"),
+            str(inputs / "notes.nii"),
+            f"{inputs / 'dicom_gap'} [series 1.2.3.200]",
+        ]
+    )
+    assert "file is truncated" in result.failed[str(inputs / "cut.nii.gz")]
+    assert result.failed[str(inputs / "empty.nii.gz")] == "file is empty"
+    assert "not an image" in result.failed[str(inputs / "notes.nii")]
+    assert result.failed[f"{inputs / 'dicom_gap'} [series 1.2.3.200]"].startswith(
+        "series 1.2.3.200 misses 1 slice(s)"
+    )
 
 
 def test_output_formats(tiny_run, tmp_path):
