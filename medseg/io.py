@@ -8,6 +8,7 @@ frame of an affine is RAS, as in MONAI. SimpleITK's own frame is LPS; ``ras_affi
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import zlib
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ __all__ = [
     "VOLUME_SUFFIXES",
     "is_volume_file",
     "case_id",
+    "split_channel",
     "read_volume",
     "write_volume",
     "to_array",
@@ -38,6 +40,7 @@ __all__ = [
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+_CHANNEL = re.compile(r"_(\d{4})$")
 
 
 def _suffix(path: str | Path) -> str:
@@ -55,6 +58,12 @@ def case_id(path: str | Path) -> str:
     name = Path(path).name
     suffix = _suffix(path)
     return name[: -len(suffix)] if suffix else Path(path).stem
+
+
+def split_channel(path: str | Path) -> tuple[str, int | None]:
+    """nnU-Net's channel naming: ``CASE_0001.nii.gz`` -> ``("CASE", 1)``; other names -> ``(id, None)``."""
+    match = _CHANNEL.search(case_id(path))
+    return (case_id(path)[: match.start()], int(match.group(1))) if match else (case_id(path), None)
 
 
 def read_volume(

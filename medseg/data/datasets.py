@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import json
 import random
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import SimpleITK as sitk
 from tqdm.auto import tqdm
 
 from medseg.errors import InputError
-from medseg.io import case_id, channel_files, grid_mismatch, is_volume_file, read_volume
+from medseg.io import case_id, channel_files, grid_mismatch, is_volume_file, read_volume, split_channel
 
 __all__ = [
     "Dataset",
@@ -148,9 +147,6 @@ def _resolve(base: Path, name: str, source: Path) -> str:
     return str(path)
 
 
-_CHANNEL = re.compile(r"_(\d{4})$")
-
-
 def _pair(images: Path, labels: Path, need_labels: bool) -> list[dict]:
     """Match images to labels by case name. nnU-Net's channel files ``CASE_0000``, ``CASE_0001``,
     ... form one case whose ``image`` is the list of them, in channel order."""
@@ -159,8 +155,7 @@ def _pair(images: Path, labels: Path, need_labels: bool) -> list[dict]:
     label_files = {case_id(p): p for p in list_volumes(labels)} if labels.is_dir() else {}
     groups: dict[str, list[Path]] = {}
     for image in list_volumes(images):
-        channel = _CHANNEL.search(case_id(image))
-        groups.setdefault(case_id(image)[: channel.start()] if channel else case_id(image), []).append(image)
+        groups.setdefault(split_channel(image)[0], []).append(image)
     cases = []
     for cid, files in groups.items():
         names = [case_id(f) for f in files]

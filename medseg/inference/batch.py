@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +14,7 @@ from medseg.dicom import DicomSeries, find_series
 from medseg.errors import ConfigError, InputError, find_medseg_error
 from medseg.evaluation.metrics import LABELS_FILE
 from medseg.inference.predictor import Predictor
-from medseg.io import VOLUME_SUFFIXES, case_id, write_text_atomic
+from medseg.io import VOLUME_SUFFIXES, case_id, split_channel, write_text_atomic
 
 __all__ = ["BatchResult", "ChannelFiles", "collect_inputs", "output_path", "predict_many"]
 
@@ -47,8 +46,8 @@ def _group_channels(files: list[Path]) -> list[Path | ChannelFiles]:
     """Files named ``CASE_0000``, ``CASE_0001``, ... become one case; others stay single."""
     groups: dict[str, list[Path]] = {}
     for path in files:
-        match = re.search(r"_(\d{4})$", case_id(path))
-        groups.setdefault(case_id(path)[: match.start()] if match else str(path), []).append(path)
+        case, channel = split_channel(path)
+        groups.setdefault(case if channel is not None else str(path), []).append(path)
     return [ChannelFiles(key, tuple(paths)) if len(paths) > 1 else paths[0] for key, paths in groups.items()]
 
 
