@@ -11,6 +11,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from medseg.errors import InputError
+from medseg.io import atomic_path, read_header
 
 __all__ = ["DicomSeries", "find_series", "read_series", "check_slices", "write_dicom_seg"]
 
@@ -54,12 +55,7 @@ def find_series(folder: str | Path, recursive: bool = True) -> list[DicomSeries]
 
 
 def _header(path: str) -> dict[str, str]:
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(path)
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError:
-        raise InputError(path, "cannot read this DICOM file's header") from None
+    reader = read_header(path)
     return {key: reader.GetMetaData(key) for key in reader.GetMetaDataKeys()}
 
 
@@ -150,7 +146,6 @@ def write_dicom_seg(
     except ImportError:
         raise InputError(path, "DICOM-SEG output needs highdicom: pip install 'medseg[dicom]'") from None
     from medseg import __version__
-    from medseg.io import atomic_path
 
     path = Path(path)
     if path.exists() and not overwrite:

@@ -19,7 +19,6 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
-from medseg.dicom import read_series
 from medseg.errors import InputError
 
 __all__ = [
@@ -27,6 +26,7 @@ __all__ = [
     "is_volume_file",
     "case_id",
     "split_channel",
+    "read_header",
     "read_volume",
     "write_volume",
     "to_array",
@@ -87,6 +87,8 @@ def read_volume(
     if not path.exists():
         raise InputError(path, "no such file")
     if path.is_dir():
+        from medseg.dicom import read_series  # here, as medseg.dicom builds on this module
+
         image = read_series(path, series_uid)
     else:
         image = _read_file(path)
@@ -102,6 +104,17 @@ def read_volume(
             path, f"is {image.GetDimension()}D ({size}){extra}; this model needs {spatial_dims}D volumes"
         )
     return image
+
+
+def read_header(path: str | Path) -> sitk.ImageFileReader:
+    """The header of an image file (size, spacing, direction, metadata) without its voxels."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        raise InputError(path, "cannot read the image header") from None
+    return reader
 
 
 def _read_file(path: Path) -> sitk.Image:

@@ -10,14 +10,13 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import SimpleITK as sitk
 import yaml
 from tqdm.auto import tqdm
 
 from medseg.config import Config
 from medseg.data.datasets import Dataset
-from medseg.errors import ConfigError, InputError
-from medseg.io import channel_files, read_volume, to_array, write_text_atomic
+from medseg.errors import ConfigError
+from medseg.io import channel_files, read_header, read_volume, to_array, write_text_atomic
 
 __all__ = ["Fingerprint", "Plan", "fingerprint", "make_plan", "load_plan", "plan_for_config", "apply_plan"]
 
@@ -125,12 +124,7 @@ def fingerprint(dataset: Dataset, modality: str = "MRI", samples_per_case: int =
     is_ct = modality.upper() == "CT"
     for case in tqdm(dataset.training, desc="fingerprint", unit="case", disable=None, leave=False):
         first = channel_files(case["image"])[0]
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(first)
-        try:
-            reader.ReadImageInformation()
-        except RuntimeError:
-            raise InputError(first, "cannot read the image header") from None
+        reader = read_header(first)
         axes = _ras_order(reader)
         spacing, shape = np.empty(3), np.empty(3)
         spacing[axes], shape[axes] = reader.GetSpacing(), reader.GetSize()
