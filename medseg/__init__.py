@@ -10,7 +10,7 @@ from medseg.inference.batch import predict_many
 from medseg.inference.predictor import Predictor
 from medseg.io import read_volume, write_volume
 from medseg.models import build_model
-from medseg.training.trainer import Trainer
+from medseg.training.trainer import Callback, Trainer
 
 __version__ = "0.1.0"
 
@@ -30,6 +30,7 @@ __all__ = [
     "write_volume",
     "build_model",
     "Trainer",
+    "Callback",
     "find_cases",
     "Plan",
     "plan_for_config",

@@ -93,3 +93,67 @@ def test_trains_from_the_disk_cache(tiny_dataset, tmp_path):
         assert Trainer(config).fit()["steps"] == 2
     # three training cases: two train, one validation; both runs share the same entries
     assert len(list((tmp_path / "cache").rglob("*.pt"))) == 3
+
+
+class _Recorder:
+    def __init__(self):
+        self.calls = []
+
+    def on_train_start(self, trainer):
+        self.calls.append("start")
+
+    def on_epoch_start(self, trainer, epoch):
+        self.calls.append(f"epoch {epoch}")
+
+    def on_validation_end(self, trainer, metrics):
+        self.calls.append(f"val {sorted(metrics)}")
+
+    def on_train_end(self, trainer, summary):
+        self.calls.append(f"end {summary['steps']}")
+
+
+def test_callbacks_hooks_and_a_custom_loss(tiny_dataset, tmp_path):
+    losses = []
+
+    def loss_fn(logits, label):
+        loss = logits.float().square().mean()  # any differentiable function of the logits
+        losses.append(float(loss.detach()))
+        return loss
+
+    config = load_config(None, [*TINY_OVERRIDES, "train.epochs=2", "train.val_every=1"])
+    config.data.root, config.train.output_dir = str(tiny_dataset), str(tmp_path / "run")
+    recorder = _Recorder()
+    Trainer(config, callbacks=[recorder], loss_fn=loss_fn).fit()
+    dice_keys = "['dice_LV', 'dice_RV', 'dice_mean', 'dice_myocardium']"
+    assert recorder.calls == ["start", "epoch 1", f"val {dice_keys}", "epoch 2", f"val {dice_keys}", "end 4"]
+    assert len(losses) == 4
+
+
+def test_a_custom_model_trains_and_is_marked(tiny_dataset, tmp_path):
+    from medseg.errors import CheckpointError
+    from medseg.inference.predictor import Predictor
+    from medseg.models import build_model
+
+    net = build_model("residual_unet", 3, 1, 4, channels=(8, 16), blocks_per_level=1)
+    config = load_config(None, TINY_OVERRIDES)
+    config.data.root, config.train.output_dir = str(tiny_dataset), str(tmp_path / "run")
+    trainer = Trainer(config, model=net)
+    assert trainer.model is net
+    summary = trainer.fit()
+    with pytest.raises(CheckpointError, match="custom model"):
+        Predictor(summary["best"], device="cpu")
+
+
+def test_research_example_runs(tiny_dataset, tmp_path):
+    import subprocess
+    import sys
+
+    args = [sys.executable, "scripts/research_example.py", "--data", str(tiny_dataset)]
+    args += ["--output", str(tmp_path / "r"), "--max-time", "2"]
+    args += [a for o in TINY_OVERRIDES for a in ("--set", o)]
+    proc = subprocess.run(
+        args, capture_output=True, text=True, timeout=300, cwd=__file__.rsplit("/tests/", 1)[0]
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "validations, best Dice" in proc.stdout
+    assert (tmp_path / "r" / "best.pt").is_file()

@@ -68,6 +68,10 @@ def model_from_config(config: Config, out_channels: int, in_channels: int = 1) -
 
 def model_from_checkpoint(payload: dict) -> nn.Module:
     """Rebuild the network a checkpoint was trained with and load its weights (eval mode)."""
+    if payload.get("custom_model"):
+        raise CheckpointError(
+            "checkpoint", "was trained with a custom model: build it yourself and load payload['model']"
+        )
     config = Config.from_dict(payload["config"], source="checkpoint config")
     model = model_from_config(config, len(payload["labels"]), payload["plan"].get("channels", 1))
     model.load_state_dict(payload["model"])

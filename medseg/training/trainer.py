@@ -7,12 +7,14 @@ import math
 import random
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from monai.data import DataLoader, Dataset, list_data_collate
 from monai.losses import DeepSupervisionLoss, DiceCELoss
+from torch import nn
 from tqdm.auto import tqdm
 
 from medseg.config import Config, save_config
@@ -27,7 +29,19 @@ from medseg.evaluation.report import plot_curves
 from medseg.inference.predictor import sliding_window_probs
 from medseg.training.checkpoint import model_from_config, save_checkpoint
 
-__all__ = ["Trainer"]
+__all__ = ["Trainer", "Callback"]
+
+
+class Callback:
+    """Base for callbacks: override the hooks you need; each receives the trainer first."""
+
+    def on_train_start(self, trainer: Trainer) -> None: ...
+
+    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None: ...
+
+    def on_validation_end(self, trainer: Trainer, metrics: dict[str, float]) -> None: ...
+
+    def on_train_end(self, trainer: Trainer, summary: dict) -> None: ...
 
 
 class Trainer:
@@ -38,6 +52,13 @@ class Trainer:
             ``config.train.output_dir`` the run folder (checkpoints, ``metrics.csv``, ``config.yaml``).
         overwrite: replace the results of an earlier run in the same folder. Without it, a run
             folder that already holds checkpoints is an error.
+        callbacks: objects with any of the hook methods of ``Callback``.
+        model: your own network instead of ``model.name`` (called as ``model(x)``; the
+            checkpoint then stores its weights, and ``Predictor`` cannot rebuild it).
+        loss_fn: your own loss ``loss_fn(logits, label)`` instead of Dice + CE.
+
+    Hooks: a subclass may override ``on_train_start``, ``on_epoch_start``, ``train_step``,
+    ``on_validation_end`` and ``on_train_end`` (call ``super()`` to keep the callbacks).
 
     Example:
         >>> from medseg import Trainer, load_config
@@ -45,7 +66,14 @@ class Trainer:
         >>> summary = Trainer(cfg).fit()
     """
 
-    def __init__(self, config: Config, overwrite: bool = False):
+    def __init__(
+        self,
+        config: Config,
+        overwrite: bool = False,
+        callbacks: Sequence[Callback] = (),
+        model: nn.Module | None = None,
+        loss_fn: Callable | None = None,
+    ):
         if not config.data.root:
             raise ConfigError("data.root", "no dataset given (set data.root or pass --data)")
         self.overwrite = overwrite
@@ -64,13 +92,17 @@ class Trainer:
             dataset.training, config.data.val_fraction, config.train.seed
         )
         _seed_everything(config.train.seed)
-        self.model = model_from_config(config, len(self.labels), self.plan.channels).to(self.device)
+        self.callbacks = list(callbacks)
+        self.custom_model = model is not None
+        self.model = (model or model_from_config(config, len(self.labels), self.plan.channels)).to(
+            self.device
+        )
         self.channels_last = use_channels_last(
             config.train.channels_last, self.device, self.amp_dtype, self.model
         )
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last_3d)
-        self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+        self.loss_fn = loss_fn or DiceCELoss(to_onehot_y=True, softmax=True)
         if config.model.deep_supervision:
             # Coarse outputs weigh 1/2, 1/4, ... of the full-resolution one.
             self.loss_fn = DeepSupervisionLoss(self.loss_fn, weight_mode="exp")
@@ -126,8 +158,10 @@ class Trainer:
         total_steps = cfg.epochs * cfg.iters_per_epoch
         start = time.monotonic()
         out_of_time = False
+        self.on_train_start()
         for epoch in range(self.epoch, cfg.epochs):
             self.epoch = epoch + 1
+            self.on_epoch_start(self.epoch)
             self.model.train()
             losses = []
             bar = tqdm(
@@ -156,7 +190,7 @@ class Trainer:
             if last_epoch:
                 break
         plot_curves(self.output_dir / "metrics.csv", self.output_dir / "curves.png")
-        return {
+        summary = {
             "epochs": self.epoch,
             "steps": self.step,
             "seconds": round(time.monotonic() - start, 1),
@@ -164,6 +198,32 @@ class Trainer:
             "best": str(self.output_dir / "best.pt"),
             "last": str(self.output_dir / "last.pt"),
         }
+        self.on_train_end(summary)
+        return summary
+
+    # -- hooks: override in a subclass (calling super()) or pass callbacks ----------------
+
+    def _call(self, hook: str, *args) -> None:
+        for callback in self.callbacks:
+            method = getattr(callback, hook, None)
+            if method is not None:
+                method(self, *args)
+
+    def on_train_start(self) -> None:
+        """Before the first step (data are loaded, the run folder exists)."""
+        self._call("on_train_start")
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Before each epoch's first step; ``epoch`` counts from 1."""
+        self._call("on_epoch_start", epoch)
+
+    def on_validation_end(self, metrics: dict[str, float]) -> None:
+        """After each validation, with Dice per class and ``dice_mean``."""
+        self._call("on_validation_end", metrics)
+
+    def on_train_end(self, summary: dict) -> None:
+        """After training, with the summary ``fit`` returns."""
+        self._call("on_train_end", summary)
 
     def train_step(self, batch: dict) -> float:
         """One optimiser step on a batch; returns the loss."""
@@ -208,6 +268,7 @@ class Trainer:
                 scores[c].append(d)
         result = {f"dice_{self.labels[c]}": _mean(v) for c, v in scores.items()}
         result["dice_mean"] = _mean(list(result.values()))
+        self.on_validation_end(result)
         return result
 
     # -- bookkeeping ------------------------------------------------------------------------
@@ -272,6 +333,7 @@ class Trainer:
             "config": self.config.to_dict(),
             "labels": dict(self.labels),
             "plan": self.plan.to_dict(),
+            "custom_model": self.custom_model,
             "epoch": self.epoch,
             "step": self.step,
             "best_dice": self.best_dice,
