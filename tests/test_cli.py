@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -41,20 +42,8 @@ def test_train_predict_evaluate(tiny_dataset, tmp_path, capsys):
     assert main(args) == 0  # again: nothing overwritten
     assert "0 written, 2 skipped" in capsys.readouterr().out
 
-    assert (
-        main(
-            [
-                "evaluate",
-                "--pred",
-                str(preds),
-                "--ref",
-                str(tiny_dataset / "labelsTs"),
-                "--out",
-                str(tmp_path / "m.csv"),
-            ]
-        )
-        == 0
-    )
+    evaluate = ["evaluate", "--pred", str(preds), "--ref", str(tiny_dataset / "labelsTs")]
+    assert main([*evaluate, "--out", str(tmp_path / "m.csv")]) == 0
     out = capsys.readouterr().out
     assert "mean foreground Dice" in out
     # Class names come from the labels.json that predict wrote beside the masks.
@@ -62,26 +51,18 @@ def test_train_predict_evaluate(tiny_dataset, tmp_path, capsys):
     (preds / "labels.json").unlink()
     names = tmp_path / "names.json"
     names.write_text('{"labels": {"0": "bg", "1": "pool", "2": "wall", "3": "right"}}')
-    assert (
-        main(
-            [
-                "evaluate",
-                "--pred",
-                str(preds),
-                "--ref",
-                str(tiny_dataset / "labelsTs"),
-                "--labels",
-                str(names),
-            ]
-        )
-        == 0
-    )
+    assert main([*evaluate, "--labels", str(names)]) == 0
     assert (preds / "metrics.csv").read_text().startswith("id,pool,wall,right\n")
 
 
 def _run_cli(*args):
+    # From a neutral folder, so that the installed package is used, not the source tree.
     return subprocess.run(
-        [sys.executable, "-m", "medseg", *args], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "medseg", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tempfile.gettempdir(),
     )
 
 
