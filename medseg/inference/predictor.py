@@ -87,7 +87,7 @@ class Predictor:
         (i, j, k) order on the image's own grid."""
         channels = list(image) if isinstance(image, (list, tuple)) else [image]
         if len(channels) != self.plan.channels:
-            raise ValueError(f"got {len(channels)} channel(s); this model needs {self.plan.channels}")
+            raise ValueError(f"has {len(channels)} channel(s); this model needs {self.plan.channels}")
         tensor = self.transform({"image": channels})["image"]
         probs = sliding_window_probs(
             self.model,
@@ -132,11 +132,12 @@ class Predictor:
             channels = [read_volume(source.folder, spatial_dims=3, series_uid=source.uid)]
         else:
             channels = [read_volume(f, spatial_dims=3) for f in channel_files(source)]
-        if len(channels) != self.plan.channels:
-            where = channel_files(source)[0] if not isinstance(source, DicomSeries) else source.folder
-            raise InputError(where, f"has {len(channels)} channel(s); this model needs {self.plan.channels}")
         image = channels[0]
-        mask = self.predict_image(channels)
+        try:
+            mask = self.predict_image(channels)
+        except ValueError as exc:  # the wrong number of channels, said of the input it concerns
+            where = source.folder if isinstance(source, DicomSeries) else channel_files(source)[0]
+            raise InputError(where, str(exc)) from None
         if str(output).lower().endswith(".dcm"):
             if not isinstance(source, DicomSeries):
                 raise InputError(source, "DICOM-SEG output needs a DICOM series as input")
