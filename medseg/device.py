@@ -7,7 +7,13 @@ from torch import nn
 
 from medseg.errors import ConfigError
 
-__all__ = ["resolve_device", "autocast_dtype", "cpu_has_fast_bf16", "use_channels_last"]
+__all__ = [
+    "resolve_device",
+    "autocast_dtype",
+    "cpu_has_fast_bf16",
+    "use_channels_last",
+    "channels_last_format",
+]
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -78,3 +84,8 @@ def use_channels_last(
         return True
     slow_norms = (nn.GroupNorm, nn.InstanceNorm2d, nn.InstanceNorm3d)
     return device.type == "cpu" and not any(isinstance(m, slow_norms) for m in model.modules())
+
+
+def channels_last_format(spatial_dims: int) -> torch.memory_format:
+    """The channels-last memory format for 2D or 3D tensors and models."""
+    return torch.channels_last_3d if spatial_dims == 3 else torch.channels_last

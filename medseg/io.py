@@ -27,7 +27,9 @@ __all__ = [
     "case_id",
     "split_channel",
     "read_header",
+    "channel_count",
     "read_volume",
+    "read_channels",
     "write_volume",
     "to_array",
     "ras_affine",
@@ -38,7 +40,7 @@ __all__ = [
     "channel_files",
 ]
 
-VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".tif", ".tiff")
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 _CHANNEL = re.compile(r"_(\d{4})$")
 
@@ -49,12 +51,15 @@ def _suffix(path: str | Path) -> str:
 
 
 def is_volume_file(path: str | Path) -> bool:
-    """True if the file name ends in a volume format medseg reads."""
+    """True if the file name ends in an image format medseg reads (3D volumes or 2D images)."""
     return bool(_suffix(path))
 
 
 def case_id(path: str | Path) -> str:
-    """The case name of a file: its name without the format suffix (``ab.nii.gz`` -> ``ab``)."""
+    """The case name of a file: its name without the format suffix (``ab.nii.gz`` -> ``ab``); the
+    name of a folder (a DICOM series) as it is."""
+    if Path(path).is_dir():
+        return Path(path).name
     name = Path(path).name
     suffix = _suffix(path)
     return name[: -len(suffix)] if suffix else Path(path).stem
@@ -97,17 +102,51 @@ def read_volume(
     if spatial_dims is not None and (
         image.GetDimension() != spatial_dims or image.GetNumberOfComponentsPerPixel() > 1
     ):
-        size = "x".join(map(str, image.GetSize()))
-        channels = image.GetNumberOfComponentsPerPixel()
-        extra = f" with {channels} channels" if channels > 1 else ""
-        raise InputError(
-            path, f"is {image.GetDimension()}D ({size}){extra}; this model needs {spatial_dims}D volumes"
-        )
+        raise InputError(path, f"is {_describe(image)}; this model needs {spatial_dims}D images")
     return image
 
 
-def read_header(path: str | Path) -> sitk.ImageFileReader:
-    """The header of an image file (size, spacing, direction, metadata) without its voxels."""
+def _describe(image: sitk.Image) -> str:
+    size = "x".join(map(str, image.GetSize()))
+    channels = image.GetNumberOfComponentsPerPixel()
+    return f"{image.GetDimension()}D ({size})" + (f" with {channels} channels" if channels > 1 else "")
+
+
+def read_channels(path: str | Path, spatial_dims: int | None = None, series_uid: str | None = None) -> list:
+    """Read an image as a list of single-channel images on one grid.
+
+    A 4D file holds its channels along the last axis (as the Medical Segmentation Decathlon
+    ships multi-modal MRI), and a multi-component pixel (an RGB PNG) holds one per component;
+    any other image is one channel.
+
+    Args:
+        path: the file (or DICOM folder) to read.
+        spatial_dims: if given, every channel must have this many dimensions.
+        series_uid: which DICOM series, when the folder holds several.
+    """
+    image = read_volume(path, series_uid=series_uid)
+    components = image.GetNumberOfComponentsPerPixel()
+    if components > 1:
+        channels = [sitk.VectorIndexSelectionCast(image, c) for c in range(components)]
+    elif image.GetDimension() == 4:
+        size = list(image.GetSize())
+        count, size[-1] = size[-1], 0  # a zero extent drops the channel axis
+        corner = [0] * len(size)
+        channels = [sitk.Extract(image, size, corner[:-1] + [c]) for c in range(count)]
+    else:
+        channels = [image]
+    if spatial_dims is not None and channels[0].GetDimension() != spatial_dims:
+        raise InputError(path, f"is {_describe(image)}; this model needs {spatial_dims}D images")
+    return channels
+
+
+def read_header(path: str | Path):
+    """The header of an image (size, spacing, direction, metadata) without reading its voxels.
+
+    A DICOM folder is read in full, as its geometry comes from all of its slices.
+    """
+    if Path(path).is_dir():
+        return read_volume(path)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
@@ -115,6 +154,14 @@ def read_header(path: str | Path) -> sitk.ImageFileReader:
     except RuntimeError:
         raise InputError(path, "cannot read the image header") from None
     return reader
+
+
+def channel_count(header) -> int:
+    """Channels per voxel of a header from ``read_header`` (or of an image): 1 unless the pixels
+    have several components (RGB). A 4D file's channel axis is not counted here."""
+    if isinstance(header, sitk.Image):
+        return header.GetNumberOfComponentsPerPixel()
+    return header.GetNumberOfComponents()
 
 
 def _read_file(path: Path) -> sitk.Image:
@@ -209,25 +256,37 @@ def to_array(image: sitk.Image) -> np.ndarray:
     return array.transpose(order)
 
 
+def _world_flip(dims: int) -> np.ndarray:
+    # A 3D scan lives in the patient's LPS frame (ITK), which MONAI wants as RAS. A 2D image has no
+    # patient frame: its axes stay as they are.
+    return _LPS_TO_RAS if dims == 3 else np.eye(dims)
+
+
 def ras_affine(image: sitk.Image) -> np.ndarray:
-    """The 4x4 voxel-to-world (RAS, mm) affine of a 3D image, as nibabel and MONAI use it."""
-    direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
-    affine = np.eye(4)
-    affine[:3, :3] = _LPS_TO_RAS @ direction @ np.diag(image.GetSpacing())
-    affine[:3, 3] = _LPS_TO_RAS @ np.asarray(image.GetOrigin(), dtype=float)
+    """The voxel-to-world (RAS, mm) affine of an image, as nibabel and MONAI use it: 4x4 for 3D
+    images, 3x3 for 2D ones (whose world is their own pixel frame scaled by the spacing)."""
+    dims = image.GetDimension()
+    flip = _world_flip(dims)
+    direction = np.asarray(image.GetDirection(), dtype=float).reshape(dims, dims)
+    affine = np.eye(dims + 1)
+    affine[:dims, :dims] = flip @ direction @ np.diag(image.GetSpacing())
+    affine[:dims, dims] = flip @ np.asarray(image.GetOrigin(), dtype=float)
     return affine
 
 
 def image_from_ras(array: np.ndarray, affine: np.ndarray) -> sitk.Image:
-    """A SimpleITK image of a (i, j, k[, c]) array placed by a RAS affine (inverse of ras_affine)."""
-    linear = _LPS_TO_RAS @ np.asarray(affine, dtype=float)[:3, :3]
+    """A SimpleITK image of an (i, j[, k][, c]) array placed by a RAS affine (inverse of ras_affine)."""
+    affine = np.asarray(affine, dtype=float)
+    dims = affine.shape[0] - 1
+    flip = _world_flip(dims)
+    linear = flip @ affine[:dims, :dims]
     spacing = np.linalg.norm(linear, axis=0)
-    is_vector = array.ndim == 4
-    order = (2, 1, 0, 3) if is_vector else (2, 1, 0)
+    is_vector = array.ndim == dims + 1
+    order = tuple(reversed(range(dims))) + ((dims,) if is_vector else ())
     image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(order)), isVector=is_vector)
     image.SetSpacing(spacing.tolist())
     image.SetDirection((linear / spacing).flatten().tolist())
-    image.SetOrigin((_LPS_TO_RAS @ np.asarray(affine, dtype=float)[:3, 3]).tolist())
+    image.SetOrigin((flip @ affine[:dims, dims]).tolist())
     return image
 
 

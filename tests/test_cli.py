@@ -105,7 +105,7 @@ def test_bad_inputs_to_predict_are_one_line(tiny_run, tmp_path):
     flat = tmp_path / "slice.nii.gz"
     sitk.WriteImage(sitk.Image(24, 24, sitk.sitkInt16), str(flat))
     proc = _run_cli("predict", "--model", model, "--input", str(flat), "--output", str(tmp_path / "o"))
-    _assert_one_line_error(proc, "slice.nii.gz", "is 2D (24x24); this model needs 3D volumes")
+    _assert_one_line_error(proc, "slice.nii.gz", "is 2D (24x24); this model needs 3D images")
 
     proc = _run_cli(
         "predict", "--model", str(tmp_path / "none.pt"), "--input", str(flat), "--output", str(tmp_path / "o")

@@ -76,7 +76,7 @@ def test_batch_keeps_going_past_bad_files(tiny_run, tmp_path):
     assert result.written == [str(tmp_path / "out" / "good.nii.gz")]
     assert result.failed == {
         str(inputs / "empty.nii.gz"): "file is empty",
-        str(inputs / "flat.nii.gz"): "is 2D (32x32); this model needs 3D volumes",
+        str(inputs / "flat.nii.gz"): "is 2D (32x32); this model needs 3D images",
         str(
             inputs / "notes.nii"
         ): "cannot read: not an image in a format its name promises (wrong format or corrupt)",

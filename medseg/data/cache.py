@@ -29,15 +29,22 @@ def default_cache_dir() -> Path:
 
 
 def content_hash(case: dict) -> bytes:
-    """A key for one case from the bytes of its image and label files."""
+    """A key for one case from the bytes of its image and label files (every file of a DICOM folder)."""
     digest = hashlib.sha256()
     for key in ("image", "label"):
-        for path in channel_files(case[key]) if case.get(key) else []:
+        for source in channel_files(case[key]) if case.get(key) else []:
             digest.update(key.encode())
-            with open(path, "rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
+            source = Path(source)
+            files = sorted(p for p in source.rglob("*") if p.is_file()) if source.is_dir() else [source]
+            for path in files:
+                _hash_file(path, digest)
     return digest.hexdigest().encode()
+
+
+def _hash_file(path: Path, digest) -> None:
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
 
 
 def plan_key(plan: Plan) -> str:

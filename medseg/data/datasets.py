@@ -15,7 +15,15 @@ import SimpleITK as sitk
 from tqdm.auto import tqdm
 
 from medseg.errors import InputError
-from medseg.io import case_id, channel_files, grid_mismatch, is_volume_file, read_volume, split_channel
+from medseg.io import (
+    case_id,
+    channel_files,
+    grid_mismatch,
+    is_volume_file,
+    read_channels,
+    read_volume,
+    split_channel,
+)
 
 __all__ = [
     "Dataset",
@@ -59,6 +67,9 @@ def find_cases(root: str | Path) -> Dataset:
     - an nnU-Net raw folder: ``imagesTr/CASE_0000.nii.gz`` + ``labelsTr/CASE.nii.gz`` (and
       ``imagesTs``/``labelsTs``), label names from its ``dataset.json`` if there is one;
     - plain ``images/`` + ``labels/`` folders matched by case name;
+
+    In ``imagesTr/`` or ``images/``, a sub-folder holding a DICOM series is a case named after
+    the folder (its label is ``labels/<folder>.nii.gz``). A 4D image file is a multi-channel case.
     - a CSV manifest with columns ``image,label[,id]`` (paths relative to the CSV; rows without a
       label are test cases).
 
@@ -156,6 +167,10 @@ def _pair(images: Path, labels: Path, need_labels: bool) -> list[dict]:
     groups: dict[str, list[Path]] = {}
     for image in list_volumes(images):
         groups.setdefault(split_channel(image)[0], []).append(image)
+    for folder in _series_folders(images):
+        if folder.name in groups:
+            raise InputError(folder, f"case {folder.name} is both a file and a DICOM folder")
+        groups[folder.name] = [folder]
     cases = []
     for cid, files in groups.items():
         names = [case_id(f) for f in files]
@@ -172,6 +187,11 @@ def _pair(images: Path, labels: Path, need_labels: bool) -> list[dict]:
     if len(counts) > 1:
         raise InputError(images, f"cases have different numbers of channels: {sorted(counts)}")
     return cases
+
+
+def _series_folders(images: Path) -> list[Path]:
+    """Sub-folders of an images folder: each holds one case as a DICOM series."""
+    return sorted(p for p in images.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
 def _from_csv(path: Path) -> Dataset:
@@ -230,7 +250,7 @@ def check_cases(cases: list[dict], labels: dict[int, str]) -> list[tuple[str, st
     for case in tqdm(cases, desc="checking cases", unit="case", disable=None, leave=False):
         files = channel_files(case["image"])
         try:
-            channels = [read_volume(f) for f in files]
+            channels = [read_channels(f)[0] for f in files]
             label = read_volume(case["label"]) if case.get("label") else None
         except InputError as exc:
             problems.append((exc.path, exc.message))

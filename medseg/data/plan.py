@@ -15,8 +15,16 @@ from tqdm.auto import tqdm
 
 from medseg.config import Config
 from medseg.data.datasets import Dataset
-from medseg.errors import ConfigError
-from medseg.io import channel_files, read_header, read_volume, to_array, write_text_atomic
+from medseg.errors import ConfigError, InputError
+from medseg.io import (
+    channel_count,
+    channel_files,
+    read_channels,
+    read_header,
+    read_volume,
+    to_array,
+    write_text_atomic,
+)
 
 __all__ = ["Fingerprint", "Plan", "fingerprint", "make_plan", "load_plan", "plan_for_config", "apply_plan"]
 
@@ -29,8 +37,8 @@ class Fingerprint:
     """What planning needs to know of a dataset.
 
     Args:
-        spacings: (N, 3) voxel spacing in mm per case, along R, A, S.
-        shapes: (N, 3) voxels per case along R, A, S.
+        spacings: (N, D) voxel spacing in mm per case, along R, A, S (3D) or the pixel axes (2D).
+        shapes: (N, D) voxels per case along the same axes.
         modality: e.g. ``"MRI"`` or ``"CT"``.
         foreground: intensities sampled inside the labels (read for CT only).
         channels: image channels per case.
@@ -48,8 +56,9 @@ class Plan:
     """Preprocessing and network geometry for one dataset; saved as YAML and in checkpoints.
 
     Args:
-        spacing: target mm per voxel along R, A, S.
-        patch_size: training patch and sliding window, voxels along R, A, S.
+        spacing: target mm per voxel along R, A, S (along the pixel axes for 2D tasks); its
+            length is the task's dimensionality.
+        patch_size: training patch and sliding window, voxels along the same axes.
         strides: down-sampling per level (one entry per level after the first).
         normalization: ``zscore`` (per image, over non-zero voxels: MRI and others) or ``ct``
             (clip to the foreground's 0.5-99.5 percentiles, z-score with its mean and std).
@@ -69,6 +78,11 @@ class Plan:
     modality: str = "MRI"
     median_shape: list[int] = field(default_factory=list)
     channels: int = 1
+
+    @property
+    def spatial_dims(self) -> int:
+        """2 for a task of 2D images, 3 for volumes."""
+        return len(self.spacing)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -91,10 +105,11 @@ class Plan:
             norm = (
                 f"CT: clip to [{low:.0f}, {high:.0f}], z-score with mean {self.mean:.1f}, std {self.std:.1f}"
             )
+        axes = "R, A, S" if self.spatial_dims == 3 else "x, y: 2D images"
         return "\n".join(
             [
                 f"modality          {self.modality}, {self.channels} channel(s)",
-                f"target spacing    {' x '.join(f'{s:g}' for s in self.spacing)} mm (R, A, S)",
+                f"target spacing    {' x '.join(f'{s:g}' for s in self.spacing)} mm ({axes})",
                 f"median shape      {' x '.join(map(str, self.median_shape))} voxels after resampling",
                 f"patch size        {' x '.join(map(str, self.patch_size))} voxels",
                 f"pooling per level {', '.join('x'.join(map(str, s)) for s in self.strides)}",
@@ -111,27 +126,47 @@ def load_plan(path: str | Path) -> Plan:
     return Plan.from_dict(yaml.safe_load(path.read_text()) or {}, str(path))
 
 
-def _ras_order(image_or_reader) -> np.ndarray:
-    affine = np.eye(4)
-    affine[:3, :3] = np.asarray(image_or_reader.GetDirection()).reshape(3, 3)
-    return nib.orientations.io_orientation(affine)[:, 0].astype(int)
+def _case_geometry(case: dict) -> tuple[np.ndarray, np.ndarray, int]:
+    """Spacing and size of a case along R, A, S (3D) or its pixel axes (2D), and its channels."""
+    spacing = size = None
+    channels = 0
+    for path in channel_files(case["image"]):
+        header = read_header(path)
+        dims = header.GetDimension()
+        spatial = 2 if dims == 2 else 3  # a 4D file holds 3D channels
+        channels += header.GetSize()[3] if dims == 4 else channel_count(header)
+        if spacing is None:
+            spacing = np.asarray(header.GetSpacing()[:spatial], dtype=float)
+            size = np.asarray(header.GetSize()[:spatial], dtype=float)
+            if spatial == 3:
+                direction = np.asarray(header.GetDirection()).reshape(dims, dims)[:3, :3]
+                affine = np.eye(4)
+                affine[:3, :3] = direction
+                axes = nib.orientations.io_orientation(affine)[:, 0].astype(int)
+                spacing[axes], size[axes] = spacing.copy(), size.copy()
+    return spacing, size, channels
 
 
 def fingerprint(dataset: Dataset, modality: str = "MRI", samples_per_case: int = 20000) -> Fingerprint:
     """Spacings and shapes (from headers) and, for CT, foreground intensities (sampled)."""
-    spacings, shapes, foreground = [], [], []
+    spacings, shapes, channels, foreground = [], [], [], []
     rng = np.random.default_rng(0)
     is_ct = modality.upper() == "CT"
     for case in tqdm(dataset.training, desc="fingerprint", unit="case", disable=None, leave=False):
-        first = channel_files(case["image"])[0]
-        reader = read_header(first)
-        axes = _ras_order(reader)
-        spacing, shape = np.empty(3), np.empty(3)
-        spacing[axes], shape[axes] = reader.GetSpacing(), reader.GetSize()
+        spacing, shape, count = _case_geometry(case)
         spacings.append(spacing)
         shapes.append(shape)
+        channels.append(count)
+        first = dataset.training[0]
+        if count != channels[0] or len(spacing) != len(spacings[0]):
+            raise InputError(
+                channel_files(case["image"])[0],
+                f"has {count} channel(s) in {len(spacing)}D; the first case "
+                f"{channel_files(first['image'])[0]} has {channels[0]} in {len(spacings[0])}D",
+            )
         if is_ct and case.get("label"):
-            values = to_array(read_volume(first))[to_array(read_volume(case["label"])) > 0]
+            image = read_channels(channel_files(case["image"])[0])[0]
+            values = to_array(image)[to_array(read_volume(case["label"])) > 0]
             if values.size:
                 foreground.append(rng.choice(values, min(samples_per_case, values.size), replace=False))
     return Fingerprint(
@@ -139,7 +174,7 @@ def fingerprint(dataset: Dataset, modality: str = "MRI", samples_per_case: int =
         np.asarray(shapes),
         modality.upper(),
         np.concatenate(foreground).astype(np.float64) if foreground else None,
-        channels=len(channel_files(dataset.training[0]["image"])),
+        channels=channels[0],
     )
 
 
@@ -185,11 +220,12 @@ def make_plan(
     strides, current, size = [], spacing.copy(), patch.astype(float)
     for _ in range(levels - 1):
         pool = [
-            2 if current[a] <= 2 * current.min() and size[a] / 2 >= MIN_FEATURE_MAP else 1 for a in range(3)
+            2 if current[a] <= 2 * current.min() and size[a] / 2 >= MIN_FEATURE_MAP else 1
+            for a in range(len(spacing))
         ]
         strides.append(pool)
         current, size = current * pool, size / pool
-    factor = np.prod(np.asarray(strides), axis=0) if strides else np.ones(3, int)
+    factor = np.prod(np.asarray(strides), axis=0) if strides else np.ones(len(spacing), int)
     if fixed_patch is None:
         patch = np.maximum(patch // factor * factor, factor)
     plan = Plan(
@@ -233,12 +269,18 @@ def plan_for_config(config: Config, dataset: Dataset) -> Plan:
     if data.patch_size:
         plan.patch_size = list(data.patch_size)
     if model.strides:
-        plan.strides = [[s] * 3 if isinstance(s, int) else list(s) for s in model.strides]
+        plan.strides = [[s] * plan.spatial_dims if isinstance(s, int) else list(s) for s in model.strides]
     if len(plan.strides) != len(model.channels) - 1:
         raise ConfigError(
             "model.strides", f"needs {len(model.channels) - 1} entries for {len(model.channels)} levels"
         )
-    factor = np.prod(np.asarray(plan.strides), axis=0) if plan.strides else np.ones(3, int)
+    if {len(plan.patch_size), *map(len, plan.strides)} != {plan.spatial_dims}:
+        raise ConfigError(
+            "data.patch_size",
+            f"patch {plan.patch_size} and strides {plan.strides} must have one entry per axis "
+            f"of the {plan.spatial_dims}D spacing {plan.spacing}",
+        )
+    factor = np.prod(np.asarray(plan.strides), axis=0) if plan.strides else np.ones(plan.spatial_dims, int)
     if any(p % f for p, f in zip(plan.patch_size, factor)):
         fit = [int(max(f, p // f * f)) for p, f in zip(plan.patch_size, factor)]
         raise ConfigError(

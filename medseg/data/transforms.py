@@ -15,7 +15,7 @@ from monai.data import MetaTensor
 from medseg.config import Config
 from medseg.data.plan import Plan
 from medseg.errors import InputError
-from medseg.io import grid_mismatch, ras_affine, read_volume, to_array
+from medseg.io import grid_mismatch, ras_affine, read_channels, read_volume, to_array
 
 __all__ = ["LoadVolumed", "body_mask", "train_transforms", "eval_transforms", "infer_transforms"]
 
@@ -28,7 +28,8 @@ class LoadVolumed(mt.MapTransform):
 
     Args:
         keys: the dict keys holding a file path, a SimpleITK image already read, or a list of
-            either (one per channel, all on one grid).
+            either (all on one grid). Images are split into channels by ``medseg.io.read_channels``
+            (a 4D NIfTI or an RGB PNG gives several); labels must be single-channel.
         spatial_dims: the dimensionality the model needs; other inputs are an InputError.
     """
 
@@ -42,11 +43,13 @@ class LoadVolumed(mt.MapTransform):
             if out[key] is None:
                 continue
             sources = out[key] if isinstance(out[key], (list, tuple)) else [out[key]]
-            images = [self._read(source) for source in sources]
-            for source, image in zip(sources[1:], images[1:]):
-                mismatch = grid_mismatch(image, images[0])
+            images = []
+            for source in sources:
+                channels = self._read(source, key)
+                mismatch = grid_mismatch(channels[0], images[0]) if images else ""
                 if mismatch:
                     raise InputError(str(source), f"{mismatch} of the case's first channel")
+                images += channels
             dtype = np.float32 if key == "image" else np.int64
             array = np.stack([to_array(image).astype(dtype) for image in images])
             out[key] = MetaTensor(
@@ -56,10 +59,12 @@ class LoadVolumed(mt.MapTransform):
             )
         return out
 
-    def _read(self, source) -> sitk.Image:
+    def _read(self, source, key: str) -> list[sitk.Image]:
         if isinstance(source, sitk.Image):
-            return source
-        return read_volume(source, spatial_dims=self.spatial_dims)
+            return [source]
+        if key == "image":
+            return read_channels(source, spatial_dims=self.spatial_dims)
+        return [read_volume(source, spatial_dims=self.spatial_dims)]
 
 
 def body_mask(image: torch.Tensor) -> torch.Tensor:
@@ -85,9 +90,15 @@ def _normalize(plan: Plan) -> list:
 
 def _preprocess(plan: Plan, keys: list[str]) -> list:
     modes = ["bilinear" if k == "image" else "nearest" for k in keys]
+    # 2D images have no patient frame to orient to: their pixel axes are kept.
+    orient = (
+        [mt.Orientationd(keys, axcodes="RAS", labels=_RAS_LABELS, allow_missing_keys=True)]
+        if plan.spatial_dims == 3
+        else []
+    )
     return [
-        LoadVolumed(keys),
-        mt.Orientationd(keys, axcodes="RAS", labels=_RAS_LABELS, allow_missing_keys=True),
+        LoadVolumed(keys, spatial_dims=plan.spatial_dims),
+        *orient,
         mt.Spacingd(keys, pixdim=plan.spacing, mode=modes, allow_missing_keys=True),
         *_normalize(plan),
     ]
@@ -126,7 +137,7 @@ def train_transforms(config: Config, plan: Plan, num_classes: int) -> mt.Compose
         ),
         *[
             mt.RandFlipd(keys, prob=aug.flip_prob, spatial_axis=axis)
-            for axis in range(3)
+            for axis in range(plan.spatial_dims)
             if aug.flip_prob > 0
         ],
         mt.RandScaleIntensityd("image", factors=0.15, prob=aug.intensity_prob),

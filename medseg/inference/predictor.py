@@ -13,10 +13,10 @@ from torch import nn
 from medseg.config import Config
 from medseg.data.plan import Plan
 from medseg.data.transforms import infer_transforms
-from medseg.device import autocast_dtype, resolve_device, use_channels_last
+from medseg.device import autocast_dtype, channels_last_format, resolve_device, use_channels_last
 from medseg.dicom import DicomSeries, write_dicom_seg
 from medseg.errors import InputError
-from medseg.io import channel_files, image_from_ras, read_volume, write_volume
+from medseg.io import channel_files, image_from_ras, read_channels, write_volume
 from medseg.training.checkpoint import load_checkpoint, model_from_checkpoint
 
 __all__ = ["sliding_window_probs", "Predictor"]
@@ -37,7 +37,7 @@ def sliding_window_probs(
 
     def run(window: torch.Tensor) -> torch.Tensor:
         if channels_last:
-            window = window.contiguous(memory_format=torch.channels_last_3d)
+            window = window.contiguous(memory_format=channels_last_format(window.ndim - 2))
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             return model(window).float()
 
@@ -79,12 +79,12 @@ class Predictor:
             self.config.train.channels_last, self.device, self.amp_dtype, self.model
         )
         if self.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last_3d)
+            self.model = self.model.to(memory_format=channels_last_format(self.plan.spatial_dims))
         self.transform = infer_transforms(self.plan)
 
     def predict_image(self, image: sitk.Image | list[sitk.Image]) -> np.ndarray:
         """Segment one image (or its channels, as a list on one grid); returns the label map in
-        (i, j, k) order on the image's own grid."""
+        (i, j[, k]) order on the image's own grid."""
         channels = list(image) if isinstance(image, (list, tuple)) else [image]
         if len(channels) != self.plan.channels:
             raise ValueError(f"has {len(channels)} channel(s); this model needs {self.plan.channels}")
@@ -128,10 +128,11 @@ class Predictor:
         The suffix of ``output`` picks the format; ``.dcm`` writes DICOM-SEG, which needs a
         DICOM series as the source.
         """
+        dims = self.plan.spatial_dims
         if isinstance(source, DicomSeries):
-            channels = [read_volume(source.folder, spatial_dims=3, series_uid=source.uid)]
+            channels = read_channels(source.folder, spatial_dims=dims, series_uid=source.uid)
         else:
-            channels = [read_volume(f, spatial_dims=3) for f in channel_files(source)]
+            channels = [c for f in channel_files(source) for c in read_channels(f, spatial_dims=dims)]
         image = channels[0]
         try:
             mask = self.predict_image(channels)

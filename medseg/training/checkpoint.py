@@ -50,8 +50,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return payload
 
 
-def model_from_config(config: Config, out_channels: int, in_channels: int = 1) -> nn.Module:
-    """The network a config describes, for ``in_channels`` image channels and ``out_channels`` classes."""
+def model_from_config(
+    config: Config, out_channels: int, in_channels: int = 1, spatial_dims: int = 3
+) -> nn.Module:
+    """The network a config describes, for ``in_channels`` image channels, ``out_channels``
+    classes and 2D or 3D images."""
     settings = config.to_dict()["model"]
     name = settings.pop("name")
     if name not in MODELS:
@@ -60,7 +63,7 @@ def model_from_config(config: Config, out_channels: int, in_channels: int = 1) -
     options = {k: v for k, v in settings.items() if k in wanted and v is not None}
     try:
         return build_model(
-            name, spatial_dims=3, in_channels=in_channels, out_channels=out_channels, **options
+            name, spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels, **options
         )
     except ValueError as exc:
         raise ConfigError("model", str(exc)) from None
@@ -73,6 +76,7 @@ def model_from_checkpoint(payload: dict) -> nn.Module:
             "checkpoint", "was trained with a custom model: build it yourself and load payload['model']"
         )
     config = Config.from_dict(payload["config"], source="checkpoint config")
-    model = model_from_config(config, len(payload["labels"]), payload["plan"].get("channels", 1))
+    plan = payload["plan"]
+    model = model_from_config(config, len(payload["labels"]), plan.get("channels", 1), len(plan["spacing"]))
     model.load_state_dict(payload["model"])
     return model.eval()

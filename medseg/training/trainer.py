@@ -22,7 +22,7 @@ from medseg.data.cache import cached_dataset
 from medseg.data.datasets import check_cases, find_cases, label_names, split_cases
 from medseg.data.plan import apply_plan, plan_for_config
 from medseg.data.transforms import eval_transforms, train_transforms
-from medseg.device import autocast_dtype, resolve_device, use_channels_last
+from medseg.device import autocast_dtype, channels_last_format, resolve_device, use_channels_last
 from medseg.errors import ConfigError, InputError
 from medseg.evaluation.metrics import dice_per_class
 from medseg.evaluation.report import plot_curves
@@ -94,14 +94,15 @@ class Trainer:
         _seed_everything(config.train.seed)
         self.callbacks = list(callbacks)
         self.custom_model = model is not None
-        self.model = (model or model_from_config(config, len(self.labels), self.plan.channels)).to(
-            self.device
+        self.model = model or model_from_config(
+            config, len(self.labels), self.plan.channels, self.plan.spatial_dims
         )
+        self.model = self.model.to(self.device)
         self.channels_last = use_channels_last(
             config.train.channels_last, self.device, self.amp_dtype, self.model
         )
         if self.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last_3d)
+            self.model = self.model.to(memory_format=channels_last_format(self.plan.spatial_dims))
         self.loss_fn = loss_fn or DiceCELoss(to_onehot_y=True, softmax=True)
         if config.model.deep_supervision:
             # Coarse outputs weigh 1/2, 1/4, ... of the full-resolution one.
@@ -230,7 +231,7 @@ class Trainer:
         image = batch["image"].to(self.device, non_blocking=True)
         label = batch["label"].to(self.device, non_blocking=True)
         if self.channels_last:
-            image = image.contiguous(memory_format=torch.channels_last_3d)
+            image = image.contiguous(memory_format=channels_last_format(self.plan.spatial_dims))
         with torch.autocast(
             self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
         ):
