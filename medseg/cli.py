@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from pathlib import Path
 
-from medseg.errors import InputError, find_medseg_error
+from medseg.errors import ConfigError, InputError, find_medseg_error
 
 __all__ = ["main"]
 
@@ -41,9 +42,21 @@ def cmd_train(args) -> int:
     from medseg.config import load_config
     from medseg.training.trainer import Trainer
 
-    config = load_config(args.config, args.set)
-    config.data.root, config.train.output_dir = str(args.data), str(args.output)
-    summary = Trainer(config, overwrite=args.overwrite).fit()
+    if args.resume:
+        if args.data or args.output or args.config or args.fold is not None:
+            raise ConfigError("--resume", "continues a run with its own data and config; give only --set")
+        summary = Trainer.resume(args.resume, args.set).fit()
+    else:
+        if not (args.data and args.output):
+            raise ConfigError("train", "needs --data and --output (or --resume RUN_DIR)")
+        config = load_config(args.config, args.set)
+        config.data.root, config.train.output_dir = str(args.data), str(args.output)
+        if args.fold is not None:
+            config.data.fold, config.data.folds = args.fold, args.folds
+            config.train.output_dir = str(Path(args.output) / f"fold_{args.fold}")
+        summary = Trainer(config, overwrite=args.overwrite).fit()
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under torchrun, rank 0 speaks for all
     print(
         f"trained {summary['epochs']} epochs ({summary['steps']} steps) in {summary['seconds']:.0f} s; "
         f"best validation Dice {_fmt(summary['best_dice'])}; checkpoint {summary['best']}"
@@ -117,11 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train", help="train a model on a dataset folder")
-    p.add_argument("--data", required=True, help="dataset folder (dataset.json, or imagesTr/ + labelsTr/)")
-    p.add_argument("--output", required=True, help="run folder for checkpoints and logs")
+    p.add_argument("--data", help="dataset folder (dataset.json, or imagesTr/ + labelsTr/) or CSV")
+    p.add_argument("--output", help="run folder for checkpoints and logs")
     p.add_argument("--config", help="YAML config (default: the built-in heart settings)")
     p.add_argument("--set", **overrides)
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --output")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last.pt")
+    p.add_argument("--fold", type=int, help="cross-validation: train fold K, in OUTPUT/fold_K")
+    p.add_argument("--folds", type=int, default=5, help="cross-validation folds (default: %(default)s)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("plan", help="plan spacing, patch size, pooling and normalisation from a dataset")

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from medseg.errors import ConfigError
+from medseg.io import write_text_atomic
 
 __all__ = [
     "Config",
@@ -43,7 +44,10 @@ class DataConfig:
         max_patch_voxels: the patch budget planning works to.
         samples_per_volume: patches cut from a volume each time it is drawn.
         class_ratios: how often a patch is centred on each class (background first); null: equally.
-        val_fraction: share of the training cases held out for validation.
+        val_fraction: share of the training cases held out for validation (without ``folds``).
+        folds: k-fold cross-validation: the cases are split into this many seeded folds
+            (saved as ``splits.json`` in the run folder); null: one ``val_fraction`` split.
+        fold: which fold validates (0 .. folds-1); the others train.
         num_workers: data-loader worker processes.
         cache: keep preprocessed volumes in ``memory`` (this run), on ``disk`` (across runs,
             keyed by file content and plan) or ``none``.
@@ -59,6 +63,8 @@ class DataConfig:
     samples_per_volume: int = 2
     class_ratios: list[float] | None = None
     val_fraction: float = 0.2
+    folds: int | None = None
+    fold: int = 0
     num_workers: int = 0
     cache: str = "memory"
     cache_dir: str | None = None
@@ -121,14 +127,29 @@ class TrainConfig:
         iters_per_epoch: optimiser steps per epoch.
         max_time: stop after this many seconds of training (null: no limit).
         batch_size: volumes per step; each gives ``data.samples_per_volume`` patches.
-        lr: peak learning rate (AdamW, cosine decay after a short warm-up).
-        weight_decay: AdamW weight decay.
+        lr: peak learning rate, reached after the warm-up.
+        weight_decay: weight decay (decoupled for AdamW).
+        optimizer: ``adamw``, or ``sgd`` (Nesterov, momentum ``momentum``, as nnU-Net).
+        momentum: SGD momentum.
+        schedule: learning-rate decay after warm-up: ``cosine``, or ``poly`` (nnU-Net's
+            ``(1 - progress) ** 0.9``). Progress is the larger of steps and time used.
+        warmup: share of the run spent warming up linearly.
+        grad_clip: clip the gradient norm to this (null: no clipping).
+        ema_decay: keep an exponential moving average of the weights with this decay (e.g.
+            0.999) and validate and save it; null: off.
         val_every: validate every this many epochs (and always at the end).
         seed: random seed for splits, sampling and initialisation.
-        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
-        precision: ``auto``, ``fp32``, ``bf16`` or ``fp16`` (fp16 on CUDA only).
+        deterministic: use deterministic algorithms only, so a resumed run ends with the same
+            weights as an uninterrupted one (needs ``max_time: null``: time is never repeatable).
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``. Under torchrun each process
+            takes the GPU of its ``LOCAL_RANK``.
+        precision: ``auto``, ``fp32``, ``bf16`` or ``fp16`` (fp16 with gradient scaling; meant
+            for GPUs, slow on CPUs).
         channels_last: channels-last memory layout; null: where measured faster (see
             ``medseg.device.use_channels_last``).
+        compile: run the network through ``torch.compile`` (slow to start, faster after).
+        tensorboard: write TensorBoard scalars to ``<output_dir>/tensorboard``; null: when the
+            ``tensorboard`` package is installed.
     """
 
     output_dir: str = "runs/heart"
@@ -138,11 +159,20 @@ class TrainConfig:
     batch_size: int = 1
     lr: float = 1e-2
     weight_decay: float = 1e-4
+    optimizer: str = "adamw"
+    momentum: float = 0.99
+    schedule: str = "cosine"
+    warmup: float = 0.03
+    grad_clip: float | None = 12.0
+    ema_decay: float | None = None
     val_every: int = 2
     seed: int = 0
+    deterministic: bool = False
     device: str = "auto"
     precision: str = "auto"
     channels_last: bool | None = None
+    compile: bool = False
+    tensorboard: bool | None = None
 
 
 @dataclass
@@ -259,7 +289,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(path, "no such config file")
         try:
-            data = yaml.safe_load(path.read_text())
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as exc:
             raise ConfigError(path, f"not valid YAML ({exc.__class__.__name__})") from None
         config = Config.from_dict(data or {}, source=str(path))
@@ -267,5 +297,5 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def save_config(config: Config, path: str | Path) -> None:
-    """Write the config as YAML."""
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    """Write the config as YAML, atomically."""
+    write_text_atomic(path, yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True))

@@ -48,15 +48,14 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
     """The autocast dtype for a precision setting, or None for plain fp32.
 
     ``auto`` means bf16 on GPUs that support it (else fp16) and on CPUs with native bf16,
-    fp32 elsewhere.
+    fp32 elsewhere. ``fp16`` is honoured anywhere (the trainer scales its gradients), though
+    on CPUs it is slower than bf16.
     """
     if precision == "fp32":
         return None
     if precision == "bf16":
         return torch.bfloat16
     if precision == "fp16":
-        if device.type != "cuda":
-            raise ConfigError("train.precision", "fp16 needs a CUDA GPU; use bf16 or fp32 here")
         return torch.float16
     if precision != "auto":
         raise ConfigError("train.precision", f"must be auto, fp32, bf16 or fp16, not {precision!r}")

@@ -245,7 +245,7 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write a text file atomically."""
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
 
 
 def to_array(image: sitk.Image) -> np.ndarray:

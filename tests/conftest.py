@@ -51,9 +51,14 @@ def write_dicom_series(
     Slices in ``skip`` are left out; ``nudge`` maps a slice index to mm to move it along the slice
     normal (to make uneven spacing).
     """
+    import locale
+
     import SimpleITK as sitk
 
     folder.mkdir(parents=True, exist_ok=True)
+    # GDCM's writer switches the process locale to "C", which would make Python's default text
+    # encoding ASCII for the rest of the test session; put it back afterwards.
+    saved_locale = locale.setlocale(locale.LC_ALL)
     d = image.GetDirection()
     orientation = "\\".join(f"{v:.10f}" for v in (d[0], d[3], d[6], d[1], d[4], d[7]))
     writer = sitk.ImageFileWriter()
@@ -84,4 +89,5 @@ def write_dicom_series(
             piece.SetMetaData(key, value)
         writer.SetFileName(str(folder / f"{uid.replace('.', '_')}_{k:03d}.dcm"))
         writer.Execute(piece)
+    locale.setlocale(locale.LC_ALL, saved_locale)
     return folder

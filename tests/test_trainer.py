@@ -124,7 +124,7 @@ def test_callbacks_hooks_and_a_custom_loss(tiny_dataset, tmp_path):
     config.data.root, config.train.output_dir = str(tiny_dataset), str(tmp_path / "run")
     recorder = _Recorder()
     Trainer(config, callbacks=[recorder], loss_fn=loss_fn).fit()
-    dice_keys = "['dice_LV', 'dice_RV', 'dice_mean', 'dice_myocardium']"
+    dice_keys = "['dice_LV', 'dice_RV', 'dice_mean', 'dice_myocardium', 'val_cases']"
     assert recorder.calls == ["start", "epoch 1", f"val {dice_keys}", "epoch 2", f"val {dice_keys}", "end 4"]
     assert len(losses) == 4
 

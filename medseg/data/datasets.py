@@ -30,6 +30,7 @@ __all__ = [
     "find_cases",
     "list_volumes",
     "split_cases",
+    "fold_splits",
     "label_names",
     "parse_label_map",
     "read_label_map",
@@ -109,7 +110,7 @@ def _modality(meta: dict) -> str:
 
 def _read_json(path: Path):
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise InputError(path, "no such file") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -195,7 +196,7 @@ def _series_folders(images: Path) -> list[Path]:
 
 
 def _from_csv(path: Path) -> Dataset:
-    with path.open(newline="") as handle:
+    with path.open(newline="", encoding="utf-8-sig") as handle:
         rows = list(csv.DictReader(handle))
     if not rows or "image" not in rows[0]:
         raise InputError(path, "needs a header with an 'image' column (and 'label', optionally 'id')")
@@ -218,6 +219,19 @@ def split_cases(cases: list[dict], val_fraction: float, seed: int) -> tuple[list
     random.Random(seed).shuffle(shuffled)
     n_val = min(len(cases) - 1, max(1, round(val_fraction * len(cases))))
     return shuffled[n_val:], shuffled[:n_val]
+
+
+def fold_splits(cases: list[dict], folds: int, seed: int) -> list[dict[str, list[str]]]:
+    """Seeded k-fold cross-validation: ``[{"train": [ids], "val": [ids]}, ...]``, one per fold.
+
+    Every case validates in exactly one fold; fold sizes differ by at most one.
+    """
+    if not 2 <= folds <= len(cases):
+        raise InputError("data.folds", f"needs 2 to {len(cases)} folds for {len(cases)} cases, not {folds}")
+    ids = sorted(c["id"] for c in cases)
+    random.Random(seed).shuffle(ids)
+    held_out = [sorted(ids[k::folds]) for k in range(folds)]
+    return [{"train": sorted(set(ids) - set(val)), "val": val} for val in held_out]
 
 
 def label_names(dataset: Dataset) -> dict[int, str]:

@@ -189,5 +189,5 @@ def make_dataset(
         "numTest": n_test,
         **entries,
     }
-    (folder / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (folder / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return folder

@@ -123,7 +123,7 @@ def load_plan(path: str | Path) -> Plan:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(path, "no such plan file")
-    return Plan.from_dict(yaml.safe_load(path.read_text()) or {}, str(path))
+    return Plan.from_dict(yaml.safe_load(path.read_text(encoding="utf-8")) or {}, str(path))
 
 
 def _case_geometry(case: dict) -> tuple[np.ndarray, np.ndarray, int]:

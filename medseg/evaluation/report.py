@@ -14,12 +14,22 @@ import SimpleITK as sitk  # noqa: E402
 
 from medseg.io import atomic_path, to_array  # noqa: E402
 
-__all__ = ["plot_curves", "overlay_png"]
+__all__ = ["write_metrics", "plot_curves", "overlay_png"]
+
+
+def write_metrics(history: list[dict], columns: list[str], path: str | Path) -> None:
+    """Write a run's per-epoch rows as ``metrics.csv``, whole and atomically (so a resumed run's
+    table matches its checkpoint)."""
+    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for row in history:
+            writer.writerow({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in row.items()})
 
 
 def plot_curves(metrics_csv: str | Path, png: str | Path) -> Path:
     """Plot loss and validation Dice per epoch from a run's ``metrics.csv``."""
-    rows = list(csv.DictReader(Path(metrics_csv).open()))
+    rows = list(csv.DictReader(Path(metrics_csv).open(encoding="utf-8")))
     epochs = [int(r["epoch"]) for r in rows]
     fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(10, 3.8))
     ax_loss.plot(epochs, [float(r["loss"]) for r in rows], marker=".")

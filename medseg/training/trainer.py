@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import csv
+import json
 import math
 import random
 import sys
@@ -15,37 +15,32 @@ import torch
 from monai.data import DataLoader, Dataset, list_data_collate
 from monai.losses import DeepSupervisionLoss, DiceCELoss
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from medseg.config import Config, save_config
 from medseg.data.cache import cached_dataset
-from medseg.data.datasets import check_cases, find_cases, label_names, split_cases
-from medseg.data.plan import apply_plan, plan_for_config
+from medseg.data.datasets import Dataset as Cases
+from medseg.data.datasets import check_cases, find_cases, fold_splits, label_names, split_cases
+from medseg.data.plan import Plan, apply_plan, plan_for_config
 from medseg.data.transforms import eval_transforms, train_transforms
-from medseg.device import autocast_dtype, channels_last_format, resolve_device, use_channels_last
-from medseg.errors import ConfigError, InputError
+from medseg.device import autocast_dtype, channels_last_format, use_channels_last
+from medseg.errors import CheckpointError, ConfigError, InputError
 from medseg.evaluation.metrics import dice_per_class
-from medseg.evaluation.report import plot_curves
+from medseg.evaluation.report import plot_curves, write_metrics
 from medseg.inference.predictor import sliding_window_probs
-from medseg.training.checkpoint import model_from_config, save_checkpoint
+from medseg.io import write_text_atomic
+from medseg.training.callbacks import Callback, TensorBoardLogger, tensorboard_available
+from medseg.training.checkpoint import load_checkpoint, model_from_config, save_checkpoint
+from medseg.training.distributed import setup_distributed
+from medseg.training.optim import lr_factor, make_ema, make_optimizer
+from medseg.training.sampling import SeededSamples, StepSampler
 
 __all__ = ["Trainer", "Callback"]
 
 
-class Callback:
-    """Base for callbacks: override the hooks you need; each receives the trainer first."""
-
-    def on_train_start(self, trainer: Trainer) -> None: ...
-
-    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None: ...
-
-    def on_validation_end(self, trainer: Trainer, metrics: dict[str, float]) -> None: ...
-
-    def on_train_end(self, trainer: Trainer, summary: dict) -> None: ...
-
-
 class Trainer:
-    """Train a segmentation network from a config.
+    """Train a segmentation network from a config, on one CPU, one GPU or many (torchrun).
 
     Args:
         config: the run's configuration; ``config.data.root`` names the dataset and
@@ -56,14 +51,19 @@ class Trainer:
         model: your own network instead of ``model.name`` (called as ``model(x)``; the
             checkpoint then stores its weights, and ``Predictor`` cannot rebuild it).
         loss_fn: your own loss ``loss_fn(logits, label)`` instead of Dice + CE.
+        train_cases, val_cases: your own cases (``{"image", "label", "id"}`` dicts) instead of
+            ``data.root``; without ``val_cases`` the training cases are split as configured.
+        plan: a ``Plan`` to use instead of planning (``Trainer.resume`` passes the run's own).
 
     Hooks: a subclass may override ``on_train_start``, ``on_epoch_start``, ``train_step``,
-    ``on_validation_end`` and ``on_train_end`` (call ``super()`` to keep the callbacks).
+    ``on_validation_end``, ``on_epoch_end`` and ``on_train_end`` (call ``super()`` to keep the
+    callbacks).
 
     Example:
         >>> from medseg import Trainer, load_config
         >>> cfg = load_config(None, ["data.root=sample_data/heart", "train.max_time=60"])
         >>> summary = Trainer(cfg).fit()
+        >>> summary = Trainer.resume("runs/heart").fit()  # after an interruption
     """
 
     def __init__(
@@ -73,72 +73,126 @@ class Trainer:
         callbacks: Sequence[Callback] = (),
         model: nn.Module | None = None,
         loss_fn: Callable | None = None,
+        train_cases: list[dict] | None = None,
+        val_cases: list[dict] | None = None,
+        plan: Plan | None = None,
     ):
-        if not config.data.root:
-            raise ConfigError("data.root", "no dataset given (set data.root or pass --data)")
         self.overwrite = overwrite
-        self.device = resolve_device(config.train.device)
+        self.dist, self.device = setup_distributed(config.train.device)
         self.amp_dtype = autocast_dtype(self.device, config.train.precision)
         self.output_dir = Path(config.train.output_dir)
 
-        dataset = find_cases(config.data.root)
+        dataset, self.train_cases, self.val_cases = self._cases(config, train_cases, val_cases)
         self.labels = label_names(dataset)
-        _refuse_bad_cases(dataset.training, self.labels, config.data.root)
-        self.plan = plan_for_config(config, dataset)
+        _refuse_bad_cases(dataset.training, self.labels, config.data.root or "train_cases")
+        self.plan = plan or plan_for_config(config, dataset)
         # The saved config holds the planned spacing, patch and pooling: a run is reproducible
         # from its config.yaml alone.
         self.config = config = apply_plan(config, self.plan)
-        self.train_cases, self.val_cases = split_cases(
-            dataset.training, config.data.val_fraction, config.train.seed
-        )
-        _seed_everything(config.train.seed)
+        cfg = config.train
+        _seed_everything(cfg.seed, cfg.deterministic)
         self.callbacks = list(callbacks)
         self.custom_model = model is not None
         self.model = model or model_from_config(
             config, len(self.labels), self.plan.channels, self.plan.spatial_dims
         )
         self.model = self.model.to(self.device)
-        self.channels_last = use_channels_last(
-            config.train.channels_last, self.device, self.amp_dtype, self.model
-        )
+        self.channels_last = use_channels_last(cfg.channels_last, self.device, self.amp_dtype, self.model)
         if self.channels_last:
             self.model = self.model.to(memory_format=channels_last_format(self.plan.spatial_dims))
+        self.ema = make_ema(self.model, cfg.ema_decay)
+        # What the training step calls: the network, wrapped for DDP and compiled if asked.
+        self.net: nn.Module = self.model
+        if self.dist.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = DistributedDataParallel(self.model, device_ids=ids)
+        if cfg.compile:
+            self.net = torch.compile(self.net)
         self.loss_fn = loss_fn or DiceCELoss(to_onehot_y=True, softmax=True)
         if config.model.deep_supervision:
             # Coarse outputs weigh 1/2, 1/4, ... of the full-resolution one.
             self.loss_fn = DeepSupervisionLoss(self.loss_fn, weight_mode="exp")
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay
-        )
+        self.optimizer = make_optimizer(self.model.parameters(), cfg)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        if self.dist.is_main and (cfg.tensorboard or (cfg.tensorboard is None and tensorboard_available())):
+            self.callbacks.append(TensorBoardLogger(self.output_dir / "tensorboard"))
         self.epoch = 0
         self.step = 0
+        self.elapsed = 0.0  # seconds of training so far, across resumptions
         self.best_dice = -math.inf
         self.history: list[dict] = []
+        self.resumed = False
         self.val_data: Dataset | None = None
 
+    @classmethod
+    def resume(cls, run_dir: str | Path, overrides: Sequence[str] = (), **kwargs) -> Trainer:
+        """A trainer that continues the run in ``run_dir`` from its ``last.pt``.
+
+        Its config, plan, weights, optimizer, scaler, step, clock and random states are restored,
+        so with ``train.deterministic`` a run killed and resumed ends with the weights of one
+        that never stopped. ``overrides`` (``key=value``) change the saved config, e.g.
+        ``train.epochs=80`` to train on; ``kwargs`` go to ``Trainer`` (a custom model must be
+        passed again).
+        """
+        run_dir = Path(run_dir)
+        payload = load_checkpoint(run_dir / "last.pt")
+        config = Config.from_dict(payload["config"], source=str(run_dir / "last.pt"))
+        config = config.override(list(overrides))
+        config.train.output_dir = str(run_dir)
+        if payload.get("custom_model") and "model" not in kwargs:
+            raise CheckpointError(run_dir / "last.pt", "was trained with a custom model: pass it as model=")
+        trainer = cls(config, plan=Plan.from_dict(payload["plan"], str(run_dir)), **kwargs)
+        trainer.load_state(payload)
+        return trainer
+
     # -- data -------------------------------------------------------------------------------
+
+    def _cases(self, config: Config, train_cases, val_cases) -> tuple[Cases, list, list]:
+        """The dataset (for labels and planning) and its training and validation cases."""
+        data = config.data
+        if train_cases is None:
+            if not data.root:
+                raise ConfigError("data.root", "no dataset given (set data.root or pass --data)")
+            dataset = find_cases(data.root)
+            cases = dataset.training
+        else:
+            cases = list(train_cases)
+            dataset = Cases(cases + list(val_cases or []), modality=data.modality or "MRI")
+        if val_cases is not None:
+            return dataset, cases, list(val_cases)
+        if data.folds:
+            self.splits = fold_splits(cases, data.folds, config.train.seed)
+            if not 0 <= data.fold < data.folds:
+                raise ConfigError("data.fold", f"must be 0 to {data.folds - 1}, not {data.fold}")
+            val_ids = set(self.splits[data.fold]["val"])
+            return (
+                dataset,
+                [c for c in cases if c["id"] not in val_ids],
+                [c for c in cases if c["id"] in val_ids],
+            )
+        return dataset, *split_cases(cases, data.val_fraction, config.train.seed)
 
     def _train_loader(self) -> DataLoader:
         cfg = self.config
         transform = train_transforms(cfg, self.plan, num_classes=len(self.labels))
-        transform.set_random_state(seed=cfg.train.seed)
-        dataset = cached_dataset(self.train_cases, transform, self.plan, cfg.data.cache, cfg.data.cache_dir)
+        cases = cached_dataset(self.train_cases, transform, self.plan, cfg.data.cache, cfg.data.cache_dir)
+        batch = cfg.train.batch_size
         return DataLoader(
-            dataset,
-            batch_size=cfg.train.batch_size,
-            shuffle=True,
+            SeededSamples(cases, cfg.train.seed),
+            batch_size=batch,
+            sampler=StepSampler(batch, start=self.step, rank=self.dist.rank, world=self.dist.world),
             num_workers=cfg.data.num_workers,
             collate_fn=list_data_collate,
             pin_memory=self.device.type == "cuda",
-            drop_last=len(dataset) > cfg.train.batch_size,
         )
 
     def _val_dataset(self) -> Dataset | None:
-        """The validation cases, preprocessed once and kept in memory (None without any)."""
-        if self.val_data is None and self.val_cases:
+        """This rank's share of the validation cases, preprocessed once (None without any)."""
+        mine = self.val_cases[self.dist.rank :: self.dist.world]
+        if self.val_data is None and mine:
             data = self.config.data
             self.val_data = cached_dataset(
-                self.val_cases, eval_transforms(self.plan), self.plan, data.cache, data.cache_dir
+                mine, eval_transforms(self.plan), self.plan, data.cache, data.cache_dir
             )
         return self.val_data
 
@@ -148,53 +202,55 @@ class Trainer:
         """Train until ``train.epochs`` or ``train.max_time``; returns a summary dict.
 
         Writes ``last.pt`` after every epoch, ``best.pt`` whenever validation Dice improves, a row
-        of ``metrics.csv`` per epoch and ``curves.png`` at the end.
+        of ``metrics.csv`` per epoch and ``curves.png`` at the end (rank 0 only under torchrun).
         """
         cfg = self.config.train
         self._prepare_output_dir()
-        save_config(self.config, self.output_dir / "config.yaml")
-        self.plan.save(self.output_dir / "plan.yaml")
-        loader = self._train_loader()
-        batches = _forever(loader)
+        batches = iter(self._train_loader())
         total_steps = cfg.epochs * cfg.iters_per_epoch
-        start = time.monotonic()
-        out_of_time = False
+        clock = time.monotonic() - self.elapsed
         self.on_train_start()
-        for epoch in range(self.epoch, cfg.epochs):
-            self.epoch = epoch + 1
+        while self.epoch < cfg.epochs and self._progress(clock, total_steps) < 1.0:
+            self.epoch += 1
             self.on_epoch_start(self.epoch)
             self.model.train()
-            losses = []
+            losses, waited, began = [], 0.0, time.monotonic()
             bar = tqdm(
-                range(cfg.iters_per_epoch), desc=f"epoch {self.epoch}/{cfg.epochs}", leave=False, disable=None
+                range(cfg.iters_per_epoch),
+                desc=f"epoch {self.epoch}/{cfg.epochs}",
+                leave=False,
+                disable=None if self.dist.is_main else True,
             )
             for _ in bar:
-                elapsed = time.monotonic() - start
-                progress = max(self.step / total_steps, elapsed / cfg.max_time if cfg.max_time else 0.0)
+                progress = self._progress(clock, total_steps)
                 if progress >= 1.0:
-                    out_of_time = True
                     break
                 self._set_lr(progress)
-                losses.append(self.train_step(next(batches)))
+                fetch = time.monotonic()
+                batch = next(batches)
+                waited += time.monotonic() - fetch
+                losses.append(self.train_step(batch))
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
             bar.close()
-            last_epoch = out_of_time or self.epoch == cfg.epochs
+            self.elapsed = time.monotonic() - clock
+            done = self.epoch >= cfg.epochs or self._progress(clock, total_steps) >= 1.0
             row = {
                 "epoch": self.epoch,
                 "step": self.step,
                 "loss": _mean(losses),
-                "time": time.monotonic() - start,
+                "lr": self.optimizer.param_groups[0]["lr"],
+                "data_wait": waited / max(time.monotonic() - began, 1e-9),
+                "time": self.elapsed,
             }
-            if self.val_cases and (last_epoch or self.epoch % cfg.val_every == 0):
+            if self.val_cases and (done or self.epoch % cfg.val_every == 0):
                 row.update(self.validate())
             self._end_epoch(row)
-            if last_epoch:
-                break
-        plot_curves(self.output_dir / "metrics.csv", self.output_dir / "curves.png")
+        if self.dist.is_main and self.history:
+            plot_curves(self.output_dir / "metrics.csv", self.output_dir / "curves.png")
         summary = {
             "epochs": self.epoch,
             "steps": self.step,
-            "seconds": round(time.monotonic() - start, 1),
+            "seconds": round(self.elapsed, 1),
             "best_dice": self.best_dice,
             "best": str(self.output_dir / "best.pt"),
             "last": str(self.output_dir / "last.pt"),
@@ -219,8 +275,12 @@ class Trainer:
         self._call("on_epoch_start", epoch)
 
     def on_validation_end(self, metrics: dict[str, float]) -> None:
-        """After each validation, with Dice per class and ``dice_mean``."""
+        """After each validation, with Dice per class and ``dice_mean`` (all ranks agree)."""
         self._call("on_validation_end", metrics)
+
+    def on_epoch_end(self, row: dict) -> None:
+        """After each epoch, with its ``metrics.csv`` row, before the checkpoints are written."""
+        self._call("on_epoch_end", row)
 
     def on_train_end(self, summary: dict) -> None:
         """After training, with the summary ``fit`` returns."""
@@ -228,6 +288,7 @@ class Trainer:
 
     def train_step(self, batch: dict) -> float:
         """One optimiser step on a batch; returns the loss."""
+        cfg = self.config.train
         image = batch["image"].to(self.device, non_blocking=True)
         label = batch["label"].to(self.device, non_blocking=True)
         if self.channels_last:
@@ -235,27 +296,38 @@ class Trainer:
         with torch.autocast(
             self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
         ):
-            logits = self.model(image)
+            logits = self.net(image)
         logits = [x.float() for x in logits] if isinstance(logits, list) else logits.float()
         loss = self.loss_fn(logits, label)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 12.0)
-        self.optimizer.step()
+        self.scaler.scale(loss).backward()
+        if cfg.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
         self.step += 1
         return float(loss.detach())
 
+    @property
+    def eval_model(self) -> nn.Module:
+        """The weights that are validated and saved: the moving average when ``ema_decay`` is set."""
+        return self.ema.module if self.ema is not None else self.model
+
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """Dice per class on the validation cases (in the preprocessed space)."""
+        """Dice per class on the validation cases (in the preprocessed space), over all ranks."""
         if not self.val_cases:
             return {}
-        self.model.eval()
+        model = self.eval_model
+        model.eval()
         classes = [c for c in self.labels if c != 0]
-        scores = {c: [] for c in classes}
-        for item in self._val_dataset():
+        scores = []
+        for item in self._val_dataset() or []:
             probs = sliding_window_probs(
-                self.model,
+                model,
                 item["image"],
                 self.config.data.patch_size,
                 overlap=0.25,
@@ -263,83 +335,116 @@ class Trainer:
                 amp_dtype=self.amp_dtype,
                 channels_last=self.channels_last,
             )
-            pred = probs.argmax(0).numpy()
             ref = np.asarray(item["label"][0]).astype(np.int64)
-            for c, d in dice_per_class(pred, ref, classes).items():
-                scores[c].append(d)
-        result = {f"dice_{self.labels[c]}": _mean(v) for c, v in scores.items()}
+            scores.append(dice_per_class(probs.argmax(0).numpy(), ref, classes))
+        scores = [s for rank in self.dist.gather(scores) for s in rank]
+        result = {f"dice_{self.labels[c]}": _mean([s[c] for s in scores]) for c in classes}
         result["dice_mean"] = _mean(list(result.values()))
+        result["val_cases"] = len(scores)
         self.on_validation_end(result)
         return result
 
     # -- bookkeeping ------------------------------------------------------------------------
 
-    def _prepare_output_dir(self) -> None:
-        earlier = [
-            self.output_dir / n
-            for n in ("last.pt", "best.pt", "metrics.csv")
-            if (self.output_dir / n).exists()
-        ]
-        if earlier and not self.overwrite:
-            raise InputError(
-                self.output_dir, "already holds a training run; choose another folder or overwrite it"
-            )
-        for path in earlier:
-            path.unlink()
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+    def _progress(self, clock: float, total_steps: int) -> float:
+        """How far the run is (0..1): the larger of steps and time used, agreed by all ranks."""
+        max_time = self.config.train.max_time
+        progress = self.step / total_steps
+        if max_time:
+            progress = self.dist.max(max(progress, (time.monotonic() - clock) / max_time))
+        return progress
 
     def _set_lr(self, progress: float) -> None:
-        """Short linear warm-up, then cosine decay; progress is the larger of steps and time used."""
-        warmup = 0.03
-        scale = (
-            progress / warmup
-            if progress < warmup
-            else 0.5 * (1 + math.cos(math.pi * (progress - warmup) / (1 - warmup)))
-        )
+        cfg = self.config.train
         for group in self.optimizer.param_groups:
-            group["lr"] = self.config.train.lr * max(scale, 0.01)
+            group["lr"] = cfg.lr * lr_factor(progress, cfg.schedule, cfg.warmup)
+
+    def _prepare_output_dir(self) -> None:
+        """Refuse to overwrite an earlier run unless asked; write config, plan and splits."""
+        problem = None
+        if self.dist.is_main and not self.resumed:
+            earlier = [self.output_dir / n for n in ("last.pt", "best.pt", "metrics.csv")]
+            earlier = [p for p in earlier if p.exists()]
+            if earlier and not self.overwrite:
+                problem = "already holds a training run; resume it, choose another folder or overwrite it"
+            for path in [] if problem else earlier:
+                path.unlink()
+        problem = self.dist.from_main(problem)
+        if problem:
+            raise InputError(self.output_dir, problem)
+        if not self.dist.is_main:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(self.config, self.output_dir / "config.yaml")
+        self.plan.save(self.output_dir / "plan.yaml")
+        splits = {
+            "train": [c["id"] for c in self.train_cases],
+            "val": [c["id"] for c in self.val_cases],
+            **({"folds": self.splits} if self.config.data.folds else {}),
+        }
+        write_text_atomic(self.output_dir / "splits.json", json.dumps(splits, indent=1))
+        if self.history:
+            write_metrics(self.history, self._metric_columns(), self.output_dir / "metrics.csv")
+
+    def _metric_columns(self) -> list[str]:
+        dice = ["dice_mean"] + [f"dice_{n}" for c, n in self.labels.items() if c]
+        return ["epoch", "step", "time", "loss", "lr", "data_wait", *dice]
 
     def _end_epoch(self, row: dict) -> None:
         self.history.append(row)
-        self._append_metrics(row)
-        payload = self._checkpoint_payload()
-        save_checkpoint(self.output_dir / "last.pt", payload)
+        self.on_epoch_end(row)
         dice = row.get("dice_mean")
         improved = dice is not None and dice > self.best_dice
-        if improved or not self.val_cases:
-            self.best_dice = dice if dice is not None else self.best_dice
-            payload["best_dice"] = self.best_dice
-            save_checkpoint(self.output_dir / "best.pt", payload)
-        shown = ", ".join(f"{k}={v:.3f}" for k, v in row.items() if k.startswith("dice") or k == "loss")
-        tqdm.write(f"epoch {row['epoch']}: {shown}")
-
-    def _append_metrics(self, row: dict) -> None:
-        path = self.output_dir / "metrics.csv"
-        columns = ["epoch", "step", "time", "loss", "dice_mean"] + [
-            f"dice_{n}" for c, n in self.labels.items() if c
-        ]
-        new = not path.exists()
-        with path.open("a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=columns)
-            if new:
-                writer.writeheader()
-            writer.writerow(
-                {k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items() if k in columns}
-            )
+        if improved:
+            self.best_dice = dice
+        if self.dist.is_main:
+            write_metrics(self.history, self._metric_columns(), self.output_dir / "metrics.csv")
+            payload = self._checkpoint_payload()
+            # best before last: a kill between the two leaves last.pt older, and the resumed
+            # run repeats the epoch and writes the same best.pt again.
+            if improved or not self.val_cases:
+                save_checkpoint(self.output_dir / "best.pt", payload)
+            save_checkpoint(self.output_dir / "last.pt", payload)
+            shown = ", ".join(f"{k}={v:.3f}" for k, v in row.items() if k.startswith("dice") or k == "loss")
+            tqdm.write(f"epoch {row['epoch']}: {shown}")
 
     def _checkpoint_payload(self) -> dict:
-        return {
-            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+        payload = {
+            "model": _cpu_state(self.eval_model),
             "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
             "config": self.config.to_dict(),
             "labels": dict(self.labels),
             "plan": self.plan.to_dict(),
             "custom_model": self.custom_model,
             "epoch": self.epoch,
             "step": self.step,
+            "elapsed": self.elapsed,
+            "world_size": self.dist.world,
             "best_dice": self.best_dice,
-            "rng": {"torch": torch.get_rng_state()},
+            "history": self.history,
+            "rng": _rng_state(),
         }
+        if self.ema is not None:
+            payload["train_model"] = _cpu_state(self.model)
+            payload["ema_updates"] = int(self.ema.n_averaged)
+        return payload
+
+    def load_state(self, payload: dict) -> None:
+        """Continue from a checkpoint dict written by this trainer (see ``Trainer.resume``)."""
+        self.model.load_state_dict(payload.get("train_model", payload["model"]))
+        if self.ema is not None:
+            self.ema.module.load_state_dict(payload["model"])
+            self.ema.n_averaged.fill_(payload.get("ema_updates", 0))
+        self.optimizer.load_state_dict(payload["optimizer"])
+        if "scaler" in payload:
+            self.scaler.load_state_dict(payload["scaler"])
+        self.epoch, self.step = int(payload["epoch"]), int(payload["step"])
+        self.elapsed = float(payload.get("elapsed", 0.0))
+        self.best_dice = float(payload.get("best_dice", -math.inf))
+        self.history = list(payload.get("history", []))
+        _set_rng_state(payload.get("rng", {}))
+        self.resumed = True
 
 
 def _refuse_bad_cases(cases: list[dict], labels: dict[int, str], root) -> None:
@@ -351,9 +456,8 @@ def _refuse_bad_cases(cases: list[dict], labels: dict[int, str], root) -> None:
         raise InputError(root, f"{len(problems)} training case(s) cannot be used (listed above)")
 
 
-def _forever(loader):
-    while True:
-        yield from loader
+def _cpu_state(model: nn.Module) -> dict:
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
 def _mean(values) -> float:
@@ -361,7 +465,43 @@ def _mean(values) -> float:
     return float(np.mean(values)) if values else math.nan
 
 
-def _seed_everything(seed: int) -> None:
+def _seed_everything(seed: int, deterministic: bool = False) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = not deterministic
+
+
+def _rng_state() -> dict:
+    """Every random generator's state, as tensors and numbers (``weights_only`` loads them)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": pos,
+            "has_gauss": has_gauss,
+            "gauss": gauss,
+        },
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        n = state["numpy"]
+        np.random.set_state(
+            ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+        )
+    if "python" in state:
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

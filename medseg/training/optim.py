@@ -1,0 +1,52 @@
+"""Optimisers, learning-rate schedules and the moving average of weights, chosen by the config."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from medseg.config import TrainConfig
+from medseg.errors import ConfigError
+
+__all__ = ["make_optimizer", "lr_factor", "make_ema"]
+
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "poly")
+
+
+def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW, or SGD with Nesterov momentum (nnU-Net's choice), at ``cfg.lr``."""
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay
+        )
+    raise ConfigError("train.optimizer", f"must be one of {', '.join(OPTIMIZERS)}, not {cfg.optimizer!r}")
+
+
+def lr_factor(progress: float, schedule: str = "cosine", warmup: float = 0.03) -> float:
+    """The share of the peak learning rate at ``progress`` (0..1) of the run.
+
+    A linear warm-up over the first ``warmup`` of the run, then cosine decay or nnU-Net's
+    polynomial ``(1 - p) ** 0.9``; never below 1 % of the peak, so late steps still learn.
+    """
+    if schedule not in SCHEDULES:
+        raise ConfigError("train.schedule", f"must be one of {', '.join(SCHEDULES)}, not {schedule!r}")
+    if progress < warmup:
+        return max(progress / warmup, 0.01)
+    rest = min(1.0, (progress - warmup) / (1 - warmup)) if warmup < 1 else 1.0
+    decay = 0.5 * (1 + math.cos(math.pi * rest)) if schedule == "cosine" else (1 - rest) ** 0.9
+    return max(decay, 0.01)
+
+
+def make_ema(model: nn.Module, decay: float | None) -> AveragedModel | None:
+    """An exponential moving average of ``model``'s weights (and norm statistics), or None."""
+    if decay is None:
+        return None
+    if not 0.0 < decay < 1.0:
+        raise ConfigError("train.ema_decay", f"must lie between 0 and 1, not {decay}")
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)

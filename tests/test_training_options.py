@@ -1,0 +1,122 @@
+"""Trainer options: precision with gradient scaling, optimisers and schedules, EMA, compile,
+TensorBoard, cross-validation folds and cases passed in directly."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+from medseg.cli import main
+from medseg.config import load_config
+from medseg.data.datasets import find_cases, fold_splits
+from medseg.errors import ConfigError
+from medseg.inference.predictor import Predictor
+from medseg.training.optim import lr_factor
+from medseg.training.trainer import Trainer
+from tests.conftest import TINY_OVERRIDES
+
+
+def _trainer(root, tmp_path, *overrides, **kwargs):
+    config = load_config(None, [*TINY_OVERRIDES, *overrides])
+    config.data.root, config.train.output_dir = (str(root) if root else None), str(tmp_path / "run")
+    return Trainer(config, **kwargs)
+
+
+def test_schedules_warm_up_then_decay():
+    assert lr_factor(0.015, "cosine", warmup=0.03) == pytest.approx(0.5)
+    assert lr_factor(0.03, "cosine", warmup=0.03) == pytest.approx(1.0)
+    assert lr_factor(0.515, "cosine", warmup=0.03) == pytest.approx(0.5)
+    assert lr_factor(0.515, "poly", warmup=0.03) == pytest.approx(0.5**0.9)
+    assert lr_factor(1.0, "poly") == 0.01  # never quite zero
+    with pytest.raises(ConfigError, match="train.schedule"):
+        lr_factor(0.5, "step")
+
+
+def test_sgd_poly_with_fp16_gradient_scaling(tiny_dataset, tmp_path):
+    trainer = _trainer(
+        tiny_dataset,
+        tmp_path,
+        "train.optimizer=sgd",
+        "train.schedule=poly",
+        "train.precision=fp16",
+        "train.epochs=2",
+    )
+    assert isinstance(trainer.optimizer, torch.optim.SGD) and trainer.optimizer.defaults["nesterov"]
+    assert trainer.scaler.is_enabled()
+    summary = trainer.fit()
+    payload = torch.load(summary["last"], weights_only=True)
+    assert payload["scaler"]["scale"] > 0
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    lrs = [float(r["lr"]) for r in rows]
+    assert lrs[1] < lrs[0] and all(float(r["loss"]) == float(r["loss"]) for r in rows)  # finite
+    assert all(0.0 <= float(r["data_wait"]) <= 1.0 for r in rows)
+
+
+def test_ema_weights_are_validated_and_saved(tiny_dataset, tmp_path):
+    trainer = _trainer(tiny_dataset, tmp_path, "train.ema_decay=0.5")
+    summary = trainer.fit()
+    payload = torch.load(summary["best"], weights_only=True)
+    assert payload["ema_updates"] == 2
+    name = next(k for k, v in payload["model"].items() if v.is_floating_point())
+    assert not torch.equal(payload["model"][name], payload["train_model"][name])
+    torch.testing.assert_close(payload["model"][name], trainer.ema.module.state_dict()[name].cpu())
+    with pytest.raises(ConfigError, match="ema_decay"):
+        _trainer(tiny_dataset, tmp_path, "train.ema_decay=1.5")
+
+
+def test_compiled_training_saves_plain_weights(tiny_dataset, tmp_path):
+    summary = _trainer(tiny_dataset, tmp_path, "train.compile=true", "train.precision=fp32").fit()
+    payload = torch.load(summary["best"], weights_only=True)
+    assert not any(k.startswith("_orig_mod") for k in payload["model"])
+    Predictor(summary["best"], device="cpu")  # loads into the uncompiled network
+
+
+def test_tensorboard_scalars_are_written(tiny_dataset, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _trainer(tiny_dataset, tmp_path, "train.tensorboard=true").fit()
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert {"train/loss", "train/lr", "validation/dice_mean"} <= set(tags)
+    assert events.Scalars("train/loss")[0].step == 2
+
+
+def test_folds_are_seeded_disjoint_and_cover_every_case():
+    cases = [{"id": f"c{k}"} for k in range(11)]
+    splits = fold_splits(cases, 5, seed=0)
+    vals = [set(s["val"]) for s in splits]
+    assert sorted(len(v) for v in vals) == [2, 2, 2, 2, 3]
+    assert set().union(*vals) == {c["id"] for c in cases}
+    assert all(set(s["train"]) == {c["id"] for c in cases} - set(s["val"]) for s in splits)
+    assert fold_splits(cases, 5, seed=0) == splits and fold_splits(cases, 5, seed=1) != splits
+    with pytest.raises(Exception, match="needs 2 to 11 folds"):
+        fold_splits(cases, 12, seed=0)
+
+
+def test_cli_fold_trains_in_its_own_folder(tiny_dataset, tmp_path):
+    args = [
+        "train",
+        "--data",
+        str(tiny_dataset),
+        "--output",
+        str(tmp_path / "cv"),
+        "--fold",
+        "1",
+        "--folds",
+        "3",
+    ]
+    assert main(args + [a for o in TINY_OVERRIDES for a in ("--set", o)]) == 0
+    saved = json.loads((tmp_path / "cv" / "fold_1" / "splits.json").read_text())
+    assert saved["val"] == saved["folds"][1]["val"] and len(saved["val"]) == 1
+    assert sorted(saved["train"] + saved["val"]) == ["heart_000", "heart_001", "heart_002"]
+
+
+def test_cases_passed_in_directly(tiny_dataset, tmp_path):
+    cases = find_cases(tiny_dataset).training
+    trainer = _trainer(None, tmp_path, train_cases=cases[:2], val_cases=cases[2:])
+    assert [c["id"] for c in trainer.val_cases] == ["heart_002"]
+    assert trainer.fit()["steps"] == 2
+    assert json.loads((tmp_path / "run" / "splits.json").read_text())["train"] == ["heart_000", "heart_001"]
