@@ -35,12 +35,14 @@ def plot_curves(metrics_csv: str | Path, png: str | Path) -> Path:
     ax_loss.plot(epochs, [float(r["loss"]) for r in rows], marker=".")
     ax_loss.set(xlabel="epoch", ylabel="training loss (Dice + CE)", title="loss")
     dice_columns = [c for c in rows[0] if c.startswith("dice_")] if rows else []
+    plotted = False
     for column in dice_columns:
         points = [(e, float(r[column])) for e, r in zip(epochs, rows) if r[column] not in ("", "nan")]
         if points:
             ax_dice.plot(*zip(*points), marker=".", label=column.removeprefix("dice_"))
+            plotted = True
     ax_dice.set(xlabel="epoch", ylabel="validation Dice", title="validation Dice", ylim=(0, 1))
-    if dice_columns:
+    if plotted:
         ax_dice.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     return _save(fig, png)
