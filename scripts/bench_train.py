@@ -67,9 +67,8 @@ def main() -> None:
     print("| setting | it/s | s/step | speed vs fp32 | data wait |")
     print("|---|---|---|---|---|")
     for name, r in results.items():
-        print(
-            f"| {name} | {r['it/s']:.2f} | {r['s/step']:.3f} | {r['it/s'] / base:.2f}x | {r['data wait']:.1%} |"
-        )
+        speed = r["it/s"] / base
+        print(f"| {name} | {r['it/s']:.2f} | {r['s/step']:.3f} | {speed:.2f}x | {r['data wait']:.1%} |")
 
 
 if __name__ == "__main__":
