@@ -120,3 +120,16 @@ def test_cases_passed_in_directly(tiny_dataset, tmp_path):
     assert [c["id"] for c in trainer.val_cases] == ["heart_002"]
     assert trainer.fit()["steps"] == 2
     assert json.loads((tmp_path / "run" / "splits.json").read_text())["train"] == ["heart_000", "heart_001"]
+
+
+def test_bf16_channels_last_trains_on_the_cpu(tiny_dataset, tmp_path):
+    trainer = _trainer(
+        tiny_dataset, tmp_path, "train.device=cpu", "train.precision=bf16", "train.channels_last=true"
+    )
+    assert trainer.amp_dtype is torch.bfloat16 and trainer.channels_last
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items() if v.is_floating_point()}
+    trainer.fit()
+    row = trainer.history[-1]
+    assert row["loss"] == row["loss"] and row["step"] == 2  # finite, two steps
+    assert any(not torch.equal(v, trainer.model.state_dict()[k]) for k, v in before.items())
+    assert next(trainer.model.parameters()).dtype is torch.float32  # autocast keeps fp32 masters

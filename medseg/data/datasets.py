@@ -14,7 +14,7 @@ import numpy as np
 import SimpleITK as sitk
 from tqdm.auto import tqdm
 
-from medseg.errors import InputError
+from medseg.errors import ConfigError, InputError
 from medseg.io import (
     case_id,
     channel_files,
@@ -227,7 +227,7 @@ def fold_splits(cases: list[dict], folds: int, seed: int) -> list[dict[str, list
     Every case validates in exactly one fold; fold sizes differ by at most one.
     """
     if not 2 <= folds <= len(cases):
-        raise InputError("data.folds", f"needs 2 to {len(cases)} folds for {len(cases)} cases, not {folds}")
+        raise ConfigError("data.folds", f"needs 2 to {len(cases)} folds for {len(cases)} cases, not {folds}")
     ids = sorted(c["id"] for c in cases)
     random.Random(seed).shuffle(ids)
     held_out = [sorted(ids[k::folds]) for k in range(folds)]

@@ -157,12 +157,11 @@ def fingerprint(dataset: Dataset, modality: str = "MRI", samples_per_case: int =
         spacings.append(spacing)
         shapes.append(shape)
         channels.append(count)
-        first = dataset.training[0]
         if count != channels[0] or len(spacing) != len(spacings[0]):
             raise InputError(
                 channel_files(case["image"])[0],
                 f"has {count} channel(s) in {len(spacing)}D; the first case "
-                f"{channel_files(first['image'])[0]} has {channels[0]} in {len(spacings[0])}D",
+                f"{channel_files(dataset.training[0]['image'])[0]} has {channels[0]} in {len(spacings[0])}D",
             )
         if is_ct and case.get("label"):
             image = read_channels(channel_files(case["image"])[0])[0]

@@ -213,7 +213,7 @@ class Trainer:
         while self.epoch < cfg.epochs and self._progress(clock, total_steps) < 1.0:
             self.epoch += 1
             self.on_epoch_start(self.epoch)
-            self.model.train()
+            self.net.train()
             losses, waited, began = [], 0.0, time.monotonic()
             bar = tqdm(
                 range(cfg.iters_per_epoch),
