@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,8 @@ __all__ = [
     "list_volumes",
     "split_cases",
     "fold_splits",
+    "split_for_run",
+    "refuse_bad_cases",
     "label_names",
     "parse_label_map",
     "read_label_map",
@@ -234,6 +237,17 @@ def fold_splits(cases: list[dict], folds: int, seed: int) -> list[dict[str, list
     return [{"train": sorted(set(ids) - set(val)), "val": val} for val in held_out]
 
 
+def split_for_run(cases: list[dict], data, seed: int) -> tuple[list, list]:
+    """(train, validation) as ``data`` (a ``DataConfig``) asks: fold ``data.fold`` of
+    ``data.folds`` seeded folds, else a ``data.val_fraction`` hold-out."""
+    if not data.folds:
+        return split_cases(cases, data.val_fraction, seed)
+    if not 0 <= data.fold < data.folds:
+        raise ConfigError("data.fold", f"must be 0 to {data.folds - 1}, not {data.fold}")
+    val_ids = set(fold_splits(cases, data.folds, seed)[data.fold]["val"])
+    return [c for c in cases if c["id"] not in val_ids], [c for c in cases if c["id"] in val_ids]
+
+
 def label_names(dataset: Dataset) -> dict[int, str]:
     """Class index -> name: the dataset's own map, or ``class_N`` up to the largest label found."""
     if dataset.labels:
@@ -286,3 +300,13 @@ def check_cases(cases: list[dict], labels: dict[int, str]) -> list[tuple[str, st
                 (case["label"], f"holds label values {extra} that the label map ({known}) does not name")
             )
     return problems
+
+
+def refuse_bad_cases(cases: list[dict], labels: dict[int, str], source) -> None:
+    """Print every unusable case as its own ``error:`` line, then raise if there were any, so
+    all problems are named at once, before any time goes into training."""
+    problems = check_cases(cases, labels)
+    for path, problem in problems:
+        tqdm.write(f"error: {path}: {problem}", file=sys.stderr)
+    if problems:
+        raise InputError(source, f"{len(problems)} training case(s) cannot be used (listed above)")

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -13,7 +15,15 @@ from medseg.errors import CheckpointError, ConfigError
 from medseg.io import atomic_path
 from medseg.models import MODELS, build_model, model_options
 
-__all__ = ["FORMAT", "save_checkpoint", "load_checkpoint", "model_from_config", "model_from_checkpoint"]
+__all__ = [
+    "FORMAT",
+    "save_checkpoint",
+    "load_checkpoint",
+    "model_from_config",
+    "model_from_checkpoint",
+    "rng_state",
+    "set_rng_state",
+]
 
 FORMAT = "medseg-checkpoint/1"
 
@@ -80,3 +90,36 @@ def model_from_checkpoint(payload: dict) -> nn.Module:
     model = model_from_config(config, len(payload["labels"]), plan.get("channels", 1), len(plan["spacing"]))
     model.load_state_dict(payload["model"])
     return model.eval()
+
+
+def rng_state() -> dict:
+    """Every random generator's state, as tensors and numbers (so ``weights_only`` loads them)."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": pos,
+            "has_gauss": has_gauss,
+            "gauss": gauss,
+        },
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what ``rng_state`` saved (generators it does not name are left alone)."""
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        n = state["numpy"]
+        keys = n["keys"].numpy().astype(np.uint32)
+        np.random.set_state(("MT19937", keys, n["pos"], n["has_gauss"], n["gauss"]))
+    if "python" in state:
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

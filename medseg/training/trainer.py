@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,7 +20,7 @@ from tqdm.auto import tqdm
 from medseg.config import Config, save_config
 from medseg.data.cache import cached_dataset
 from medseg.data.datasets import Dataset as Cases
-from medseg.data.datasets import check_cases, find_cases, fold_splits, label_names, split_cases
+from medseg.data.datasets import find_cases, fold_splits, label_names, refuse_bad_cases, split_for_run
 from medseg.data.plan import Plan, apply_plan, plan_for_config
 from medseg.data.transforms import eval_transforms, train_transforms
 from medseg.device import autocast_dtype, channels_last_format, use_channels_last
@@ -31,7 +30,13 @@ from medseg.evaluation.report import plot_curves, write_metrics
 from medseg.inference.predictor import sliding_window_probs
 from medseg.io import write_text_atomic
 from medseg.training.callbacks import Callback, TensorBoardLogger, tensorboard_available
-from medseg.training.checkpoint import load_checkpoint, model_from_config, save_checkpoint
+from medseg.training.checkpoint import (
+    load_checkpoint,
+    model_from_config,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from medseg.training.distributed import setup_distributed
 from medseg.training.optim import lr_factor, make_ema, make_optimizer
 from medseg.training.sampling import SeededSamples, StepSampler
@@ -78,13 +83,14 @@ class Trainer:
         plan: Plan | None = None,
     ):
         self.overwrite = overwrite
+        self.folds: list[dict] | None = None
         self.dist, self.device = setup_distributed(config.train.device)
         self.amp_dtype = autocast_dtype(self.device, config.train.precision)
         self.output_dir = Path(config.train.output_dir)
 
         dataset, self.train_cases, self.val_cases = self._cases(config, train_cases, val_cases)
         self.labels = label_names(dataset)
-        _refuse_bad_cases(dataset.training, self.labels, config.data.root or "train_cases")
+        refuse_bad_cases(dataset.training, self.labels, config.data.root or "train_cases")
         self.plan = plan or plan_for_config(config, dataset)
         # The saved config holds the planned spacing, patch and pooling: a run is reproducible
         # from its config.yaml alone.
@@ -160,17 +166,8 @@ class Trainer:
             dataset = Cases(cases + list(val_cases or []), modality=data.modality or "MRI")
         if val_cases is not None:
             return dataset, cases, list(val_cases)
-        if data.folds:
-            self.splits = fold_splits(cases, data.folds, config.train.seed)
-            if not 0 <= data.fold < data.folds:
-                raise ConfigError("data.fold", f"must be 0 to {data.folds - 1}, not {data.fold}")
-            val_ids = set(self.splits[data.fold]["val"])
-            return (
-                dataset,
-                [c for c in cases if c["id"] not in val_ids],
-                [c for c in cases if c["id"] in val_ids],
-            )
-        return dataset, *split_cases(cases, data.val_fraction, config.train.seed)
+        self.folds = fold_splits(cases, data.folds, config.train.seed) if data.folds else None
+        return dataset, *split_for_run(cases, data, config.train.seed)
 
     def _train_loader(self) -> DataLoader:
         cfg = self.config
@@ -380,7 +377,7 @@ class Trainer:
         splits = {
             "train": [c["id"] for c in self.train_cases],
             "val": [c["id"] for c in self.val_cases],
-            **({"folds": self.splits} if self.config.data.folds else {}),
+            **({"folds": self.folds} if self.folds else {}),
         }
         write_text_atomic(self.output_dir / "splits.json", json.dumps(splits, indent=1))
         if self.history:
@@ -423,7 +420,7 @@ class Trainer:
             "world_size": self.dist.world,
             "best_dice": self.best_dice,
             "history": self.history,
-            "rng": _rng_state(),
+            "rng": rng_state(),
         }
         if self.ema is not None:
             payload["train_model"] = _cpu_state(self.model)
@@ -443,17 +440,8 @@ class Trainer:
         self.elapsed = float(payload.get("elapsed", 0.0))
         self.best_dice = float(payload.get("best_dice", -math.inf))
         self.history = list(payload.get("history", []))
-        _set_rng_state(payload.get("rng", {}))
+        set_rng_state(payload.get("rng", {}))
         self.resumed = True
-
-
-def _refuse_bad_cases(cases: list[dict], labels: dict[int, str], root) -> None:
-    """Name every unusable case at once, before any time goes into training."""
-    problems = check_cases(cases, labels)
-    for path, problem in problems:
-        tqdm.write(f"error: {path}: {problem}", file=sys.stderr)
-    if problems:
-        raise InputError(root, f"{len(problems)} training case(s) cannot be used (listed above)")
 
 
 def _cpu_state(model: nn.Module) -> dict:
@@ -472,36 +460,3 @@ def _seed_everything(seed: int, deterministic: bool = False) -> None:
     if deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.benchmark = not deterministic
-
-
-def _rng_state() -> dict:
-    """Every random generator's state, as tensors and numbers (``weights_only`` loads them)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": {
-            "keys": torch.from_numpy(keys.astype(np.int64)),
-            "pos": pos,
-            "has_gauss": has_gauss,
-            "gauss": gauss,
-        },
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    if "torch" in state:
-        torch.set_rng_state(state["torch"])
-    if "numpy" in state:
-        n = state["numpy"]
-        np.random.set_state(
-            ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
-        )
-    if "python" in state:
-        version, internal, gauss = state["python"]
-        random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
