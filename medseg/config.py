@@ -94,8 +94,8 @@ class ModelConfig:
         channels: features per level; the depth follows from its length.
         strides: down-sampling per level after the first; null: planned from the spacing.
         norm: ``batch``, ``instance`` or ``group``; null: the model's own (batch for ``unet``,
-            group for the others). Batch norm is about 3x faster than the others in bf16
-            channels-last on CPUs.
+            instance for ``unet`` on 2D tasks, group for the others). Batch norm is about 3x
+            faster than the others in bf16 channels-last on CPUs.
         dropout: dropout probability in the conv blocks.
         deep_supervision: train coarse decoder outputs too (weights halve per level).
         time_conditioning: give every block a diffusion-timestep embedding (for pretraining).

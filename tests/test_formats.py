@@ -7,6 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 from medseg.config import load_config
 from medseg.data.datasets import find_cases
@@ -83,6 +84,9 @@ def test_2d_task_trains_and_predicts_on_the_input_grid(png_dataset, tmp_path):
     assert trainer.plan.spatial_dims == 2 and trainer.plan.spacing == [1.0, 1.0]
     assert "2D images" in trainer.plan.describe()
     assert next(trainer.model.parameters()).ndim == 4  # Conv2d weights
+    # One image per batch: batch norm's running statistics would fit no image, so 2D uses instance norm.
+    assert any(isinstance(m, torch.nn.InstanceNorm2d) for m in trainer.model.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in trainer.model.modules())
 
     predictor = Predictor(summary["best"], device="cpu")
     result = predict_many(predictor, png_dataset / "test", tmp_path / "out")

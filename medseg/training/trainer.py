@@ -206,6 +206,11 @@ class Trainer:
         batches = iter(self._train_loader())
         total_steps = cfg.epochs * cfg.iters_per_epoch
         clock = time.monotonic() - self.elapsed
+        if self.resumed and (self.epoch >= cfg.epochs or self._progress(clock, total_steps) >= 1.0):
+            tqdm.write(
+                f"the run in {self.output_dir} already finished (epoch {self.epoch}); "
+                "raise train.epochs or train.max_time to train on"
+            )
         self.on_train_start()
         while self.epoch < cfg.epochs and self._progress(clock, total_steps) < 1.0:
             self.epoch += 1
