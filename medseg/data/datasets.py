@@ -302,11 +302,12 @@ def check_cases(cases: list[dict], labels: dict[int, str]) -> list[tuple[str, st
     return problems
 
 
-def refuse_bad_cases(cases: list[dict], labels: dict[int, str], source) -> None:
-    """Print every unusable case as its own ``error:`` line, then raise if there were any, so
-    all problems are named at once, before any time goes into training."""
+def refuse_bad_cases(cases: list[dict], labels: dict[int, str], source, quiet: bool = False) -> None:
+    """Print every unusable case as its own ``error:`` line (unless ``quiet``: the other ranks of
+    a distributed run), then raise if there were any, so all problems are named at once, before
+    any time goes into training."""
     problems = check_cases(cases, labels)
-    for path, problem in problems:
+    for path, problem in [] if quiet else problems:
         tqdm.write(f"error: {path}: {problem}", file=sys.stderr)
     if problems:
         raise InputError(source, f"{len(problems)} training case(s) cannot be used (listed above)")

@@ -90,7 +90,9 @@ class Trainer:
 
         dataset, self.train_cases, self.val_cases = self._cases(config, train_cases, val_cases)
         self.labels = label_names(dataset)
-        refuse_bad_cases(dataset.training, self.labels, config.data.root or "train_cases")
+        refuse_bad_cases(
+            dataset.training, self.labels, config.data.root or "train_cases", quiet=not self.dist.is_main
+        )
         self.plan = plan or plan_for_config(config, dataset)
         # The saved config holds the planned spacing, patch and pooling: a run is reproducible
         # from its config.yaml alone.
@@ -232,7 +234,9 @@ class Trainer:
                 batch = next(batches)
                 waited += time.monotonic() - fetch
                 losses.append(self.train_step(batch))
-                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+                bar.set_postfix(
+                    loss=f"{losses[-1]:.3f}", run_left=_time_left(progress, time.monotonic() - clock)
+                )
             bar.close()
             self.elapsed = time.monotonic() - clock
             done = self.epoch >= cfg.epochs or self._progress(clock, total_steps) >= 1.0
@@ -451,6 +455,14 @@ class Trainer:
 
 def _cpu_state(model: nn.Module) -> dict:
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def _time_left(progress: float, elapsed: float) -> str:
+    """The whole run's time left, from its progress so far (the bar's own ETA is the epoch's)."""
+    if progress <= 0:
+        return "?"
+    minutes, seconds = divmod(int(elapsed * (1 - progress) / progress), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}"
 
 
 def _mean(values) -> float:
