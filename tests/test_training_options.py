@@ -10,7 +10,7 @@ import torch
 from medseg.cli import main
 from medseg.config import load_config
 from medseg.data.datasets import find_cases, fold_splits
-from medseg.errors import ConfigError
+from medseg.errors import ConfigError, InputError
 from medseg.inference.predictor import Predictor
 from medseg.training.optim import lr_factor
 from medseg.training.trainer import Trainer
@@ -115,7 +115,11 @@ def test_cli_fold_trains_in_its_own_folder(tiny_dataset, tmp_path):
 
 
 def test_cases_passed_in_directly(tiny_dataset, tmp_path):
-    cases = find_cases(tiny_dataset).training
+    cases = [{"image": c["image"], "label": c["label"]} for c in find_cases(tiny_dataset).training]
+    with pytest.raises(InputError, match="needs an 'image' and a 'label'"):
+        _trainer(None, tmp_path, train_cases=[{"image": cases[0]["image"]}])
+    with pytest.raises(InputError, match="case id given 2 times"):
+        _trainer(None, tmp_path, train_cases=[cases[0], cases[0]])
     trainer = _trainer(None, tmp_path, train_cases=cases[:2], val_cases=cases[2:])
     assert [c["id"] for c in trainer.val_cases] == ["heart_002"]
     assert trainer.fit()["steps"] == 2

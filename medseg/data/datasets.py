@@ -32,6 +32,7 @@ __all__ = [
     "list_volumes",
     "split_cases",
     "fold_splits",
+    "given_cases",
     "split_for_run",
     "refuse_bad_cases",
     "label_names",
@@ -212,6 +213,21 @@ def _from_csv(path: Path) -> Dataset:
     if not training:
         raise InputError(path, "lists no case with a label")
     return Dataset(training, test, {})
+
+
+def given_cases(cases) -> list[dict]:
+    """Cases handed in from Python, checked: each needs an ``image`` and a ``label``; a missing
+    ``id`` is taken from the image's file name, and ids must be unique."""
+    out = []
+    for case in cases:
+        if not isinstance(case, dict) or not case.get("image") or not case.get("label"):
+            raise InputError(str(case)[:120], "a training case needs an 'image' and a 'label'")
+        out.append({"id": case_id(channel_files(case["image"])[0]), **case})
+    ids = [c["id"] for c in out]
+    twice = sorted({i for i in ids if ids.count(i) > 1})
+    if twice:
+        raise InputError(twice[0], f"case id given {ids.count(twice[0])} times; ids must be unique")
+    return out
 
 
 def split_cases(cases: list[dict], val_fraction: float, seed: int) -> tuple[list, list]:

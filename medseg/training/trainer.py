@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -20,7 +21,14 @@ from tqdm.auto import tqdm
 from medseg.config import Config, save_config
 from medseg.data.cache import cached_dataset
 from medseg.data.datasets import Dataset as Cases
-from medseg.data.datasets import find_cases, fold_splits, label_names, refuse_bad_cases, split_for_run
+from medseg.data.datasets import (
+    find_cases,
+    fold_splits,
+    given_cases,
+    label_names,
+    refuse_bad_cases,
+    split_for_run,
+)
 from medseg.data.plan import Plan, apply_plan, plan_for_config
 from medseg.data.transforms import eval_transforms, train_transforms
 from medseg.device import autocast_dtype, channels_last_format, use_channels_last
@@ -164,10 +172,11 @@ class Trainer:
             dataset = find_cases(data.root)
             cases = dataset.training
         else:
-            cases = list(train_cases)
-            dataset = Cases(cases + list(val_cases or []), modality=data.modality or "MRI")
+            cases = given_cases(train_cases)
+            val_cases = None if val_cases is None else given_cases(val_cases)
+            dataset = Cases(cases + (val_cases or []), modality=data.modality or "MRI")
         if val_cases is not None:
-            return dataset, cases, list(val_cases)
+            return dataset, cases, val_cases
         self.folds = fold_splits(cases, data.folds, config.train.seed) if data.folds else None
         return dataset, *split_for_run(cases, data, config.train.seed)
 
@@ -475,5 +484,7 @@ def _seed_everything(seed: int, deterministic: bool = False) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     if deterministic:
+        # cuBLAS is deterministic only with a fixed workspace; it reads this when CUDA starts.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.benchmark = not deterministic
