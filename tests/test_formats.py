@@ -176,6 +176,9 @@ def test_training_reads_dicom_series_folders(tiny_dataset, tmp_path):
         sitk.WriteImage(label, str(root / "labels" / image.name))
     dataset = find_cases(root)
     assert [c["id"] for c in dataset.training] == ["heart_000", "heart_001", "heart_002"]
+    manifest = root / "cases.csv"  # a CSV manifest may name series folders too
+    manifest.write_text("image,label\n" + "".join(f"images/{c}/,labels/{c}.nii.gz\n" for c in ["heart_001"]))
+    assert [c["id"] for c in find_cases(manifest).training] == ["heart_001"]
     trainer, summary = _train(
         root, tmp_path, TINY_OVERRIDES + ["data.cache=disk", f"data.cache_dir={tmp_path}/c"]
     )
