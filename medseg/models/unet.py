@@ -109,7 +109,9 @@ class UNet(_UNetBase):
         channels: features per level, e.g. ``(32, 64, 128, 256)``; depth is its length.
         strides: down-sampling factor per level after the first, an int or one per axis,
             e.g. ``[(2, 2, 1), 2, 2]`` to keep thick slices at first. Default 2 everywhere.
-        norm: ``batch`` (default), ``instance`` or ``group``.
+        norm: ``batch``, ``instance`` or ``group``. Default: batch in 3D, instance in 2D,
+            where a patch is most of one image, so batch statistics would be one image's and
+            their running averages would fit none (validation Dice fell to 0 in a 2D test task).
         dropout: dropout probability in each conv block.
         deep_supervision: add coarse output heads (see the module docstring).
         time_conditioning: FiLM every conv block with a sinusoidal timestep embedding.
@@ -127,12 +129,13 @@ class UNet(_UNetBase):
         out_channels: int,
         channels: Sequence[int] = (32, 64, 128, 256),
         strides=None,
-        norm: str = "batch",
+        norm: str | None = None,
         dropout: float = 0.0,
         deep_supervision: bool = False,
         time_conditioning: bool = False,
     ):
         super().__init__(spatial_dims, out_channels, channels, strides, time_conditioning, deep_supervision)
+        norm = norm or ("batch" if spatial_dims == 3 else "instance")
         pool = (nn.MaxPool2d, nn.MaxPool3d)[spatial_dims - 2]
         block = lambda cin, cout: DoubleConv(spatial_dims, cin, cout, norm, dropout, self.time_dim)  # noqa: E731
         self.pools = nn.ModuleList(pool(s) for s in self.strides)

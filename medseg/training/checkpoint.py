@@ -71,11 +71,6 @@ def model_from_config(
         raise ConfigError("model.name", f"unknown model {name!r}; choose from {', '.join(MODELS)}")
     wanted = model_options(name)
     options = {k: v for k, v in settings.items() if k in wanted and v is not None}
-    if spatial_dims == 2 and name == "unet" and settings.get("norm") is None:
-        # A 2D patch is most or all of one image, so batch-norm statistics are one image's and
-        # their running averages match none of them (validation Dice fell to 0 in a 2D test
-        # task); normalise per image instead. The other models' group norm is per image already.
-        options["norm"] = "instance"
     try:
         return build_model(
             name, spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels, **options
