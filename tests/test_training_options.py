@@ -3,6 +3,7 @@ TensorBoard, cross-validation folds and cases passed in directly."""
 
 import csv
 import json
+import shutil
 
 import pytest
 import torch
@@ -65,6 +66,7 @@ def test_ema_weights_are_validated_and_saved(tiny_dataset, tmp_path):
         _trainer(tiny_dataset, tmp_path, "train.ema_decay=1.5")
 
 
+@pytest.mark.skipif(not shutil.which("c++"), reason="torch.compile on CPUs needs a C++ compiler")
 def test_compiled_training_saves_plain_weights(tiny_dataset, tmp_path):
     summary = _trainer(tiny_dataset, tmp_path, "train.compile=true", "train.precision=fp32").fit()
     payload = torch.load(summary["best"], weights_only=True)

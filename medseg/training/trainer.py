@@ -6,6 +6,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -123,6 +124,8 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = DistributedDataParallel(self.model, device_ids=ids)
         if cfg.compile:
+            if self.device.type == "cpu" and not (shutil.which("c++") or shutil.which("g++")):
+                raise ConfigError("train.compile", "needs a C++ compiler (c++ or g++) on the PATH for CPUs")
             self.net = torch.compile(self.net)
         self.loss_fn = loss_fn or DiceCELoss(to_onehot_y=True, softmax=True)
         if config.model.deep_supervision:
