@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -45,7 +44,7 @@ def cmd_train(args) -> int:
     if args.resume:
         if args.data or args.output or args.config or args.fold is not None:
             raise ConfigError("--resume", "continues a run with its own data and config; give only --set")
-        summary = Trainer.resume(args.resume, args.set).fit()
+        trainer = Trainer.resume(args.resume, args.set)
     else:
         if not (args.data and args.output):
             raise ConfigError("train", "needs --data and --output (or --resume RUN_DIR)")
@@ -54,8 +53,9 @@ def cmd_train(args) -> int:
         if args.fold is not None:
             config.data.fold, config.data.folds = args.fold, args.folds
             config.train.output_dir = str(Path(args.output) / f"fold_{args.fold}")
-        summary = Trainer(config, overwrite=args.overwrite).fit()
-    if os.environ.get("RANK", "0") != "0":
+        trainer = Trainer(config, overwrite=args.overwrite)
+    summary = trainer.fit()
+    if not trainer.dist.is_main:
         return 0  # under torchrun, rank 0 speaks for all
     print(
         f"trained {summary['epochs']} epochs ({summary['steps']} steps) in {summary['seconds']:.0f} s; "

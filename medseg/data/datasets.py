@@ -253,15 +253,18 @@ def fold_splits(cases: list[dict], folds: int, seed: int) -> list[dict[str, list
     return [{"train": sorted(set(ids) - set(val)), "val": val} for val in held_out]
 
 
-def split_for_run(cases: list[dict], data, seed: int) -> tuple[list, list]:
-    """(train, validation) as ``data`` (a ``DataConfig``) asks: fold ``data.fold`` of
-    ``data.folds`` seeded folds, else a ``data.val_fraction`` hold-out."""
+def split_for_run(cases: list[dict], data, seed: int) -> tuple[list, list, list | None]:
+    """(train, validation, folds) as ``data`` (a ``DataConfig``) asks: fold ``data.fold`` of
+    ``data.folds`` seeded folds (all of them returned, to be saved), else a ``data.val_fraction``
+    hold-out (folds None)."""
     if not data.folds:
-        return split_cases(cases, data.val_fraction, seed)
+        return *split_cases(cases, data.val_fraction, seed), None
+    folds = fold_splits(cases, data.folds, seed)
     if not 0 <= data.fold < data.folds:
         raise ConfigError("data.fold", f"must be 0 to {data.folds - 1}, not {data.fold}")
-    val_ids = set(fold_splits(cases, data.folds, seed)[data.fold]["val"])
-    return [c for c in cases if c["id"] not in val_ids], [c for c in cases if c["id"] in val_ids]
+    val_ids = set(folds[data.fold]["val"])
+    train = [c for c in cases if c["id"] not in val_ids]
+    return train, [c for c in cases if c["id"] in val_ids], folds
 
 
 def label_names(dataset: Dataset) -> dict[int, str]:

@@ -24,7 +24,6 @@ from medseg.data.cache import cached_dataset
 from medseg.data.datasets import Dataset as Cases
 from medseg.data.datasets import (
     find_cases,
-    fold_splits,
     given_cases,
     label_names,
     refuse_bad_cases,
@@ -180,8 +179,8 @@ class Trainer:
             dataset = Cases(cases + (val_cases or []), modality=data.modality or "MRI")
         if val_cases is not None:
             return dataset, cases, val_cases
-        self.folds = fold_splits(cases, data.folds, config.train.seed) if data.folds else None
-        return dataset, *split_for_run(cases, data, config.train.seed)
+        train, val, self.folds = split_for_run(cases, data, config.train.seed)
+        return dataset, train, val
 
     def _train_loader(self) -> DataLoader:
         cfg = self.config
