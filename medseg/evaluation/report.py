@@ -24,7 +24,7 @@ def write_metrics(history: list[dict], columns: list[str], path: str | Path) -> 
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         for row in history:
-            writer.writerow({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in row.items()})
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
 
 
 def plot_curves(metrics_csv: str | Path, png: str | Path) -> Path:
