@@ -1,7 +1,9 @@
 """Datasets that keep preprocessed volumes: in memory for one run, or on disk across runs.
 
 On disk, an entry is keyed by the bytes of the case's files and by the plan (and medseg's
-version), so a changed file or plan is preprocessed again and nothing stale is served.
+version), so a changed file or plan is preprocessed again and nothing stale is served. Either
+way a volume is prepared (or read from the disk cache) once, kept in memory, and shared with
+the random steps, which never change it in place.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 
 from monai.data import CacheDataset, PersistentDataset
 from monai.data import Dataset as PlainDataset
+from monai.transforms import Compose, Randomizable
 
 from medseg.data.plan import Plan
 from medseg.errors import ConfigError
@@ -66,11 +69,22 @@ def cached_dataset(cases: list[dict], transform, plan: Plan, kind: str = "memory
         cache_dir: where ``disk`` keeps its files; default ``default_cache_dir()``.
     """
     if kind == "memory":
-        return CacheDataset(cases, transform, progress=False)
+        return CacheDataset(cases, transform, progress=False, copy_cache=False)
     if kind == "disk":
         folder = Path(cache_dir or default_cache_dir()) / plan_key(plan)
         folder.mkdir(parents=True, exist_ok=True)
-        return PersistentDataset(cases, transform, cache_dir=folder, hash_func=content_hash)
+        head, tail = _split_at_first_random(transform)
+        # Hash each case's files once, not on every access as PersistentDataset would.
+        keys = {id(case): content_hash(case) for case in cases}
+        on_disk = PersistentDataset(cases, head, cache_dir=folder, hash_func=lambda case: keys[id(case)])
+        return PlainDataset([on_disk[i] for i in range(len(cases))], tail)
     if kind == "none":
         return PlainDataset(cases, transform)
     raise ConfigError("data.cache", f"must be one of {', '.join(CACHE_KINDS)}, not {kind!r}")
+
+
+def _split_at_first_random(transform: Compose) -> tuple[Compose, Compose]:
+    """The deterministic head of a pipeline (what is cached) and the rest."""
+    steps = list(transform.transforms)
+    first = next((i for i, step in enumerate(steps) if isinstance(step, Randomizable)), len(steps))
+    return Compose(steps[:first]), Compose(steps[first:])

@@ -104,13 +104,16 @@ def _preprocess(plan: Plan, keys: list[str]) -> list:
     ]
 
 
+def _crop_to_body(keys: list[str]) -> mt.CropForegroundd:
+    # allow_smaller: crop only; MONAI 1.6 would otherwise pad a body that fills the image.
+    return mt.CropForegroundd(keys, source_key="image", select_fn=body_mask, margin=4, allow_smaller=True)
+
+
 def eval_transforms(plan: Plan) -> mt.Compose:
-    """Validation: preprocess image and label, crop to the body."""
+    """Validation: preprocess image and label, crop to the body, drop the metadata (validation
+    needs only the voxels, and plain tensors keep the cache small)."""
     keys = ["image", "label"]
-    return mt.Compose(
-        _preprocess(plan, keys)
-        + [mt.CropForegroundd(keys, source_key="image", select_fn=body_mask, margin=4)]
-    )
+    return mt.Compose(_preprocess(plan, keys) + [_crop_to_body(keys), mt.EnsureTyped(keys, track_meta=False)])
 
 
 def infer_transforms(plan: Plan) -> mt.Compose:
@@ -118,14 +121,28 @@ def infer_transforms(plan: Plan) -> mt.Compose:
     return mt.Compose(_preprocess(plan, ["image"]))
 
 
+INDICES = "label_cls_indices"  # where ClassesToIndicesd keeps each class's voxel indices
+MAX_INDICES = 1_000_000  # per class: enough centres to draw from, without 8 bytes per voxel of a CT
+
+
 def train_transforms(config: Config, plan: Plan, num_classes: int) -> mt.Compose:
-    """Training: the validation steps, then class-balanced patch sampling and augmentation."""
+    """Training: the validation steps, padding to the patch and each class's voxel indices (all
+    cached once per volume), then class-balanced patch sampling and augmentation.
+
+    The random steps never modify their input in place, so cached volumes are shared with them
+    rather than copied for every sample.
+    """
     keys = ["image", "label"]
     patch = plan.patch_size
     aug = config.augment
     ratios = config.data.class_ratios or [1.0] * num_classes
-    random_steps = [
+    cached_steps = [
         mt.SpatialPadd(keys, spatial_size=patch),
+        # Finding each class's voxels once here, not for every patch, saves a scan of the
+        # whole label per sample.
+        mt.ClassesToIndicesd("label", num_classes=num_classes, max_samples_per_class=MAX_INDICES),
+    ]
+    random_steps = [
         mt.RandCropByLabelClassesd(
             keys,
             label_key="label",
@@ -133,6 +150,7 @@ def train_transforms(config: Config, plan: Plan, num_classes: int) -> mt.Compose
             num_classes=num_classes,
             ratios=ratios,
             num_samples=config.data.samples_per_volume,
+            indices_key=INDICES,
             warn=False,
         ),
         *[
@@ -144,5 +162,6 @@ def train_transforms(config: Config, plan: Plan, num_classes: int) -> mt.Compose
         mt.RandShiftIntensityd("image", offsets=0.15, prob=aug.intensity_prob),
         mt.RandGaussianNoised("image", std=0.1, prob=aug.noise_prob),
         mt.EnsureTyped(keys, track_meta=False),
+        mt.DeleteItemsd(INDICES),
     ]
-    return mt.Compose(list(eval_transforms(plan).transforms) + random_steps)
+    return mt.Compose(list(eval_transforms(plan).transforms) + cached_steps + random_steps)
