@@ -152,7 +152,7 @@ def test_plan_prints_and_saves(tiny_dataset, tmp_path, capsys):
     assert main(["plan", "--data", str(tiny_dataset), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "target spacing    4.4 x 4.4 x 10 mm (R, A, S)" in printed
-    assert "pooling per level 2x2x1" in printed
+    assert "pooling per level 2x2x2, 2x2x1, 1x1x1 (after a stem of 2x2x1)" in printed
     assert out.is_file()
     assert main(["plan", "--data", str(tiny_dataset), "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err

@@ -118,3 +118,23 @@ def test_timestep_embedding_is_sinusoidal():
     assert emb.shape == (2, 8)
     torch.testing.assert_close(emb[0], torch.tensor([0.0] * 4 + [1.0] * 4))
     torch.testing.assert_close(emb[1, 0], torch.sin(torch.tensor(1.0)))
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_strided_stem(dims):
+    stem = (2, 2, 1)[:dims] if dims == 3 else 2
+    net = build_model("unet", dims, 2, 4, channels=(8, 16), strides=[2], stem_stride=stem)
+    assert net.size_factor == ((4, 4, 2) if dims == 3 else (4, 4))
+    x = _input(dims, size=8)
+    assert net(x).shape == (2, 4, *([8] * dims))
+    # No double conv at full resolution: the stem is the only conv the image meets there, before
+    # the refinement at the end, which sees the image itself beside the up-sampled features.
+    assert net.stem.conv.stride == ((2, 2, 1) if dims == 3 else (2, 2))
+    assert net.refine.conv.in_channels == 8 + 2
+    # Every voxel's output depends on the image at that voxel (the refinement's skip).
+    x.requires_grad_(True)
+    net.eval()
+    net(x)[:, 1].sum().backward()
+    assert (x.grad.abs().sum(dim=(0, 1)) > 0).all()
+    with pytest.raises(ValueError, match="multiple of"):
+        net(_input(dims, size=6))

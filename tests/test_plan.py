@@ -67,7 +67,57 @@ def test_config_values_win_and_are_checked(tiny_dataset):
     assert plan.patch_size == [32, 32, 8]
     resolved = apply_plan(config, plan)
     assert resolved.model.strides == plan.strides and config.model.strides is None
-    with pytest.raises(ConfigError, match=r"not divisible by the pooling \(4, 4, 2\); try \[32, 32, 8\]"):
+    # The pooling includes the unet's strided stem (2, 2, 1).
+    with pytest.raises(ConfigError, match=r"not divisible by the pooling \(8, 8, 2\); try \[32, 32, 8\]"):
         plan_for_config(
             load_config(None, ["data.patch_size=[33, 32, 9]", "model.channels=[8, 16, 32]"]), dataset
         )
+
+
+def test_a_minority_of_thin_slices_does_not_upsample_every_case(caplog):
+    # Two 1 mm cases among eight 8 mm ones: the 10th percentile (1 mm) would resample the median
+    # case 8x finer; the plan stops at half the median and says so.
+    spacings = [[1.0, 1.0, 8.0]] * 8 + [[1.0, 1.0, 1.0]] * 2
+    with caplog.at_level("WARNING", logger="medseg.data.plan"):
+        plan = make_plan(_fp(spacings, [[200, 200, 20]] * 10))
+    assert plan.spacing == pytest.approx([1.0, 1.0, 4.0])
+    assert "would resample the median case" in caplog.text
+
+
+def test_the_coarse_axis_never_goes_finer_than_the_others():
+    spacings = [[1.0, 6.0, 8.0]] * 4 + [[1.0, 6.0, 2.0]]
+    plan = make_plan(_fp(spacings, [[100, 20, 20]] * 5))
+    assert plan.spacing == pytest.approx([1.0, 6.0, 6.0])
+
+
+def test_a_tiny_patch_budget_is_a_config_error_not_an_endless_loop():
+    with pytest.raises(ConfigError, match="max_patch_voxels: 10 is too small"):
+        make_plan(_fp([[1.0] * 3] * 2, [[64] * 3] * 2), max_patch_voxels=10)
+
+
+def test_the_stem_is_planned_as_the_first_down_sampling():
+    fp = _fp([[1.8, 1.8, 4.5]] * 3, [[96, 96, 28]] * 3)
+    plan = make_plan(fp, levels=4, stem=True)
+    assert plan.stem_stride == [2, 2, 1]  # 4.5 mm slices are not pooled at first
+    assert len(plan.strides) == 3
+    assert plan.size_factor == [16, 16, 4]
+    assert all(p % f == 0 for p, f in zip(plan.patch_size, plan.size_factor))
+    assert "after a stem of 2x2x1" in plan.describe()
+    assert make_plan(fp, levels=4).stem_stride is None
+
+
+def test_full_stem_and_other_models_plan_no_stem(tiny_dataset):
+    dataset = find_cases(tiny_dataset)
+    for overrides in (["model.stem=full"], ["model.name=residual_unet"]):
+        assert plan_for_config(load_config(None, overrides), dataset).stem_stride is None
+    with pytest.raises(ConfigError, match="model.stem"):
+        plan_for_config(load_config(None, ["model.stem=wide"]), dataset)
+
+
+def test_strides_as_written_in_the_docs_are_accepted(tiny_dataset):
+    config = load_config(None, ["model.strides=[[2, 2, 1], 2]", "model.channels=[8, 16, 32]"])
+    assert config.model.strides == [[2, 2, 1], 2]
+    plan = plan_for_config(config, find_cases(tiny_dataset))
+    assert plan.strides == [[2, 2, 1], [2, 2, 2]]
+    with pytest.raises(ConfigError, match="model.strides"):
+        load_config(None, ["model.strides=[[2, 2, 1], two]"])

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from medseg.config import load_config
+from medseg.data.plan import load_plan
 from medseg.errors import ConfigError, InputError
 from medseg.training.trainer import Trainer
 from tests.conftest import TINY_OVERRIDES
@@ -28,8 +29,10 @@ def test_metrics_and_config_are_written(tiny_run):
     saved = load_config(f"{run}/config.yaml")
     assert saved.model.channels == [8, 16]
     assert saved.data.patch_size == [32, 32, 8]  # the resolved values, not null
-    assert saved.model.strides == [[2, 2, 1]]  # 10 mm slices are not pooled at the first level
-    assert "patch_size:" in open(f"{run}/plan.yaml").read()
+    plan = load_plan(f"{run}/plan.yaml")
+    # 10 mm slices are not pooled by the stem; at 8.8 mm in-plane after it, they are.
+    assert plan.stem_stride == [2, 2, 1]
+    assert saved.model.strides == plan.strides == [[2, 2, 2]]
 
 
 def test_time_budget_stops_training(tiny_dataset, tmp_path):

@@ -4,6 +4,7 @@ and intensity normalisation, derived from the training data itself.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,7 +30,10 @@ from medseg.io import (
 __all__ = ["Fingerprint", "Plan", "fingerprint", "make_plan", "load_plan", "plan_for_config", "apply_plan"]
 
 ANISOTROPY = 3.0  # coarsest / finest median spacing above which the coarse axis is planned finer
+MAX_UPSAMPLING = 2.0  # the coarse axis of the median case is never resampled finer than this
 MIN_FEATURE_MAP = 4  # voxels per axis at the lowest resolution
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -60,6 +64,8 @@ class Plan:
             length is the task's dimensionality.
         patch_size: training patch and sliding window, voxels along the same axes.
         strides: down-sampling per level (one entry per level after the first).
+        stem_stride: down-sampling of the ``unet``'s strided stem, before its first level; None
+            for a network whose first level runs at full resolution.
         normalization: ``zscore`` (per image, over non-zero voxels: MRI and others) or ``ct``
             (clip to the foreground's 0.5-99.5 percentiles, z-score with its mean and std).
         clip: CT clip range; mean, std: CT foreground statistics.
@@ -71,6 +77,7 @@ class Plan:
     spacing: list[float]
     patch_size: list[int]
     strides: list[list[int]]
+    stem_stride: list[int] | None = None
     normalization: str = "zscore"
     clip: list[float] | None = None
     mean: float | None = None
@@ -97,6 +104,12 @@ class Plan:
     def save(self, path: str | Path) -> None:
         write_text_atomic(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
+    @property
+    def size_factor(self) -> list[int]:
+        """Each patch axis must be a multiple of this: all the down-sampling, stem included."""
+        strides = [*self.strides, *([self.stem_stride] if self.stem_stride else [])]
+        return [int(np.prod([s[a] for s in strides])) for a in range(self.spatial_dims)]
+
     def describe(self) -> str:
         """A readable summary, one setting per line."""
         norm = "z-score per image over non-zero voxels"
@@ -112,7 +125,8 @@ class Plan:
                 f"target spacing    {' x '.join(f'{s:g}' for s in self.spacing)} mm ({axes})",
                 f"median shape      {' x '.join(map(str, self.median_shape))} voxels after resampling",
                 f"patch size        {' x '.join(map(str, self.patch_size))} voxels",
-                f"pooling per level {', '.join('x'.join(map(str, s)) for s in self.strides)}",
+                f"pooling per level {', '.join('x'.join(map(str, s)) for s in self.strides)}"
+                + (f" (after a stem of {'x'.join(map(str, self.stem_stride))})" if self.stem_stride else ""),
                 f"normalisation     {norm}",
             ]
         )
@@ -183,18 +197,23 @@ def make_plan(
     max_patch_voxels: int = 80 * 80 * 32,
     spacing: list[float] | None = None,
     patch_size: list[int] | None = None,
+    stem: bool = False,
 ) -> Plan:
     """Plan spacing, patch, pooling and normalisation from a fingerprint.
 
     Args:
         fp: the dataset's fingerprint.
         levels: network depth (``len(model.channels)``); ``levels - 1`` down-samplings.
+        stem: plan one more down-sampling, first, for the ``unet``'s strided stem.
         max_patch_voxels: memory budget of one patch, in voxels.
         spacing, patch_size: fixed values to plan around instead of planning them.
 
     Rules:
         - spacing: the median per axis; when the coarsest median is over 3x the finest, the
           coarse axis takes the 10th percentile instead, so thick-slice outliers do not blur all.
+          That axis never goes finer than the other axes' spacing, nor finer than half its
+          median: a minority of thin-slice cases must not make every thick-slice case be
+          upsampled many times over (a warning says when this limit applies).
         - pooling: at each level, an axis is halved only while its spacing is at most twice
           the finest and it keeps at least 4 voxels; so thick slices are pooled later.
         - patch: the median resampled shape, shrunk along its longest axis (in mm) until it fits
@@ -204,33 +223,30 @@ def make_plan(
     if fixed_spacing is not None:
         spacing = np.asarray(fixed_spacing, dtype=float)
     else:
-        spacing = np.median(fp.spacings, axis=0)
-        if spacing.max() > ANISOTROPY * spacing.min():
-            coarse = int(spacing.argmax())
-            spacing[coarse] = np.percentile(fp.spacings[:, coarse], 10)
+        spacing = _target_spacing(fp.spacings)
     median_shape = np.median(fp.shapes * fp.spacings / spacing, axis=0)
     if fixed_patch is not None:
         patch = np.asarray(fixed_patch, dtype=int)
     else:
         patch = np.maximum(np.floor(median_shape), MIN_FEATURE_MAP).astype(int)
+        if max_patch_voxels < MIN_FEATURE_MAP ** len(patch):
+            raise ConfigError(
+                "data.max_patch_voxels",
+                f"{max_patch_voxels} is too small: a patch needs at least {MIN_FEATURE_MAP} voxels "
+                f"per axis ({MIN_FEATURE_MAP ** len(patch)} in {len(patch)}D)",
+            )
         while patch.prod() > max_patch_voxels:
             longest = int(np.argmax(patch * spacing))
             patch[longest] = max(MIN_FEATURE_MAP, int(patch[longest] * 0.9))
-    strides, current, size = [], spacing.copy(), patch.astype(float)
-    for _ in range(levels - 1):
-        pool = [
-            2 if current[a] <= 2 * current.min() and size[a] / 2 >= MIN_FEATURE_MAP else 1
-            for a in range(len(spacing))
-        ]
-        strides.append(pool)
-        current, size = current * pool, size / pool
+    strides = _pooling(spacing, patch, levels - 1 + int(stem))
     factor = np.prod(np.asarray(strides), axis=0) if strides else np.ones(len(spacing), int)
     if fixed_patch is None:
         patch = np.maximum(patch // factor * factor, factor)
     plan = Plan(
         spacing=[round(float(s), 4) for s in spacing],
         patch_size=[int(p) for p in patch],
-        strides=strides,
+        strides=strides[int(stem) :],
+        stem_stride=strides[0] if stem else None,
         modality=fp.modality,
         median_shape=[int(math.ceil(s)) for s in median_shape],
         channels=fp.channels,
@@ -243,6 +259,42 @@ def make_plan(
         plan.clip = [float(low), float(high)]
         plan.mean, plan.std = float(clipped.mean()), float(max(clipped.std(), 1e-6))
     return plan
+
+
+def _target_spacing(spacings: np.ndarray) -> np.ndarray:
+    """The median spacing, with the coarse axis of anisotropic data planned finer (see make_plan)."""
+    spacing = np.median(spacings, axis=0)
+    if len(spacing) < 2 or spacing.max() <= ANISOTROPY * spacing.min():
+        return spacing
+    coarse = int(spacing.argmax())
+    others = np.delete(spacing, coarse)
+    median = spacing[coarse]
+    wanted = float(np.percentile(spacings[:, coarse], 10))
+    spacing[coarse] = max(wanted, others.max(), median / MAX_UPSAMPLING)
+    if spacing[coarse] > wanted:
+        log.warning(
+            "planning: the 10th percentile of axis %d's spacing (%.2f mm) would resample the "
+            "median case %.1fx finer along it; using %.2f mm instead",
+            coarse,
+            wanted,
+            median / wanted,
+            spacing[coarse],
+        )
+    return spacing
+
+
+def _pooling(spacing: np.ndarray, patch: np.ndarray, count: int) -> list[list[int]]:
+    """``count`` down-samplings: an axis is halved only while its spacing is at most twice the
+    finest and it keeps at least ``MIN_FEATURE_MAP`` voxels."""
+    strides, current, size = [], np.asarray(spacing, float), np.asarray(patch, float)
+    for _ in range(count):
+        pool = [
+            2 if current[a] <= 2 * current.min() and size[a] / 2 >= MIN_FEATURE_MAP else 1
+            for a in range(len(current))
+        ]
+        strides.append(pool)
+        current, size = current * pool, size / pool
+    return strides
 
 
 def plan_for_config(config: Config, dataset: Dataset) -> Plan:
@@ -262,6 +314,7 @@ def plan_for_config(config: Config, dataset: Dataset) -> Plan:
             max_patch_voxels=data.max_patch_voxels,
             spacing=data.spacing,
             patch_size=data.patch_size,
+            stem=_wants_stem(config),
         )
     if data.spacing:
         plan.spacing = list(data.spacing)
@@ -269,6 +322,10 @@ def plan_for_config(config: Config, dataset: Dataset) -> Plan:
         plan.patch_size = list(data.patch_size)
     if model.strides:
         plan.strides = [[s] * plan.spatial_dims if isinstance(s, int) else list(s) for s in model.strides]
+    if not _wants_stem(config):
+        plan.stem_stride = None
+    elif plan.stem_stride is None:  # a plan made for another network
+        plan.stem_stride = _pooling(plan.spacing, plan.patch_size, 1)[0]
     if len(plan.strides) != len(model.channels) - 1:
         raise ConfigError(
             "model.strides", f"needs {len(model.channels) - 1} entries for {len(model.channels)} levels"
@@ -279,7 +336,7 @@ def plan_for_config(config: Config, dataset: Dataset) -> Plan:
             f"patch {plan.patch_size} and strides {plan.strides} must have one entry per axis "
             f"of the {plan.spatial_dims}D spacing {plan.spacing}",
         )
-    factor = np.prod(np.asarray(plan.strides), axis=0) if plan.strides else np.ones(plan.spatial_dims, int)
+    factor = plan.size_factor
     if any(p % f for p, f in zip(plan.patch_size, factor)):
         fit = [int(max(f, p // f * f)) for p, f in zip(plan.patch_size, factor)]
         raise ConfigError(
@@ -287,6 +344,12 @@ def plan_for_config(config: Config, dataset: Dataset) -> Plan:
             f"{plan.patch_size} is not divisible by the pooling {tuple(int(f) for f in factor)}; try {fit}",
         )
     return plan
+
+
+def _wants_stem(config: Config) -> bool:
+    if config.model.stem not in ("strided", "full"):
+        raise ConfigError("model.stem", f"must be strided or full, not {config.model.stem!r}")
+    return config.model.name == "unet" and config.model.stem == "strided"
 
 
 def apply_plan(config: Config, plan: Plan) -> Config:

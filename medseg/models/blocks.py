@@ -83,7 +83,7 @@ class FiLM(nn.Module):
 
 
 class ConvNormAct(nn.Module):
-    """3x3(x3) convolution, normalisation, optional FiLM, ReLU, optional dropout."""
+    """3x3(x3) convolution (strided if asked), normalisation, optional FiLM, ReLU, optional dropout."""
 
     def __init__(
         self,
@@ -93,9 +93,10 @@ class ConvNormAct(nn.Module):
         norm_kind: str,
         dropout: float = 0.0,
         time_dim: int | None = None,
+        stride=1,
     ):
         super().__init__()
-        self.conv = conv(spatial_dims, cin, cout, 3, padding=1, bias=False)
+        self.conv = conv(spatial_dims, cin, cout, 3, stride=stride, padding=1, bias=False)
         self.norm = norm(norm_kind, spatial_dims, cout)
         self.film = FiLM(time_dim, cout) if time_dim else None
         self.act = nn.ReLU(inplace=True)

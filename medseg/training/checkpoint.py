@@ -61,15 +61,16 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def model_from_config(
-    config: Config, out_channels: int, in_channels: int = 1, spatial_dims: int = 3
+    config: Config, out_channels: int, in_channels: int = 1, spatial_dims: int = 3, stem_stride=None
 ) -> nn.Module:
     """The network a config describes, for ``in_channels`` image channels, ``out_channels``
-    classes and 2D or 3D images."""
+    classes and 2D or 3D images; ``stem_stride`` comes from the plan (``Plan.stem_stride``)."""
     settings = config.to_dict()["model"]
     name = settings.pop("name")
     if name not in MODELS:
         raise ConfigError("model.name", f"unknown model {name!r}; choose from {', '.join(MODELS)}")
     wanted = model_options(name)
+    settings["stem_stride"] = stem_stride
     options = {k: v for k, v in settings.items() if k in wanted and v is not None}
     try:
         return build_model(
@@ -87,7 +88,9 @@ def model_from_checkpoint(payload: dict) -> nn.Module:
         )
     config = Config.from_dict(payload["config"], source="checkpoint config")
     plan = payload["plan"]
-    model = model_from_config(config, len(payload["labels"]), plan.get("channels", 1), len(plan["spacing"]))
+    model = model_from_config(
+        config, len(payload["labels"]), plan.get("channels", 1), len(plan["spacing"]), plan.get("stem_stride")
+    )
     model.load_state_dict(payload["model"])
     return model.eval()
 

@@ -110,7 +110,7 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.custom_model = model is not None
         self.model = model or model_from_config(
-            config, len(self.labels), self.plan.channels, self.plan.spatial_dims
+            config, len(self.labels), self.plan.channels, self.plan.spatial_dims, self.plan.stem_stride
         )
         self.model = self.model.to(self.device)
         self.channels_last = use_channels_last(cfg.channels_last, self.device, self.amp_dtype, self.model)
