@@ -1,38 +1,49 @@
-"""medseg: read scans, train U-Nets, write masks on the input's grid, score them."""
+"""medseg: read scans, train U-Nets, write masks on the input's grid, score them.
 
-from medseg.config import Config, load_config, save_config
-from medseg.data.datasets import find_cases
-from medseg.data.plan import Plan, plan_for_config
-from medseg.demo import run_demo
-from medseg.errors import CheckpointError, ConfigError, InputError, MedsegError
-from medseg.evaluation.metrics import dice, evaluate
-from medseg.inference.batch import predict_many
-from medseg.inference.predictor import Predictor
-from medseg.io import read_volume, write_volume
-from medseg.models import build_model
-from medseg.training.trainer import Callback, Trainer
+The public names load on first use (PEP 562), so ``import medseg`` and ``medseg --help`` do
+not pay for importing torch and MONAI until something needs them.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Config",
-    "load_config",
-    "save_config",
-    "MedsegError",
-    "InputError",
-    "ConfigError",
-    "CheckpointError",
-    "dice",
-    "evaluate",
-    "predict_many",
-    "Predictor",
-    "read_volume",
-    "write_volume",
-    "build_model",
-    "Trainer",
-    "Callback",
-    "find_cases",
-    "Plan",
-    "plan_for_config",
-    "run_demo",
-]
+# public name -> the module that defines it
+_WHERE = {
+    "Config": "medseg.config",
+    "load_config": "medseg.config",
+    "save_config": "medseg.config",
+    "MedsegError": "medseg.errors",
+    "InputError": "medseg.errors",
+    "ConfigError": "medseg.errors",
+    "CheckpointError": "medseg.errors",
+    "dice": "medseg.evaluation.metrics",
+    "evaluate": "medseg.evaluation.metrics",
+    "predict_many": "medseg.inference.batch",
+    "Predictor": "medseg.inference.predictor",
+    "read_volume": "medseg.io",
+    "write_volume": "medseg.io",
+    "build_model": "medseg.models",
+    "Trainer": "medseg.training.trainer",
+    "Callback": "medseg.training.trainer",
+    "find_cases": "medseg.data.datasets",
+    "Plan": "medseg.data.plan",
+    "plan_for_config": "medseg.data.plan",
+    "run_demo": "medseg.demo",
+}
+
+__all__ = list(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'medseg' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_WHERE[name]), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -22,7 +22,7 @@ from medseg.training.checkpoint import load_checkpoint, model_from_checkpoint
 __all__ = ["sliding_window_probs", "Predictor"]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def sliding_window_probs(
     model: nn.Module,
     image: torch.Tensor,
@@ -32,7 +32,10 @@ def sliding_window_probs(
     amp_dtype: torch.dtype | None = None,
     channels_last: bool = False,
 ) -> torch.Tensor:
-    """Class probabilities (C, *spatial) of one channel-first image, windows blended by a Gaussian."""
+    """Class probabilities (C, *spatial) of one channel-first image, windows blended by a Gaussian.
+
+    On a GPU the windows are stitched there too; the result comes back to the CPU.
+    """
     device = next(model.parameters()).device
 
     def run(window: torch.Tensor) -> torch.Tensor:
@@ -49,9 +52,9 @@ def sliding_window_probs(
         overlap=overlap,
         mode="gaussian",
         sw_device=device,
-        device="cpu",
+        device=device if device.type == "cuda" else "cpu",
     )
-    return torch.softmax(torch.as_tensor(logits)[0], dim=0)
+    return torch.softmax(torch.as_tensor(logits)[0], dim=0).cpu()
 
 
 class Predictor:
@@ -89,12 +92,13 @@ class Predictor:
         if len(channels) != self.plan.channels:
             raise ValueError(f"has {len(channels)} channel(s); this model needs {self.plan.channels}")
         tensor = self.transform({"image": channels})["image"]
+        infer = self.config.infer
         probs = sliding_window_probs(
             self.model,
             tensor,
             self.config.data.patch_size,
-            overlap=self.config.infer.overlap,
-            sw_batch_size=self.config.infer.sw_batch_size,
+            overlap=infer.overlap,
+            sw_batch_size=infer.sw_batch_size,
             amp_dtype=self.amp_dtype,
             channels_last=self.channels_last,
         )
@@ -105,19 +109,18 @@ class Predictor:
         """Resample probabilities from the network's grid onto the input grid, then argmax.
 
         Resampling happens in world coordinates, so any reorientation, respacing or obliquity
-        between the two grids is undone exactly.
+        between the two grids is undone exactly. All classes go through one resampling of a
+        vector image, and the argmax reads the result in place.
         """
-        channels = probs.numpy().astype(np.float32)
-        on_input = []
-        for c, channel in enumerate(channels):
-            moving = image_from_ras(channel, affine)
-            # Outside the network's grid: certainly background.
-            outside = 1.0 if c == 0 else 0.0
-            resampled = sitk.Resample(
-                moving, reference, sitk.Transform(), sitk.sitkLinear, outside, sitk.sitkFloat32
-            )
-            on_input.append(sitk.GetArrayFromImage(resampled).transpose())
-        return np.argmax(np.stack(on_input), axis=0).astype(np.uint8)
+        dims = probs.ndim - 1
+        # Channels last, as a vector image wants them: the one copy of the probabilities made here.
+        channels_last = probs.float().permute(*range(1, dims + 1), 0).numpy()
+        moving = image_from_ras(channels_last, affine)
+        # Outside the network's grid every class reads 0, and the argmax of all zeros is 0:
+        # background, as it should be.
+        resampled = sitk.Resample(moving, reference, sitk.Transform(), sitk.sitkLinear, 0.0)
+        labels = np.argmax(sitk.GetArrayViewFromImage(resampled), axis=-1).astype(np.uint8)
+        return labels.transpose()
 
     def predict_file(
         self, source: str | Path | DicomSeries | list, output: str | Path, overwrite: bool = False
