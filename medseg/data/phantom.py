@@ -14,10 +14,11 @@ import numpy as np
 import SimpleITK as sitk
 from scipy.ndimage import gaussian_filter
 
-__all__ = ["LABELS", "ORIENTATIONS", "make_phantom", "make_dataset"]
+__all__ = ["LABELS", "ORIENTATIONS", "GRIDS", "make_phantom", "make_dataset"]
 
 LABELS = {0: "background", 1: "LV", 2: "myocardium", 3: "RV"}
-ORIENTATIONS = ("ras", "lps", "oblique")
+ORIENTATIONS = ("ras", "lps", "oblique")  # what make_dataset cycles through
+GRIDS = (*ORIENTATIONS, "flipped")  # "flipped": RAS with the slice axis running inferior
 
 
 def _rotation(axis: np.ndarray, angle: float) -> np.ndarray:
@@ -32,10 +33,12 @@ def _grid_direction(orientation: str, rng: np.random.Generator) -> np.ndarray:
         return np.eye(3)
     if orientation == "ras":
         return np.diag([-1.0, -1.0, 1.0])
+    if orientation == "flipped":
+        return np.diag([-1.0, -1.0, -1.0])
     if orientation == "oblique":
         tilt = _rotation(rng.normal(size=3), np.deg2rad(rng.uniform(15, 35)))
         return tilt @ np.diag([-1.0, -1.0, 1.0])
-    raise ValueError(f"orientation must be one of {ORIENTATIONS}, not {orientation!r}")
+    raise ValueError(f"orientation must be one of {GRIDS}, not {orientation!r}")
 
 
 def _inside_ellipsoid(local: np.ndarray, semi_axes) -> np.ndarray:
@@ -107,7 +110,8 @@ def make_phantom(
         shape: voxels per axis (i, j, k).
         spacing: mm per voxel; by default about 1.8 mm in-plane and 4.5 mm between slices
             (varying with the seed), anisotropic like a cardiac MRI stack.
-        orientation: ``"ras"``, ``"lps"`` or ``"oblique"`` (a random tilt of 15-35 degrees).
+        orientation: ``"ras"``, ``"lps"``, ``"flipped"`` (RAS with the slice axis reversed) or
+            ``"oblique"`` (a random tilt of 15-35 degrees).
 
     Returns:
         ``(image, label)`` as SimpleITK images on the same grid; the image is int16.
