@@ -3,7 +3,8 @@
 Both arms get the same training cases, the same time budget and the same threads, then predict
 the same test cases as whole processes. Reported per arm: Dice and HD95 per class (on the input
 grid), training steps, prediction voxels/s (input voxels over the whole process's wall time,
-start-up, loading and saving included) and peak RSS. ``--repeats N`` alternates the arms and
+start-up, loading and saving included, over the test set linked ``--copies`` times: 32 volumes
+by default) and peak RSS. ``--repeats N`` alternates the arms and
 gives mean +- std.
 
 The MONAI arm is a script written from MONAI's spleen tutorial: UNet(16, 32, 64, 128, 256;
@@ -223,6 +224,19 @@ def score(pred_dir: Path, ref_dir: Path) -> dict:
     return result
 
 
+def speed_folder(data: Path, copies: int) -> Path:
+    """The test images, each linked ``copies`` times (the first under its own name), so that
+    prediction speed is measured over a batch, as a hospital runs it, not over a handful."""
+    folder = data / f"speed_{copies}"
+    if not folder.is_dir():
+        folder.mkdir()
+        for image in sorted((data / "imagesTs").glob("*.nii.gz")):
+            for k in range(copies):
+                name = image.name if k == 0 else image.name.replace(".nii.gz", f"_copy{k}.nii.gz")
+                (folder / name).symlink_to(image.resolve())
+    return folder
+
+
 def run_arm(arm: str, data: Path, work: Path, args) -> dict:
     run = work / arm
     run.mkdir(parents=True, exist_ok=True)
@@ -234,9 +248,9 @@ def run_arm(arm: str, data: Path, work: Path, args) -> dict:
     else:
         trained = _child("monai_train", [str(data), str(run), str(args.budget)], args.threads)
         checkpoint = str(run / "monai.pt")
-    preds = run / "predictions"
-    predicted = _child(f"{arm}_predict", [checkpoint, str(data / "imagesTs"), str(preds)], args.threads)
-    voxels = sum(int(np.prod(_size(p))) for p in (data / "imagesTs").glob("*.nii.gz"))
+    preds, images = run / "predictions", speed_folder(data, args.copies)
+    predicted = _child(f"{arm}_predict", [checkpoint, str(images), str(preds)], args.threads)
+    voxels = sum(int(np.prod(_size(p))) for p in images.glob("*.nii.gz"))
     return {
         **score(preds, data / "labelsTs"),
         "steps": trained["steps"],
@@ -284,6 +298,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--train", type=int, default=12, help="training cases")
     parser.add_argument("--test", type=int, default=8, help="test cases")
+    parser.add_argument("--copies", type=int, default=4, help="prediction speed over the test set x this")
     parser.add_argument("--model", default="unet", help="medseg's model.name")
     parser.add_argument("--set", default="", help="extra medseg overrides, ';'-separated")
     parser.add_argument("--arms", default="medseg,monai")
