@@ -94,9 +94,10 @@ class ModelConfig:
         channels: features per level; the depth follows from its length.
         strides: down-sampling per level after the first, each an int (all axes) or one per
             axis, e.g. ``[[2, 2, 1], 2, 2]``; null: planned from the spacing.
-        stem: ``strided`` (the ``unet`` starts with one strided conv and ends with a light
-            full-resolution refinement: more than twice as fast on CPUs) or ``full`` (the
-            classic double conv at full resolution). Its stride is planned with the pooling.
+        stem: ``strided`` (the network starts with one strided conv and ends with a light
+            full-resolution refinement: more than twice as fast on CPUs) or ``full`` (its first
+            level runs at full resolution, as in the classic U-Net). Its stride is planned with
+            the pooling.
         norm: ``batch``, ``instance`` or ``group``; null: the model's own (batch for ``unet``,
             instance for ``unet`` on 2D tasks, group for the others). Batch norm is about 3x
             faster than the others in bf16 channels-last on CPUs.
@@ -132,7 +133,8 @@ class TrainConfig:
         iters_per_epoch: optimiser steps per epoch.
         max_time: stop after this many seconds of training (null: no limit).
         batch_size: volumes per step; each gives ``data.samples_per_volume`` patches.
-        lr: peak learning rate, reached after the warm-up.
+        lr: peak learning rate, reached after the warm-up; null: the model's own
+            (``medseg.training.optim.DEFAULT_LR``: 1e-2 for ``unet``, 2e-3 for the others).
         weight_decay: weight decay (decoupled for AdamW).
         optimizer: ``adamw``, or ``sgd`` (Nesterov, momentum ``momentum``, as nnU-Net).
         momentum: SGD momentum.
@@ -162,7 +164,7 @@ class TrainConfig:
     iters_per_epoch: int = 25
     max_time: float | None = None
     batch_size: int = 1
-    lr: float = 1e-2
+    lr: float | None = None
     weight_decay: float = 1e-4
     optimizer: str = "adamw"
     momentum: float = 0.99

@@ -120,17 +120,19 @@ def test_timestep_embedding_is_sinusoidal():
     torch.testing.assert_close(emb[1, 0], torch.sin(torch.tensor(1.0)))
 
 
-@pytest.mark.parametrize("dims", [2, 3])
-def test_strided_stem(dims):
-    stem = (2, 2, 1)[:dims] if dims == 3 else 2
-    net = build_model("unet", dims, 2, 4, channels=(8, 16), strides=[2], stem_stride=stem)
+@pytest.mark.parametrize(("name", "dims"), ALL)
+def test_strided_stem(name, dims):
+    stem = (2, 2, 1) if dims == 3 else 2
+    net = build_model(name, dims, 2, 4, channels=(8, 16), strides=[2], stem_stride=stem)
     assert net.size_factor == ((4, 4, 2) if dims == 3 else (4, 4))
     x = _input(dims, size=8)
     assert net(x).shape == (2, 4, *([8] * dims))
-    # No double conv at full resolution: the stem is the only conv the image meets there, before
+    # No level runs at full resolution: the stem is the only conv the image meets there, before
     # the refinement at the end, which sees the image itself beside the up-sampled features.
-    assert net.stem.conv.stride == ((2, 2, 1) if dims == 3 else (2, 2))
-    assert net.refine.conv.in_channels == 8 + 2
+    stem_conv = net.stem.conv if name == "unet" else net.stem
+    refine_conv = net.refine.conv if name == "unet" else net.refine
+    assert stem_conv.stride == ((2, 2, 1) if dims == 3 else (2, 2))
+    assert refine_conv.in_channels == 8 + 2
     # Every voxel's output depends on the image at that voxel (the refinement's skip).
     x.requires_grad_(True)
     net.eval()

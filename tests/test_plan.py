@@ -67,7 +67,7 @@ def test_config_values_win_and_are_checked(tiny_dataset):
     assert plan.patch_size == [32, 32, 8]
     resolved = apply_plan(config, plan)
     assert resolved.model.strides == plan.strides and config.model.strides is None
-    # The pooling includes the unet's strided stem (2, 2, 1).
+    # The pooling includes the strided stem (2, 2, 1).
     with pytest.raises(ConfigError, match=r"not divisible by the pooling \(8, 8, 2\); try \[32, 32, 8\]"):
         plan_for_config(
             load_config(None, ["data.patch_size=[33, 32, 9]", "model.channels=[8, 16, 32]"]), dataset
@@ -106,10 +106,12 @@ def test_the_stem_is_planned_as_the_first_down_sampling():
     assert make_plan(fp, levels=4).stem_stride is None
 
 
-def test_full_stem_and_other_models_plan_no_stem(tiny_dataset):
+def test_every_model_plans_a_stem_unless_asked_for_full(tiny_dataset):
     dataset = find_cases(tiny_dataset)
-    for overrides in (["model.stem=full"], ["model.name=residual_unet"]):
-        assert plan_for_config(load_config(None, overrides), dataset).stem_stride is None
+    for name in ("unet", "residual_unet", "attention_unet"):
+        assert plan_for_config(load_config(None, [f"model.name={name}"]), dataset).stem_stride == [2, 2, 1]
+        full = load_config(None, [f"model.name={name}", "model.stem=full"])
+        assert plan_for_config(full, dataset).stem_stride is None
     with pytest.raises(ConfigError, match="model.stem"):
         plan_for_config(load_config(None, ["model.stem=wide"]), dataset)
 

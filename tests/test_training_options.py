@@ -34,6 +34,16 @@ def test_schedules_warm_up_then_decay():
         lr_factor(0.5, "step")
 
 
+def test_each_model_has_its_own_learning_rate_unless_one_is_set(tiny_dataset, tmp_path):
+    expected = {"unet": 1e-2, "residual_unet": 2e-3, "attention_unet": 2e-3}
+    for name, lr in expected.items():
+        trainer = _trainer(tiny_dataset, tmp_path / name, f"model.name={name}")
+        assert trainer.config.train.lr == lr  # resolved, so config.yaml records it
+        assert trainer.optimizer.param_groups[0]["lr"] == lr
+    trainer = _trainer(tiny_dataset, tmp_path / "set", "model.name=residual_unet", "train.lr=0.05")
+    assert trainer.config.train.lr == 0.05
+
+
 def test_sgd_poly_with_fp16_gradient_scaling(tiny_dataset, tmp_path):
     trainer = _trainer(
         tiny_dataset,

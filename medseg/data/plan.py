@@ -64,7 +64,7 @@ class Plan:
             length is the task's dimensionality.
         patch_size: training patch and sliding window, voxels along the same axes.
         strides: down-sampling per level (one entry per level after the first).
-        stem_stride: down-sampling of the ``unet``'s strided stem, before its first level; None
+        stem_stride: down-sampling of the network's strided stem, before its first level; None
             for a network whose first level runs at full resolution.
         normalization: ``zscore`` (per image, over non-zero voxels: MRI and others) or ``ct``
             (clip to the foreground's 0.5-99.5 percentiles, z-score with its mean and std).
@@ -204,7 +204,7 @@ def make_plan(
     Args:
         fp: the dataset's fingerprint.
         levels: network depth (``len(model.channels)``); ``levels - 1`` down-samplings.
-        stem: plan one more down-sampling, first, for the ``unet``'s strided stem.
+        stem: plan one more down-sampling, first, for the network's strided stem.
         max_patch_voxels: memory budget of one patch, in voxels.
         spacing, patch_size: fixed values to plan around instead of planning them.
 
@@ -349,7 +349,7 @@ def plan_for_config(config: Config, dataset: Dataset) -> Plan:
 def _wants_stem(config: Config) -> bool:
     if config.model.stem not in ("strided", "full"):
         raise ConfigError("model.stem", f"must be strided or full, not {config.model.stem!r}")
-    return config.model.name == "unet" and config.model.stem == "strided"
+    return config.model.stem == "strided"
 
 
 def apply_plan(config: Config, plan: Plan) -> Config:

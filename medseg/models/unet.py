@@ -226,8 +226,11 @@ class _ResidualFamily(_UNetBase):
         attention_levels: Sequence[int] = (),
         heads: int = 4,
         gated_skips: bool = False,
+        stem_stride=None,
     ):
-        super().__init__(spatial_dims, out_channels, channels, strides, time_conditioning, deep_supervision)
+        super().__init__(
+            spatial_dims, out_channels, channels, strides, time_conditioning, deep_supervision, stem_stride
+        )
         if 0 in attention_levels:
             raise ValueError("self-attention at full resolution (level 0) is too costly; use levels >= 1")
         if any(not 0 < a < len(channels) for a in attention_levels):
@@ -244,7 +247,10 @@ class _ResidualFamily(_UNetBase):
                 else nn.Identity()
             )
 
-        self.stem = conv(spatial_dims, in_channels, channels[0], 3, padding=1)
+        self.stem = conv(spatial_dims, in_channels, channels[0], 3, stride=self.stem_stride or 1, padding=1)
+        if self.stem_stride:  # as in UNet: back to full resolution, one conv over it and the image
+            self.stem_up = self._up(channels[0], channels[0], self.stem_stride, self.stem_stride)
+            self.refine = conv(spatial_dims, channels[0] + in_channels, channels[0], 3, padding=1)
         self.encoders = nn.ModuleList()
         self.encoder_attention = nn.ModuleList()
         self.downs = nn.ModuleList()
@@ -278,6 +284,7 @@ class _ResidualFamily(_UNetBase):
         """Logits for ``x`` of shape (B, C, *spatial); ``t`` is a timestep per sample or None."""
         self._check_size(x)
         emb = self._embed(t, x)
+        image = x
         x = self.stem(x)
         skips = []
         for level, (blocks, attention) in enumerate(zip(self.encoders, self.encoder_attention)):
@@ -299,6 +306,8 @@ class _ResidualFamily(_UNetBase):
                 x = block(x, emb)
             x = attention(x)
             decoded.append(x)
+        if self.stem_stride:
+            x = self.refine(torch.cat([self.stem_up(x), image], dim=1))
         return self._outputs(self.head(F.silu(self.out_norm(x))), decoded[:-1])
 
 
@@ -312,6 +321,9 @@ class ResidualUNet(_ResidualFamily):
         time_conditioning: as for ``UNet``.
         norm: ``group`` (default), ``batch`` or ``instance``.
         blocks_per_level: residual blocks at each level of the encoder and of the decoder.
+        stem_stride: None: the first conv and level run at full resolution. Otherwise the first
+            conv is strided by this factor, and at the end a transposed conv and one conv over
+            its output and the image bring the features back to full resolution (as ``UNet``).
 
     Example:
         >>> net = ResidualUNet(2, 1, 3, channels=(16, 32, 64), time_conditioning=True)
@@ -331,18 +343,21 @@ class ResidualUNet(_ResidualFamily):
         deep_supervision: bool = False,
         time_conditioning: bool = False,
         blocks_per_level: int = 2,
+        stem_stride=None,
     ):
+        # By keyword: a reordered parameter must not silently mis-wire the network.
         super().__init__(
-            spatial_dims,
-            in_channels,
-            out_channels,
-            channels,
-            strides,
-            norm,
-            dropout,
-            deep_supervision,
-            time_conditioning,
-            blocks_per_level,
+            spatial_dims=spatial_dims,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            channels=channels,
+            strides=strides,
+            norm=norm,
+            dropout=dropout,
+            deep_supervision=deep_supervision,
+            time_conditioning=time_conditioning,
+            blocks_per_level=blocks_per_level,
+            stem_stride=stem_stride,
         )
 
 
@@ -376,23 +391,25 @@ class AttentionUNet(_ResidualFamily):
         blocks_per_level: int = 2,
         attention_levels: Sequence[int] | None = None,
         heads: int = 4,
+        stem_stride=None,
     ):
         if attention_levels is None:
             attention_levels = (len(channels) - 1,)
         super().__init__(
-            spatial_dims,
-            in_channels,
-            out_channels,
-            channels,
-            strides,
-            norm,
-            dropout,
-            deep_supervision,
-            time_conditioning,
-            blocks_per_level,
-            attention_levels,
-            heads,
+            spatial_dims=spatial_dims,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            channels=channels,
+            strides=strides,
+            norm=norm,
+            dropout=dropout,
+            deep_supervision=deep_supervision,
+            time_conditioning=time_conditioning,
+            blocks_per_level=blocks_per_level,
+            attention_levels=attention_levels,
+            heads=heads,
             gated_skips=True,
+            stem_stride=stem_stride,
         )
 
 

@@ -46,7 +46,7 @@ from medseg.training.checkpoint import (
     set_rng_state,
 )
 from medseg.training.distributed import setup_distributed
-from medseg.training.optim import lr_factor, make_ema, make_optimizer
+from medseg.training.optim import default_lr, lr_factor, make_ema, make_optimizer
 from medseg.training.sampling import SeededSamples, StepSampler
 
 __all__ = ["Trainer", "Callback"]
@@ -106,6 +106,8 @@ class Trainer:
         # from its config.yaml alone.
         self.config = config = apply_plan(config, self.plan)
         cfg = config.train
+        if cfg.lr is None:  # resolved here, so the saved config says which rate was used
+            cfg.lr = default_lr(config.model.name)
         _seed_everything(cfg.seed, cfg.deterministic)
         self.callbacks = list(callbacks)
         self.custom_model = model is not None
