@@ -34,9 +34,11 @@ def sliding_window_probs(
 ) -> torch.Tensor:
     """Class probabilities (C, *spatial) of one channel-first image, windows blended by a Gaussian.
 
-    On a GPU the windows are stitched there too; the result comes back to the CPU.
+    On a GPU the image goes to it once, the windows are cut and stitched there, and only the
+    probabilities come back to the CPU.
     """
     device = next(model.parameters()).device
+    on_gpu = device.type == "cuda"
 
     def run(window: torch.Tensor) -> torch.Tensor:
         if channels_last:
@@ -45,14 +47,14 @@ def sliding_window_probs(
             return model(window).float()
 
     logits = sliding_window_inference(
-        torch.as_tensor(image)[None].float(),
+        torch.as_tensor(image)[None].float().to(device if on_gpu else "cpu"),
         roi_size=list(roi_size),
         sw_batch_size=sw_batch_size,
         predictor=run,
         overlap=overlap,
         mode="gaussian",
         sw_device=device,
-        device=device if device.type == "cuda" else "cpu",
+        device=device if on_gpu else "cpu",
     )
     return torch.softmax(torch.as_tensor(logits)[0], dim=0).cpu()
 
@@ -84,6 +86,8 @@ class Predictor:
         if self.channels_last:
             self.model = self.model.to(memory_format=channels_last_format(self.plan.spatial_dims))
         self.transform = infer_transforms(self.plan)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # every window has one size: tune its kernels once
 
     def predict_image(self, image: sitk.Image | list[sitk.Image]) -> np.ndarray:
         """Segment one image (or its channels, as a list on one grid); returns the label map in
