@@ -13,6 +13,7 @@ __all__ = [
     "cpu_has_fast_bf16",
     "use_channels_last",
     "channels_last_format",
+    "windows_per_forward",
 ]
 
 
@@ -88,3 +89,19 @@ def use_channels_last(
 def channels_last_format(spatial_dims: int) -> torch.memory_format:
     """The channels-last memory format for 2D or 3D tensors and models."""
     return torch.channels_last_3d if spatial_dims == 3 else torch.channels_last
+
+
+def windows_per_forward(setting: int | None, device: torch.device, amp_dtype: torch.dtype | None) -> int:
+    """How many sliding windows go through the network in one forward pass.
+
+    ``None`` (auto): 4 on GPUs. On CPUs, 1 under mixed precision, which predicted 20 % faster than
+    2 (scripts/bench_flops.py and docs/performance.md), and 2 in fp32, where torch sends small
+    single-sample 3D convolutions to its slow native kernel instead of oneDNN.
+    """
+    if setting is not None:
+        if setting < 1:
+            raise ConfigError("infer.sw_batch_size", f"must be at least 1, not {setting}")
+        return setting
+    if device.type == "cuda":
+        return 4
+    return 1 if amp_dtype is not None else 2

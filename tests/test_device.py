@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from medseg.device import autocast_dtype, resolve_device, use_channels_last
+from medseg.device import autocast_dtype, resolve_device, use_channels_last, windows_per_forward
 from medseg.errors import ConfigError
 from medseg.models import build_model
 
@@ -37,3 +37,13 @@ def test_channels_last_where_it_pays():
     assert use_channels_last(None, cpu, torch.bfloat16, group_norm) is False
     assert use_channels_last(None, cpu, None, batch_norm) is False
     assert use_channels_last(True, cpu, None, group_norm) is True
+
+
+def test_windows_per_forward_follow_device_and_precision():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert windows_per_forward(None, cpu, torch.bfloat16) == 1
+    assert windows_per_forward(None, cpu, None) == 2  # fp32: one window would hit torch's slow kernel
+    assert windows_per_forward(None, gpu, torch.bfloat16) == 4
+    assert windows_per_forward(3, cpu, None) == 3  # a set value wins
+    with pytest.raises(ConfigError, match="infer.sw_batch_size"):
+        windows_per_forward(0, cpu, None)

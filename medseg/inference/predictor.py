@@ -13,7 +13,13 @@ from torch import nn
 from medseg.config import Config
 from medseg.data.plan import Plan
 from medseg.data.transforms import infer_transforms
-from medseg.device import autocast_dtype, channels_last_format, resolve_device, use_channels_last
+from medseg.device import (
+    autocast_dtype,
+    channels_last_format,
+    resolve_device,
+    use_channels_last,
+    windows_per_forward,
+)
 from medseg.dicom import DicomSeries, write_dicom_seg
 from medseg.errors import InputError
 from medseg.io import channel_files, image_from_ras, read_channels, write_volume
@@ -88,6 +94,7 @@ class Predictor:
         self.transform = infer_transforms(self.plan)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # every window has one size: tune its kernels once
+        self.sw_batch_size = windows_per_forward(self.config.infer.sw_batch_size, self.device, self.amp_dtype)
 
     def predict_image(self, image: sitk.Image | list[sitk.Image]) -> np.ndarray:
         """Segment one image (or its channels, as a list on one grid); returns the label map in
@@ -96,13 +103,12 @@ class Predictor:
         if len(channels) != self.plan.channels:
             raise ValueError(f"has {len(channels)} channel(s); this model needs {self.plan.channels}")
         tensor = self.transform({"image": channels})["image"]
-        infer = self.config.infer
         probs = sliding_window_probs(
             self.model,
             tensor,
             self.config.data.patch_size,
-            overlap=infer.overlap,
-            sw_batch_size=infer.sw_batch_size,
+            overlap=self.config.infer.overlap,
+            sw_batch_size=self.sw_batch_size,
             amp_dtype=self.amp_dtype,
             channels_last=self.channels_last,
         )

@@ -31,7 +31,7 @@ from medseg.data.datasets import (
 )
 from medseg.data.plan import Plan, apply_plan, plan_for_config
 from medseg.data.transforms import eval_transforms, train_transforms
-from medseg.device import autocast_dtype, channels_last_format, use_channels_last
+from medseg.device import autocast_dtype, channels_last_format, use_channels_last, windows_per_forward
 from medseg.errors import CheckpointError, ConfigError, InputError
 from medseg.evaluation.metrics import dice_per_class
 from medseg.evaluation.report import plot_curves, write_metrics
@@ -350,7 +350,9 @@ class Trainer:
                 item["image"],
                 self.config.data.patch_size,
                 overlap=0.25,
-                sw_batch_size=self.config.infer.sw_batch_size,
+                sw_batch_size=windows_per_forward(
+                    self.config.infer.sw_batch_size, self.device, self.amp_dtype
+                ),
                 amp_dtype=self.amp_dtype,
                 channels_last=self.channels_last,
             )
