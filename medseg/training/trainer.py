@@ -343,6 +343,7 @@ class Trainer:
         model = self.eval_model
         model.eval()
         classes = [c for c in self.labels if c != 0]
+        windows = windows_per_forward(self.config.infer.sw_batch_size, self.device, self.amp_dtype)
         scores = []
         for item in self._val_dataset() or []:
             probs = sliding_window_probs(
@@ -350,9 +351,7 @@ class Trainer:
                 item["image"],
                 self.config.data.patch_size,
                 overlap=0.25,
-                sw_batch_size=windows_per_forward(
-                    self.config.infer.sw_batch_size, self.device, self.amp_dtype
-                ),
+                sw_batch_size=windows,
                 amp_dtype=self.amp_dtype,
                 channels_last=self.channels_last,
             )
