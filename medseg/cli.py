@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import sys
 import time
@@ -83,15 +84,81 @@ def cmd_plan(args) -> int:
 
 def cmd_predict(args) -> int:
     from medseg.inference.batch import predict_many
+    from medseg.inference.cases import parse_shard
     from medseg.inference.predictor import Predictor
 
-    predictor = Predictor(args.model, device=args.device)
-    result = predict_many(predictor, args.input, args.output, overwrite=args.overwrite, fmt=args.format)
+    shard = parse_shard(args.shard) if args.shard else None
+    predictor = Predictor(args.model, device=_device_for_this_process(args.device))
+    progress = _CaseProgress(quiet=args.quiet)
+    try:
+        result = predict_many(
+            predictor,
+            args.input,
+            args.output,
+            overwrite=args.overwrite,
+            fmt=args.format,
+            shard=shard,
+            statistics=args.statistics,
+            preview=args.preview,
+            on_case=progress,
+        )
+    finally:
+        progress.close()
     print(
-        f"{len(result.written)} written, {len(result.skipped)} skipped (already there), "
-        f"{len(result.failed)} failed; masks in {args.output}"
+        f"{len(result.written)} written, {len(result.skipped)} skipped, {len(result.failed)} failed; "
+        f"masks in {args.output}, report in {result.report}"
     )
-    return 2 if result.failed else 0
+    if result.failed:
+        if len(result.records) > 1:  # the errors scrolled by among the other cases: list them again
+            print(f"{len(result.failed)} case(s) failed:", file=sys.stderr)
+            for source, reason in result.failed.items():
+                print(f"  {source}: {reason}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _device_for_this_process(device: str) -> str:
+    """Under torchrun on GPUs, ``auto`` means this process's own GPU (``LOCAL_RANK``)."""
+    import os
+
+    if device == "auto" and "LOCAL_RANK" in os.environ:
+        import torch
+
+        if torch.cuda.is_available():
+            return f"cuda:{int(os.environ['LOCAL_RANK']) % torch.cuda.device_count()}"
+    return device
+
+
+class _CaseProgress:
+    """A progress bar on a terminal; plain lines otherwise (cron logs); nothing but errors and
+    warnings with ``quiet``."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet, self.bar = quiet, None
+        self.interactive = sys.stderr.isatty() and not quiet
+
+    def __call__(self, record: dict, number: int, total: int) -> None:
+        from tqdm.auto import tqdm
+
+        if self.interactive and self.bar is None:
+            self.bar = tqdm(total=total, desc="predict", unit="case")
+        say = self.bar.write if self.bar else print
+        if record["status"] == "failed":
+            say(f"error: {record['input']}: {record['reason']}", file=sys.stderr)
+        elif record["status"] == "written" and record.get("reason"):
+            say(f"warning: {record['input']}: {record['reason']}", file=sys.stderr)
+        if self.bar:
+            self.bar.update()
+        elif not self.quiet:
+            seconds = f" in {record['seconds']:.1f} s" if record.get("seconds") is not None else ""
+            print(
+                f"[{number}/{total}] {record['status']}: {record['output'] or record['input']}{seconds}",
+                flush=True,
+            )
+
+    def close(self) -> None:
+        if self.bar:
+            self.bar.close()
 
 
 def cmd_evaluate(args) -> int:
@@ -112,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medseg", description="Medical-image segmentation: train U-Nets, write masks, score them."
     )
+    from medseg import __version__
+
+    parser.add_argument("--version", action="version", version=f"medseg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     overrides = {
         "action": "append",
@@ -151,15 +221,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("predict", help="segment a file or a folder of files with a trained checkpoint")
-    p.add_argument("--model", required=True, help="checkpoint file (or run folder holding best.pt)")
+    p = sub.add_parser(
+        "predict",
+        help="segment files, folders, lists or DICOM series with a trained checkpoint",
+        description="Segment every case of a file, a folder (searched recursively; its sub-folders "
+        "are mirrored in the output), a .csv/.txt list, or DICOM series. Writes the masks, "
+        "labels.json, predictions.csv and run.json. Exit status: 0 all cases written or already "
+        "done, 1 some cases failed, 2 usage or fatal error.",
+    )
+    p.add_argument("-m", "--model", required=True, help="checkpoint file (or run folder holding best.pt)")
     p.add_argument(
+        "-i",
         "--input",
         required=True,
-        help="an image file, or a folder of image files and DICOM series (searched recursively)",
+        help="an image file, a folder of image files and DICOM series (searched recursively), "
+        "or a .csv (column 'image', optionally 'id') or .txt list of files",
     )
     p.add_argument(
-        "--output", required=True, help="folder for the masks (same names and formats as the inputs)"
+        "-o", "--output", required=True, help="folder for the masks (not the input folder nor inside it)"
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
     p.add_argument(
@@ -169,7 +248,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="mask format: same as the input (NIfTI for DICOM series), nifti, nrrd, mha, "
         "or dicom-seg (DICOM inputs; needs medseg[dicom])",
     )
-    p.add_argument("--overwrite", action="store_true", help="replace masks that already exist")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="redo masks already in the output folder; without it, masks made by this checkpoint "
+        "with the same options are kept and any other mask stops the run",
+    )
+    p.add_argument("--shard", metavar="I/N", help="take the I-th of N equal shares of the cases (0-based)")
+    p.add_argument(
+        "--statistics", action="store_true", help="also report the mean image intensity inside each label"
+    )
+    p.add_argument(
+        "--preview", action="store_true", help="also draw a PNG overlay per case in OUTPUT/previews"
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="print only errors, warnings and the summary")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("evaluate", help="Dice per case and class of predicted masks against references")
@@ -184,8 +276,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _WarningLines(logging.Handler):
+    """The library's log messages as ``warning: ...`` lines on the current stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"{record.levelname.lower()}: {record.getMessage()}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logger = logging.getLogger("medseg")
+    if not any(isinstance(h, _WarningLines) for h in logger.handlers):
+        logger.addHandler(_WarningLines(logging.WARNING))
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import socket
 import tempfile
 import zlib
 from collections.abc import Iterator
@@ -35,6 +37,7 @@ __all__ = [
     "ras_affine",
     "image_from_ras",
     "atomic_path",
+    "remove_stale_temp",
     "write_text_atomic",
     "grid_mismatch",
     "channel_files",
@@ -218,28 +221,77 @@ def write_volume(array: np.ndarray, path: str | Path, reference: sitk.Image, ove
         raise InputError(path, f"array shape {array.shape} does not match the grid {reference.GetSize()}")
     image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose()))
     image.CopyInformation(reference)
-    with atomic_path(path, suffix=_suffix(path) or path.suffix) as tmp:
+    with atomic_path(path) as tmp:
         sitk.WriteImage(image, str(tmp), useCompression=True)
     return path
 
 
-@contextmanager
-def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
-    """Yield a hidden temp path beside ``path``; rename it onto ``path`` once written.
+_TEMP_PREFIX = ".medseg-tmp-"
 
-    A crash mid-write leaves the old file (or none) in place, never a half-written one.
-    ``suffix`` keeps the extension for writers that pick the format from it.
+
+def _temp_prefix(pid: int | None = None) -> str:
+    # Host and process in the name: a later run can tell its own crashed temp folders from
+    # those of a live process (another shard may be writing into the same output folder).
+    return f"{_TEMP_PREFIX}{socket.gethostname()}-{os.getpid() if pid is None else pid}-"
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a path with ``path``'s own name inside a private temp folder beside it; once the
+    writer is done, move what it wrote onto ``path``.
+
+    A crash mid-write leaves the old file (or none) in place, never a half-written one. The
+    writer sees the final file name, so a format that writes a header plus a data file
+    (``.mhd`` + ``.zraw``, ``.nhdr`` + ``.raw.gz``) names its data file after the final name; the
+    data files move first and the header last. Files are flushed to disk (fsync) before the
+    move, and are created by the writer itself, so they get the umask's permissions.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
+    folder = Path(tempfile.mkdtemp(prefix=_temp_prefix(), dir=path.parent))
     try:
-        yield Path(tmp)
-        os.replace(tmp, path)
+        yield folder / path.name
+        written = sorted(folder.iterdir(), key=lambda p: p.name == path.name)  # the main file last
+        if path.name not in {p.name for p in written}:
+            raise OSError(f"{path}: the writer created no file")
+        for item in written:
+            _fsync(item)
+        for item in written:
+            os.replace(item, path.parent / item.name)
+        _fsync(path.parent)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temp(folder: str | Path) -> int:
+    """Delete temp folders that crashed (killed) medseg processes of this host left under
+    ``folder``; returns how many. Those of live processes and other hosts are left alone."""
+    removed = 0
+    host = f"{_TEMP_PREFIX}{socket.gethostname()}-"
+    for temp in Path(folder).rglob(f"{_TEMP_PREFIX}*"):
+        pid = temp.name[len(host) :].split("-")[0] if temp.name.startswith(host) else ""
+        if temp.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(temp, ignore_errors=True)
+            removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return pid != 0
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

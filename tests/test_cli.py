@@ -66,8 +66,8 @@ def _run_cli(*args):
     )
 
 
-def _assert_one_line_error(proc, *fragments):
-    assert proc.returncode == 2, proc.stderr
+def _assert_one_line_error(proc, *fragments, code=2):
+    assert proc.returncode == code, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("error: ")
@@ -100,12 +100,12 @@ def test_bad_inputs_to_predict_are_one_line(tiny_run, tmp_path):
     sitk.WriteImage(_volume(), str(whole))
     truncated.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
     proc = _run_cli("predict", "--model", model, "--input", str(truncated), "--output", str(tmp_path / "o"))
-    _assert_one_line_error(proc, "cut.nii.gz", "truncated")
+    _assert_one_line_error(proc, "cut.nii.gz", "truncated", code=1)  # a case failed: exit 1
 
     flat = tmp_path / "slice.nii.gz"
     sitk.WriteImage(sitk.Image(24, 24, sitk.sitkInt16), str(flat))
     proc = _run_cli("predict", "--model", model, "--input", str(flat), "--output", str(tmp_path / "o"))
-    _assert_one_line_error(proc, "slice.nii.gz", "is 2D (24x24); this model needs 3D images")
+    _assert_one_line_error(proc, "slice.nii.gz", "is 2D (24x24); this model needs 3D images", code=1)
 
     proc = _run_cli(
         "predict", "--model", str(tmp_path / "none.pt"), "--input", str(flat), "--output", str(tmp_path / "o")

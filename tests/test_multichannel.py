@@ -8,7 +8,8 @@ import torch
 from medseg.config import load_config
 from medseg.data.datasets import find_cases
 from medseg.errors import InputError
-from medseg.inference.batch import ChannelFiles, collect_inputs, predict_many
+from medseg.inference.batch import predict_many
+from medseg.inference.cases import ChannelFiles, discover
 from medseg.inference.predictor import Predictor
 from medseg.io import read_volume
 from medseg.training.trainer import Trainer
@@ -42,9 +43,9 @@ def test_cases_group_channels(two_channel_dataset):
     case = find_cases(two_channel_dataset).training[0]
     assert case["id"] == "heart_000"
     assert [p.rsplit("/", 1)[1] for p in case["image"]] == ["heart_000_0000.nii.gz", "heart_000_0001.nii.gz"]
-    inputs = collect_inputs(two_channel_dataset / "imagesTs")
-    assert [str(c.id) for c in inputs] == ["heart_003", "heart_004"]
-    assert all(isinstance(c, ChannelFiles) for c in inputs)
+    inputs = discover(two_channel_dataset / "imagesTs")
+    assert [c.mask for c in inputs] == ["heart_003.nii.gz", "heart_004.nii.gz"]
+    assert all(isinstance(c.source, ChannelFiles) for c in inputs)
 
 
 def test_two_channels_train_and_predict(two_channel_dataset, tmp_path):

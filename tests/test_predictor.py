@@ -12,7 +12,7 @@ from medseg.data.transforms import LoadVolumed
 from medseg.errors import CheckpointError, ConfigError, InputError
 from medseg.evaluation.metrics import dice
 from medseg.inference.batch import predict_many
-from medseg.inference.predictor import Predictor
+from medseg.inference.predictor import Predictor, to_input_grid
 from medseg.io import read_volume, to_array
 from tests.conftest import write_dicom_series
 
@@ -54,10 +54,10 @@ def test_results_map_back_to_the_right_voxels(tmp_path, orientation):
     probs = torch.nn.functional.one_hot(resampled[0].long(), 4).permute(3, 0, 1, 2).float()
     truth = to_array(label)
 
-    back = Predictor._to_input_grid(probs, resampled.affine.numpy(), label)
+    back = to_input_grid(probs, resampled.affine.numpy(), label)
     for c in (1, 2, 3):
         assert dice(back == c, truth == c) > 0.85, f"class {c}"
-    flipped = Predictor._to_input_grid(probs.flip(1), resampled.affine.numpy(), label)
+    flipped = to_input_grid(probs.flip(1), resampled.affine.numpy(), label)
     assert dice(flipped == 1, truth == 1) < 0.5
 
 
@@ -108,7 +108,8 @@ def test_dicom_series_mask_on_the_series_grid(tiny_run, tmp_path, orientation):
     write_dicom_series(image, tmp_path / "patient" / "study", uid="1.2.840.99.7", description="SAX cine")
     result = predict_many(Predictor(tiny_run["best"], device="cpu"), tmp_path / "patient", tmp_path / "out")
     assert result.failed == {}
-    assert result.written == [str(tmp_path / "out" / "SAX_cine_1.2.840.99.7.nii.gz")]
+    # The series' folder under the input is mirrored under the output: the mask leads back to it.
+    assert result.written == [str(tmp_path / "out" / "study" / "SAX_cine_1.2.840.99.7.nii.gz")]
     _same_grid(read_volume(result.written[0]), read_volume(tmp_path / "patient" / "study"))
 
 
@@ -153,7 +154,7 @@ def test_output_formats(tiny_run, tmp_path):
     _same_grid(read_volume(tmp_path / "nrrd" / "scan.nrrd"), image)
 
     seg = predict_many(predictor, tmp_path / "in", tmp_path / "seg", fmt="dicom-seg")
-    assert seg.written == [str(tmp_path / "seg" / "SAX_1.2.840.99.8.dcm")]
+    assert seg.written == [str(tmp_path / "seg" / "series" / "SAX_1.2.840.99.8.dcm")]
     assert seg.failed == {
         str(tmp_path / "in" / "scan.nii.gz"): "DICOM-SEG output needs a DICOM series as input"
     }

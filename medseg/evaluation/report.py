@@ -49,8 +49,11 @@ def plot_curves(metrics_csv: str | Path, png: str | Path) -> Path:
 
 
 def overlay_png(image: sitk.Image, mask: sitk.Image, png: str | Path, title: str = "") -> Path:
-    """Three slices through the mask's centre along the last voxel axis, label contours on the image."""
+    """Three slices through the mask's centre along the last voxel axis, label contours on the
+    image (a 2D image is its one slice)."""
     array, labels = to_array(image).astype(float), to_array(mask)
+    if labels.ndim == 2:
+        array, labels = array[..., :1] if array.ndim == 3 else array[..., None], labels[..., None]
     filled = np.nonzero(labels.any(axis=(0, 1)))[0]
     middle = int(filled.mean()) if len(filled) else labels.shape[2] // 2
     picks = sorted({max(0, middle - 2), middle, min(labels.shape[2] - 1, middle + 2)})
@@ -68,7 +71,7 @@ def overlay_png(image: sitk.Image, mask: sitk.Image, png: str | Path, title: str
 
 
 def _save(fig, png: str | Path) -> Path:
-    with atomic_path(png, suffix=".png") as tmp:
+    with atomic_path(png) as tmp:
         fig.savefig(tmp, dpi=80)
     plt.close(fig)
     return Path(png)

@@ -1,131 +1,285 @@
-"""Predict many files: one bad file is reported and skipped, never stops the run."""
+"""Predict many cases: nothing lost, nothing stale, one bad file never stops the run.
+
+A run writes masks (mirroring the input's sub-folders), ``labels.json``, and its report
+(``predictions.csv`` and ``run.json``, see ``batch_report``), updated as each case finishes.
+Masks already in the output folder count as done only when a report there says this checkpoint
+wrote them with the same options; any other mask in the way stops the run before it starts,
+unless ``overwrite`` (``docs/batch.md``).
+"""
 
 from __future__ import annotations
 
 import json
-import sys
+import logging
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm.auto import tqdm
+import numpy as np
 
-from medseg.data.datasets import list_volumes
-from medseg.dicom import DicomSeries, find_series
-from medseg.errors import ConfigError, InputError, find_medseg_error
+from medseg.errors import InputError, find_medseg_error
 from medseg.evaluation.metrics import LABELS_FILE
-from medseg.inference.predictor import Predictor
-from medseg.io import VOLUME_SUFFIXES, case_id, split_channel, write_text_atomic
+from medseg.inference.batch_report import BatchReport, PreviousMask, previous_masks
+from medseg.inference.cases import (
+    BatchCase,
+    check_output_folder,
+    discover,
+    take_shard,
+)
+from medseg.inference.predictor import LoadedCase, Predictor
+from medseg.io import remove_stale_temp, to_array, write_text_atomic
 
-__all__ = ["BatchResult", "ChannelFiles", "collect_inputs", "output_path", "predict_many"]
+__all__ = ["BatchResult", "predict_many", "process_shard"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class BatchResult:
-    """What a batch run did: files written, skipped (already there) and failed (with reasons)."""
+    """What a batch run did.
+
+    Args:
+        written, skipped: mask paths (inputs, for skipped non-images); failed: input -> reason.
+        report: the run's ``predictions.csv``; records: one dict per case, as in ``run.json``.
+    """
 
     written: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
+    report: Path | None = None
+    records: list[dict] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
-class ChannelFiles:
-    """The files of one multi-channel case (nnU-Net's ``CASE_0000``, ``CASE_0001``, ...)."""
-
-    id: str
-    files: tuple[Path, ...]
-
-    def __iter__(self):
-        return iter(self.files)
-
-    def __str__(self) -> str:
-        return str(self.files[0].parent / f"{self.id}_*")
-
-
-def _group_channels(files: list[Path]) -> list[Path | ChannelFiles]:
-    """Files named ``CASE_0000``, ``CASE_0001``, ... become one case; others stay single."""
-    groups: dict[str, list[Path]] = {}
-    for path in files:
-        case, channel = split_channel(path)
-        groups.setdefault(case if channel is not None else str(path), []).append(path)
-    return [ChannelFiles(key, tuple(paths)) if len(paths) > 1 else paths[0] for key, paths in groups.items()]
-
-
-def collect_inputs(source: str | Path) -> list[Path | ChannelFiles | DicomSeries]:
-    """The cases to segment: one file, one DICOM folder, or a folder's volume files (channel
-    files grouped) plus every DICOM series in it and its subfolders."""
-    source = Path(source)
-    if not source.exists():
-        raise InputError(source, "no such file or folder")
-    if not source.is_dir():
-        return [source]
-    cases: list[Path | ChannelFiles | DicomSeries] = [
-        *_group_channels(list_volumes(source)),
-        *find_series(source),
-    ]
-    if not cases:
-        raise InputError(source, f"holds no image files ({', '.join(VOLUME_SUFFIXES)}) and no DICOM series")
-    return cases
-
-
-FORMATS = {"same": "", "nifti": ".nii.gz", "nrrd": ".nrrd", "mha": ".mha", "dicom-seg": ".dcm"}
-
-
-def _check_format(fmt: str) -> None:
-    if fmt not in FORMATS:
-        raise ConfigError("format", f"unknown output format {fmt!r}; choose from {', '.join(FORMATS)}")
-
-
-def output_path(case: Path | ChannelFiles | DicomSeries, output_dir: Path, fmt: str = "same") -> Path:
-    """Where a case's mask goes, always directly inside ``output_dir``.
-
-    With ``same``, a file keeps its name and format and a DICOM series becomes
-    ``<description>_<uid tail>.nii.gz``; other formats change the suffix. Names are bare file
-    names, so neither input paths nor DICOM metadata can steer the output elsewhere.
-    """
-    _check_format(fmt)
-    if isinstance(case, DicomSeries):
-        return Path(output_dir) / f"{case.name}{FORMATS[fmt] or '.nii.gz'}"
-    if isinstance(case, ChannelFiles):
-        first = case.files[0].name
-        return Path(output_dir) / f"{case.id}{FORMATS[fmt] or first[len(case_id(first)) :]}"
-    name = Path(case).name
-    return Path(output_dir) / (f"{case_id(name)}{FORMATS[fmt]}" if FORMATS[fmt] else name)
+def process_shard(shard: tuple[int, int] | None = None) -> tuple[int, int] | None:
+    """This process's shard: ``shard`` as given, split further by rank under torchrun (which
+    sets ``RANK`` and ``WORLD_SIZE``), so every process of every job takes its own cases."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return shard
+    rank = int(os.environ.get("RANK", "0"))
+    index, count = shard or (0, 1)
+    return index * world + rank, count * world
 
 
 def predict_many(
     predictor: Predictor,
     source: str | Path,
     output_dir: str | Path,
+    *,
     overwrite: bool = False,
     fmt: str = "same",
+    shard: tuple[int, int] | None = None,
+    statistics: bool = False,
+    preview: bool = False,
+    on_case: Callable[[dict, int, int], None] | None = None,
 ) -> BatchResult:
-    """Segment one file, one DICOM series, or a folder of files and series into ``output_dir``.
+    """Segment a file, a folder (recursively), a ``.csv``/``.txt`` list, or DICOM series.
 
-    ``fmt`` is ``same`` (the input's format; NIfTI for DICOM series), ``nifti``, ``nrrd``,
-    ``mha`` or ``dicom-seg`` (DICOM series only; needs ``medseg[dicom]``).
-    Writes ``labels.json`` (class index -> name) beside the masks, for ``evaluate`` and people.
-    Existing outputs are kept (and counted as skipped) unless ``overwrite``, so a stopped run
-    resumes where it was. A file that fails is recorded with its reason and the run carries on.
+    Args:
+        predictor: the model to use.
+        source: what to segment (see ``medseg.inference.cases.discover``).
+        output_dir: where masks go; sub-folders of the input are mirrored there.
+        overwrite: redo masks that are already there, whoever made them.
+        fmt: ``same`` (the input's format; NIfTI for DICOM), ``nifti``, ``nrrd``, ``mha`` or
+            ``dicom-seg`` (DICOM series only; needs ``medseg[dicom]``).
+        shard: ``(i, n)``: take only the i-th of n shares of the cases (torchrun splits further).
+        statistics: also record the mean image intensity inside each label.
+        preview: also draw a PNG overlay of each mask, in ``output_dir/previews``.
+        on_case: called with each finished case's record, its number and the total (progress).
+
+    Raises:
+        InputError: before any inference, when the output folder is the input folder (or in
+            it), is not writable, or holds masks not made by this checkpoint with these
+            options (unless ``overwrite``).
     """
-    output_dir = Path(output_dir)
-    _check_format(fmt)  # before any work
-    result = BatchResult()
-    files = collect_inputs(source)
+    cases = discover(source, fmt)
+    output_dir = check_output_folder(source, output_dir, cases)
+    if fmt == "dicom-seg":
+        _need_highdicom(output_dir)
+    shard = process_shard(shard)
+    if shard:
+        cases = take_shard(cases, *shard)
+    remove_stale_temp(output_dir)
+    identity = {"checkpoint_sha256": predictor.sha256, "options": {"format": fmt, **predictor.options}}
+    done = _plan_reuse(cases, output_dir, identity, overwrite)
+    from medseg import __version__
+
+    report = BatchReport(
+        output_dir,
+        identity=identity,
+        info={
+            "medseg_version": __version__,
+            "checkpoint": predictor.checkpoint,
+            "input": str(Path(source).resolve()),
+            "output": str(output_dir.resolve()),
+            "shard": f"{shard[0]}/{shard[1]}" if shard else None,
+            "statistics": statistics,
+            "device": str(predictor.device),
+        },
+        shard=shard,
+        total=len(cases),
+    )
     labels = {str(k): v for k, v in sorted(predictor.labels.items())}
     write_text_atomic(output_dir / LABELS_FILE, json.dumps(labels, indent=2) + "\n")
-    for case in tqdm(files, desc="predict", unit="case", disable=None if len(files) > 1 else True):
-        target = output_path(case, output_dir, fmt)
-        if target.exists() and not overwrite:
-            result.skipped.append(str(target))
-            continue
+    report.save()
+    runner = _Runner(predictor, output_dir, report, statistics, preview)
+    todo = [c for c in cases if not c.status and c.mask not in done]
+    loads = _prefetch(predictor, todo)
+    for number, case in enumerate(cases, 1):
+        if case.status or case.mask in done:
+            record = _decided(case, done.get(case.mask))
+            report.add(record)
+        else:
+            record = runner.run(case, next(loads))
+        if on_case:
+            on_case(record, number, len(cases))
+    report.close()
+    return _result(report, output_dir)
+
+
+def _need_highdicom(where: Path) -> None:
+    try:
+        import highdicom  # noqa: F401
+    except ImportError:
+        raise InputError(where, "DICOM-SEG output needs highdicom: pip install 'medseg[dicom]'") from None
+
+
+def _plan_reuse(cases: list[BatchCase], output_dir: Path, identity: dict, overwrite: bool) -> dict:
+    """Which existing masks are done (mask -> earlier record). Masks in the way that a report
+    does not vouch for stop the run, unless ``overwrite`` (then every case is redone)."""
+    existing = [c for c in cases if c.mask and (output_dir / c.mask).exists()]
+    if overwrite or not existing:
+        return {}
+    previous = previous_masks(output_dir)
+    done, strangers = {}, []
+    for case in existing:
+        known = previous.get(case.mask)
+        if known and known.identity == identity and known.finished:
+            done[case.mask] = known
+        elif not (known and known.identity == identity):  # an unfinished write of ours is redone
+            strangers.append((case.mask, _why_foreign(known, identity)))
+    if strangers:
+        mask, why = strangers[0]
+        raise InputError(
+            output_dir,
+            f"{len(strangers)} mask(s) here were not made by this checkpoint with these options "
+            f"(first: {mask}: {why}); pass --overwrite to redo them, or choose another --output",
+        )
+    return done
+
+
+def _why_foreign(known: PreviousMask | None, identity: dict) -> str:
+    if known is None:
+        return "no run report here records it"
+    theirs, ours = known.identity.get("checkpoint_sha256", ""), identity["checkpoint_sha256"]
+    if theirs != ours:
+        return f"made by checkpoint {theirs[:12]}, this one is {ours[:12]}"
+    changed = [
+        f"{key} {known.identity['options'].get(key)!r} -> {value!r}"
+        for key, value in identity["options"].items()
+        if known.identity.get("options", {}).get(key) != value
+    ]
+    return "made with other options: " + ", ".join(changed)
+
+
+def _decided(case: BatchCase, previous: PreviousMask | None) -> dict:
+    """The record of a case settled without inference: refused, not an image, or done before."""
+    record = {
+        "input": ";".join(case.inputs),
+        "output": case.mask,
+        "status": case.status,
+        "reason": case.reason,
+    }
+    if previous is not None:
+        earlier = previous.record
+        record.update(
+            status="skipped",
+            reason="done by an earlier run with this checkpoint and options",
+            **{k: earlier[k] for k in ("volumes_ml", "mean_intensity") if k in earlier},
+        )
+    return record
+
+
+def _prefetch(predictor: Predictor, cases: list[BatchCase]):
+    """Yield each case's loaded input (or the error reading it), reading the next case in a
+    second thread while the caller computes on the current one. Two cases at most are held."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="medseg-read") as pool:
+        ahead: Future | None = pool.submit(predictor.load, cases[0].source) if cases else None
+        for i in range(len(cases)):
+            current = ahead
+            ahead = pool.submit(predictor.load, cases[i + 1].source) if i + 1 < len(cases) else None
+            yield current
+
+
+class _Runner:
+    """Runs one case at a time and records it; a failure is recorded, never raised."""
+
+    def __init__(self, predictor, output_dir: Path, report: BatchReport, statistics: bool, preview: bool):
+        self.predictor, self.output_dir, self.report = predictor, output_dir, report
+        self.statistics, self.preview = statistics, preview
+
+    def run(self, case: BatchCase, loading: Future) -> dict:
+        start = time.monotonic()
+        record = {"input": ";".join(case.inputs), "output": case.mask}
         try:
-            predictor.predict_file(case, target, overwrite=overwrite)
+            loaded = loading.result()
+            mask = self.predictor.segment(loaded)
+            self.report.start(case.mask)
+            self.predictor.write(mask, loaded, self.output_dir / case.mask, overwrite=True)
         except Exception as exc:  # one case must never stop a batch of thousands
             known = find_medseg_error(exc)
             reason = known.message if known else f"unexpected {type(exc).__name__}: {exc}"
-            result.failed[str(case)] = reason
-            tqdm.write(f"error: {case}: {reason}", file=sys.stderr)
+            record.update(status="failed", reason=reason, seconds=round(time.monotonic() - start, 2))
+            if not known:
+                log.warning("%s: %s", case.inputs[0], reason, exc_info=exc)
+            self.report.add(record)
+            return record
+        record.update(status="written", reason="; ".join(loaded.warnings))
+        record.update(self._measure(mask, loaded))
+        if self.preview:
+            self._draw(mask, loaded, case)
+        record["seconds"] = round(time.monotonic() - start, 2)
+        self.report.add(record)
+        return record
+
+    def _measure(self, mask: np.ndarray, loaded: LoadedCase) -> dict:
+        """Each label's volume in mL (area in mm^2 for 2D images), and with ``statistics`` the
+        mean intensity of the (first channel of the) image inside it."""
+        reference = loaded.reference
+        voxel = float(np.prod(reference.GetSpacing()))
+        unit = 1000.0 if reference.GetDimension() == 3 else 1.0
+        counts = np.bincount(mask.ravel(), minlength=max(self.predictor.labels) + 1)
+        names = {k: v for k, v in self.predictor.labels.items() if k != 0}
+        out = {"volumes_ml": {names[k]: counts[k] * voxel / unit for k in sorted(names)}}
+        if self.statistics:
+            image = to_array(reference).astype(np.float64, copy=False)
+            sums = np.bincount(mask.ravel(), weights=image.ravel(), minlength=len(counts))
+            out["mean_intensity"] = {
+                names[k]: (sums[k] / counts[k] if counts[k] else None) for k in sorted(names)
+            }
+        return out
+
+    def _draw(self, mask: np.ndarray, loaded: LoadedCase, case: BatchCase) -> None:
+        import SimpleITK as sitk
+
+        from medseg.evaluation.report import overlay_png
+
+        image = sitk.GetImageFromArray(np.ascontiguousarray(mask.transpose()))
+        image.CopyInformation(loaded.reference)
+        target = self.output_dir / "previews" / f"{case.mask}.png"
+        overlay_png(loaded.reference, image, target, Path(case.mask).name)
+
+
+def _result(report: BatchReport, output_dir: Path) -> BatchResult:
+    result = BatchResult(report=report.csv_path, records=report.records)
+    for record in report.records:
+        if record["status"] == "written":
+            result.written.append(str(output_dir / record["output"]))
+        elif record["status"] == "skipped":
+            result.skipped.append(str(output_dir / record["output"]) if record["output"] else record["input"])
         else:
-            result.written.append(str(target))
+            result.failed[record["input"]] = record["reason"]
     return result

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,12 +21,19 @@ from medseg.device import (
     use_channels_last,
     windows_per_forward,
 )
-from medseg.dicom import DicomSeries, write_dicom_seg
+from medseg.dicom import DicomSeries, read_series, write_dicom_seg
 from medseg.errors import InputError
+from medseg.inference.cases import ChannelFiles
 from medseg.io import channel_files, image_from_ras, read_channels, write_volume
-from medseg.training.checkpoint import load_checkpoint, model_from_checkpoint
+from medseg.training.checkpoint import (
+    checkpoint_file,
+    file_sha256,
+    load_checkpoint,
+    model_from_checkpoint,
+    weights_sha256,
+)
 
-__all__ = ["sliding_window_probs", "Predictor"]
+__all__ = ["sliding_window_probs", "Predictor", "LoadedCase", "check_values", "to_input_grid"]
 
 
 @torch.inference_mode()
@@ -65,6 +73,28 @@ def sliding_window_probs(
     return torch.softmax(torch.as_tensor(logits)[0], dim=0).cpu()
 
 
+@dataclass
+class LoadedCase:
+    """A case read, checked and preprocessed, ready for the network.
+
+    Args:
+        channels: the input as read (one image per channel, on one grid), NaNs replaced.
+        tensor: the network's input (channels first, on the network's grid).
+        source: what was read (for messages): a path, a DICOM series, or None for images.
+        warnings: odd things about the input that did not stop it (constant, partly NaN).
+    """
+
+    channels: list[sitk.Image]
+    tensor: torch.Tensor
+    source: object = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def reference(self) -> sitk.Image:
+        """The grid the mask is written on: the (first) input's."""
+        return self.channels[0]
+
+
 class Predictor:
     """Segment volumes with a trained checkpoint; masks come out on the input's exact grid.
 
@@ -75,87 +105,199 @@ class Predictor:
     Example:
         >>> predictor = Predictor("runs/heart/best.pt")
         >>> predictor.predict_file("scan.nii.gz", "scan_mask.nii.gz")
-        >>> mask = predictor.predict_image(medseg.read_volume("dicom_folder/"))
+        >>> mask, probs = predictor.predict("dicom_folder/", probabilities=True)
     """
 
     def __init__(self, checkpoint: str | Path, device: str = "auto"):
-        self.device = resolve_device(device)
-        payload = load_checkpoint(checkpoint)
-        self.labels: dict[int, str] = {int(k): v for k, v in payload["labels"].items()}
-        self.config = Config.from_dict(payload["config"], source=str(checkpoint))
-        self.plan = Plan.from_dict(payload["plan"], source=str(checkpoint))
-        self.amp_dtype = autocast_dtype(self.device, self.config.train.precision)
-        self.model = model_from_checkpoint(payload).to(self.device)
-        self.channels_last = use_channels_last(
-            self.config.train.channels_last, self.device, self.amp_dtype, self.model
+        path = checkpoint_file(checkpoint)
+        payload = load_checkpoint(path)
+        self._setup(
+            model=model_from_checkpoint(payload),
+            plan=Plan.from_dict(payload["plan"], source=str(checkpoint)),
+            labels=payload["labels"],
+            config=Config.from_dict(payload["config"], source=str(checkpoint)),
+            device=device,
         )
+        self.checkpoint, self.sha256 = str(path), file_sha256(path)
+
+    @classmethod
+    def from_model(
+        cls, model: nn.Module, plan: Plan, labels: dict, *, config: Config | None = None, device: str = "auto"
+    ) -> Predictor:
+        """A predictor for a network built or trained in Python, without a checkpoint file.
+
+        Args:
+            model: the network (its output channels are the classes, background first).
+            plan: the preprocessing it was trained with (``trainer.plan``).
+            labels: class index -> name, background included.
+            config: prediction settings (window overlap, precision); default: medseg's.
+            device: as for ``Predictor``.
+        """
+        config = config or Config()
+        config.data.patch_size = list(plan.patch_size)
+        predictor = cls.__new__(cls)
+        predictor._setup(model=model.eval(), plan=plan, labels=labels, config=config, device=device)
+        predictor.checkpoint, predictor.sha256 = None, weights_sha256(model)
+        return predictor
+
+    def _setup(self, *, model: nn.Module, plan: Plan, labels: dict, config: Config, device: str) -> None:
+        self.device = resolve_device(device)
+        self.labels: dict[int, str] = {int(k): v for k, v in labels.items()}
+        self.config, self.plan = config, plan
+        self.amp_dtype = autocast_dtype(self.device, config.train.precision)
+        self.model = model.to(self.device)
+        self.channels_last = use_channels_last(config.train.channels_last, self.device, self.amp_dtype, model)
         if self.channels_last:
-            self.model = self.model.to(memory_format=channels_last_format(self.plan.spatial_dims))
-        self.transform = infer_transforms(self.plan)
+            self.model = self.model.to(memory_format=channels_last_format(plan.spatial_dims))
+        self.transform = infer_transforms(plan)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # every window has one size: tune its kernels once
-        self.sw_batch_size = windows_per_forward(self.config.infer.sw_batch_size, self.device, self.amp_dtype)
+        self.sw_batch_size = windows_per_forward(config.infer.sw_batch_size, self.device, self.amp_dtype)
 
-    def predict_image(self, image: sitk.Image | list[sitk.Image]) -> np.ndarray:
-        """Segment one image (or its channels, as a list on one grid); returns the label map in
-        (i, j[, k]) order on the image's own grid."""
-        channels = list(image) if isinstance(image, (list, tuple)) else [image]
+    @property
+    def options(self) -> dict:
+        """The settings that shape a mask besides the weights (batch runs record them)."""
+        return {"overlap": self.config.infer.overlap, "patch_size": list(self.config.data.patch_size)}
+
+    def load(self, source) -> LoadedCase:
+        """Read, check and preprocess a case (safe to run in a second thread while the network
+        works on the previous one).
+
+        Args:
+            source: an image file, a DICOM folder or ``DicomSeries``, a list of channel files, or
+                SimpleITK image(s).
+
+        Raises:
+            InputError: unreadable, the wrong dimensions or number of channels, or all NaN.
+        """
+        dims = self.plan.spatial_dims
+        if isinstance(source, sitk.Image):
+            source = [source]
+        if isinstance(source, DicomSeries):
+            image = read_series(source)
+            if image.GetDimension() != dims:
+                raise InputError(
+                    source.folder, f"is {image.GetDimension()}D; this model needs {dims}D images"
+                )
+            channels = [image]
+        elif isinstance(source, (list, tuple)) and all(isinstance(c, sitk.Image) for c in source):
+            channels = list(source)
+        else:
+            channels = [c for f in channel_files(source) for c in read_channels(f, spatial_dims=dims)]
+        where = _where(source)
         if len(channels) != self.plan.channels:
-            raise ValueError(f"has {len(channels)} channel(s); this model needs {self.plan.channels}")
-        tensor = self.transform({"image": channels})["image"]
+            raise InputError(where, f"has {len(channels)} channel(s); this model needs {self.plan.channels}")
+        warnings = []
+        checked = []
+        for channel in channels:
+            image, warning = check_values(channel, where)
+            checked.append(image)
+            warnings += [warning] if warning else []
+        tensor = self.transform({"image": checked})["image"]
+        return LoadedCase(checked, tensor, source, warnings)
+
+    def segment(self, case: LoadedCase, probabilities: bool = False):
+        """The label map of a loaded case on its input grid, in (i, j[, k]) order; with
+        ``probabilities``, also the class probabilities there, shaped (classes, i, j[, k])."""
         probs = sliding_window_probs(
             self.model,
-            tensor,
+            case.tensor,
             self.config.data.patch_size,
             overlap=self.config.infer.overlap,
             sw_batch_size=self.sw_batch_size,
             amp_dtype=self.amp_dtype,
             channels_last=self.channels_last,
         )
-        return self._to_input_grid(probs, tensor.affine.numpy(), channels[0])
+        return to_input_grid(probs, case.tensor.affine.numpy(), case.reference, probabilities)
 
-    @staticmethod
-    def _to_input_grid(probs: torch.Tensor, affine: np.ndarray, reference: sitk.Image) -> np.ndarray:
-        """Resample probabilities from the network's grid onto the input grid, then argmax.
+    def predict(self, source, *, probabilities: bool = False):
+        """Segment one case (see ``load`` for what ``source`` may be).
 
-        Resampling happens in world coordinates, so any reorientation, respacing or obliquity
-        between the two grids is undone exactly. All classes go through one resampling of a
-        vector image, and the argmax reads the result in place.
+        Returns:
+            The label map (uint8, (i, j[, k]) order, on the input's grid); with
+            ``probabilities``, ``(labels, probs)`` where probs is float32 (classes, i, j[, k]).
         """
-        dims = probs.ndim - 1
-        # Channels last, as a vector image wants them: the one copy of the probabilities made here.
-        channels_last = probs.float().permute(*range(1, dims + 1), 0).numpy()
-        moving = image_from_ras(channels_last, affine)
-        # Outside the network's grid every class reads 0, and the argmax of all zeros is 0:
-        # background, as it should be.
-        resampled = sitk.Resample(moving, reference, sitk.Transform(), sitk.sitkLinear, 0.0)
-        labels = np.argmax(sitk.GetArrayViewFromImage(resampled), axis=-1).astype(np.uint8)
-        return labels.transpose()
+        return self.segment(self.load(source), probabilities)
 
-    def predict_file(
-        self, source: str | Path | DicomSeries | list, output: str | Path, overwrite: bool = False
-    ) -> Path:
-        """Segment a file, a DICOM series, or a list of channel files, and write the mask to
-        ``output`` on the (first) input's grid.
+    def predict_image(self, image: sitk.Image | list[sitk.Image]) -> np.ndarray:
+        """Segment one image (or its channels, as a list on one grid); returns the label map."""
+        return self.predict(image)
 
-        The suffix of ``output`` picks the format; ``.dcm`` writes DICOM-SEG, which needs a
-        DICOM series as the source.
-        """
-        dims = self.plan.spatial_dims
-        if isinstance(source, DicomSeries):
-            channels = read_channels(source.folder, spatial_dims=dims, series_uid=source.uid)
-        else:
-            channels = [c for f in channel_files(source) for c in read_channels(f, spatial_dims=dims)]
-        image = channels[0]
-        try:
-            mask = self.predict_image(channels)
-        except ValueError as exc:  # the wrong number of channels, said of the input it concerns
-            where = source.folder if isinstance(source, DicomSeries) else channel_files(source)[0]
-            raise InputError(where, str(exc)) from None
+    def write(self, mask: np.ndarray, case: LoadedCase, output: str | Path, overwrite: bool = False) -> Path:
+        """Write a mask on its case's grid. The suffix of ``output`` picks the format; ``.dcm``
+        writes DICOM-SEG, which needs a DICOM series as the source."""
         if str(output).lower().endswith(".dcm"):
-            if not isinstance(source, DicomSeries):
-                raise InputError(source, "DICOM-SEG output needs a DICOM series as input")
+            if not isinstance(case.source, DicomSeries):
+                raise InputError(_where(case.source), "DICOM-SEG output needs a DICOM series as input")
             return write_dicom_seg(
-                mask, source, self.labels, output, overwrite, algorithm=self.config.model.name
+                mask, case.source, self.labels, output, overwrite, algorithm=self.config.model.name
             )
-        return write_volume(mask, output, image, overwrite=overwrite)
+        return write_volume(mask, output, case.reference, overwrite=overwrite)
+
+    def predict_file(self, source, output: str | Path, overwrite: bool = False) -> Path:
+        """Segment a file, a DICOM series, or a list of channel files, and write the mask to
+        ``output`` on the (first) input's grid."""
+        case = self.load(source)
+        return self.write(self.segment(case), case, output, overwrite)
+
+
+def _where(source) -> str | None:
+    """The path to name in an error about ``source``."""
+    if isinstance(source, DicomSeries):
+        return str(source.folder)
+    if isinstance(source, (str, Path, ChannelFiles)):
+        return channel_files(source)[0]
+    if isinstance(source, (list, tuple)) and source and isinstance(source[0], (str, Path)):
+        return str(source[0])
+    return None
+
+
+def check_values(image: sitk.Image, where) -> tuple[sitk.Image, str]:
+    """Refuse an image whose every voxel is NaN; replace some NaN or infinite voxels by the
+    lowest finite value, and warn about them or about an image of one value.
+
+    Returns:
+        The image (a cleaned copy if needed) and a warning ('' if none).
+    """
+    array = sitk.GetArrayViewFromImage(image)
+    if not np.issubdtype(array.dtype, np.floating):
+        low, high = array.min(), array.max()
+        return image, f"every voxel is {low}: the mask will be empty or meaningless" if low == high else ""
+    finite = np.isfinite(array)
+    if not finite.any():
+        raise InputError(where, "every voxel is NaN or infinite; nothing to segment")
+    low, high = float(array[finite].min()), float(array[finite].max())
+    warning = f"every voxel is {low:g}: the mask will be empty or meaningless" if low == high else ""
+    if not finite.all():
+        share = 100.0 * (1 - finite.mean())
+        cleaned = sitk.GetImageFromArray(np.where(finite, array, low).astype(array.dtype))
+        cleaned.CopyInformation(image)
+        return cleaned, f"{share:.1f} % of voxels are NaN or infinite (read as the lowest value, {low:g})"
+    return image, warning
+
+
+def to_input_grid(
+    probs: torch.Tensor, affine: np.ndarray, reference: sitk.Image, probabilities: bool = False
+):
+    """Resample probabilities from the network's grid onto the input grid, then argmax.
+
+    Resampling happens in world coordinates, so any reorientation, respacing or obliquity
+    between the two grids is undone exactly. All classes go through one resampling of a
+    vector image, and the argmax reads the result in place.
+
+    Returns:
+        The label map in (i, j[, k]) order; with ``probabilities``, also the resampled
+        probabilities as (classes, i, j[, k]).
+    """
+    dims = probs.ndim - 1
+    # Channels last, as a vector image wants them: the one copy of the probabilities made here.
+    channels_last = probs.float().permute(*range(1, dims + 1), 0).numpy()
+    moving = image_from_ras(channels_last, affine)
+    # Outside the network's grid every class reads 0, and the argmax of all zeros is 0:
+    # background, as it should be.
+    resampled = sitk.Resample(moving, reference, sitk.Transform(), sitk.sitkLinear, 0.0)
+    view = sitk.GetArrayViewFromImage(resampled)  # (k, j, i, classes)
+    labels = np.argmax(view, axis=-1).astype(np.uint8).transpose()
+    if not probabilities:
+        return labels
+    return labels, np.ascontiguousarray(np.moveaxis(view, -1, 0).transpose(0, *range(dims, 0, -1)))

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
 from pathlib import Path
 
@@ -19,6 +20,9 @@ __all__ = [
     "FORMAT",
     "save_checkpoint",
     "load_checkpoint",
+    "checkpoint_file",
+    "file_sha256",
+    "weights_sha256",
     "model_from_config",
     "model_from_checkpoint",
     "rng_state",
@@ -36,17 +40,45 @@ def save_checkpoint(path: str | Path, payload: dict) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Load a checkpoint safely (``weights_only=True``) and check that it is medseg's.
+def checkpoint_file(path: str | Path) -> Path:
+    """The checkpoint file a path names: the file itself, or a run folder's ``best.pt``.
 
     Raises:
-        CheckpointError: missing, unreadable, or not a medseg checkpoint.
+        CheckpointError: there is no such file.
     """
     path = Path(path)
     if path.is_dir():
         path = path / "best.pt"
     if not path.is_file():
         raise CheckpointError(path, "no such checkpoint")
+    return path
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file, as ``sha256sum`` prints it."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """A SHA-256 of a model's weights (names, shapes and values), for models not from a file."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Load a checkpoint safely (``weights_only=True``) and check that it is medseg's.
+
+    Raises:
+        CheckpointError: missing, unreadable, or not a medseg checkpoint.
+    """
+    path = checkpoint_file(path)
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises several types for corrupt or unsafe files
