@@ -41,6 +41,7 @@ __all__ = [
     "write_text_atomic",
     "grid_mismatch",
     "channel_files",
+    "check_voxel_values",
 ]
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".tif", ".tiff")
@@ -177,16 +178,55 @@ def _read_file(path: Path) -> sitk.Image:
     except RuntimeError as exc:
         raise InputError(path, f"cannot read: {_first_reason(exc)}") from None
     if _suffix(path) in (".nii", ".nii.gz"):
-        _check_nifti_data(path)
+        image = _check_nifti_data(path, image)
     return image
 
 
-def _check_nifti_data(path: Path) -> None:
-    """ITK fills a truncated NIfTI with zeros without a word; nibabel notices, so ask it."""
+def _check_nifti_data(path: Path, image: sitk.Image) -> sitk.Image:
+    """ITK fills a truncated NIfTI with zeros without a word, and reads NaN voxels as 0; nibabel
+    does neither, so ask it. NaNs are put back, for ``check_voxel_values`` to judge."""
     try:
-        np.asanyarray(nib.load(str(path), mmap=False).dataobj)
+        data = np.asanyarray(nib.load(str(path), mmap=False).dataobj)
     except (EOFError, OSError, ValueError, zlib.error):
         raise InputError(path, "cannot read: file is truncated (the image data ends early)") from None
+    if not np.issubdtype(data.dtype, np.floating) or np.isfinite(data).all():
+        return image
+    array = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
+    missing = ~np.isfinite(data).T
+    if missing.shape != array.shape:
+        return image  # a vector-valued NIfTI: leave it as ITK read it
+    array[missing] = np.nan
+    restored = sitk.GetImageFromArray(array, isVector=False)
+    restored.CopyInformation(image)
+    return restored
+
+
+def check_voxel_values(image: sitk.Image, where=None) -> tuple[sitk.Image, str]:
+    """Refuse an image whose every voxel is NaN or infinite; replace some such voxels by the
+    lowest finite value, and warn about them, or about an image of one value.
+
+    Returns:
+        The image (a cleaned copy if needed) and a warning ('' if none).
+
+    Raises:
+        InputError: every voxel is NaN or infinite.
+    """
+    array = sitk.GetArrayViewFromImage(image)
+    if not np.issubdtype(array.dtype, np.floating):
+        low, high = array.min(), array.max()
+        return image, f"every voxel is {low}: the mask will be empty or meaningless" if low == high else ""
+    finite = np.isfinite(array)
+    if not finite.any():
+        raise InputError(where, "every voxel is NaN or infinite; nothing to segment")
+    low, high = float(array[finite].min()), float(array[finite].max())
+    if finite.all():
+        return image, f"every voxel is {low:g}: the mask will be empty or meaningless" if low == high else ""
+    share = 100.0 * (1 - finite.mean())
+    cleaned = sitk.GetImageFromArray(
+        np.where(finite, array, low).astype(array.dtype), isVector=image.GetNumberOfComponentsPerPixel() > 1
+    )
+    cleaned.CopyInformation(image)
+    return cleaned, f"{share:.1f} % of voxels are NaN or infinite (read as the lowest value, {low:g})"
 
 
 _TRUNCATION_HINTS = ("truncat", "not read completely", "but received", "fread got only", "ended before")

@@ -6,6 +6,8 @@ Deterministic steps (load, reorient, resample, normalise, crop) come first so th
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import SimpleITK as sitk
 import torch
@@ -15,9 +17,11 @@ from monai.data import MetaTensor
 from medseg.config import Config
 from medseg.data.plan import Plan
 from medseg.errors import InputError
-from medseg.io import grid_mismatch, ras_affine, read_channels, read_volume, to_array
+from medseg.io import check_voxel_values, grid_mismatch, ras_affine, read_channels, read_volume, to_array
 
 __all__ = ["LoadVolumed", "body_mask", "train_transforms", "eval_transforms", "infer_transforms"]
+
+log = logging.getLogger(__name__)
 
 # Affines here are RAS (medseg.io.ras_affine); saying so also silences MONAI's change of default.
 _RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
@@ -62,9 +66,15 @@ class LoadVolumed(mt.MapTransform):
     def _read(self, source, key: str) -> list[sitk.Image]:
         if isinstance(source, sitk.Image):
             return [source]
-        if key == "image":
-            return read_channels(source, spatial_dims=self.spatial_dims)
-        return [read_volume(source, spatial_dims=self.spatial_dims)]
+        if key != "image":
+            return [read_volume(source, spatial_dims=self.spatial_dims)]
+        channels = []
+        for channel in read_channels(source, spatial_dims=self.spatial_dims):
+            channel, warning = check_voxel_values(channel, source)  # NaNs would poison every loss
+            if warning:
+                log.warning("%s: %s", source, warning)
+            channels.append(channel)
+        return channels
 
 
 def body_mask(image: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ from medseg.device import (
 from medseg.dicom import DicomSeries, read_series, write_dicom_seg
 from medseg.errors import InputError
 from medseg.inference.cases import ChannelFiles
-from medseg.io import channel_files, image_from_ras, read_channels, write_volume
+from medseg.io import channel_files, check_voxel_values, image_from_ras, read_channels, write_volume
 from medseg.training.checkpoint import (
     checkpoint_file,
     file_sha256,
@@ -33,7 +33,7 @@ from medseg.training.checkpoint import (
     weights_sha256,
 )
 
-__all__ = ["sliding_window_probs", "Predictor", "LoadedCase", "check_values", "to_input_grid"]
+__all__ = ["sliding_window_probs", "Predictor", "LoadedCase", "to_input_grid"]
 
 
 @torch.inference_mode()
@@ -190,7 +190,7 @@ class Predictor:
         warnings = []
         checked = []
         for channel in channels:
-            image, warning = check_values(channel, where)
+            image, warning = check_voxel_values(channel, where)
             checked.append(image)
             warnings += [warning] if warning else []
         tensor = self.transform({"image": checked})["image"]
@@ -250,30 +250,6 @@ def _where(source) -> str | None:
     if isinstance(source, (list, tuple)) and source and isinstance(source[0], (str, Path)):
         return str(source[0])
     return None
-
-
-def check_values(image: sitk.Image, where) -> tuple[sitk.Image, str]:
-    """Refuse an image whose every voxel is NaN; replace some NaN or infinite voxels by the
-    lowest finite value, and warn about them or about an image of one value.
-
-    Returns:
-        The image (a cleaned copy if needed) and a warning ('' if none).
-    """
-    array = sitk.GetArrayViewFromImage(image)
-    if not np.issubdtype(array.dtype, np.floating):
-        low, high = array.min(), array.max()
-        return image, f"every voxel is {low}: the mask will be empty or meaningless" if low == high else ""
-    finite = np.isfinite(array)
-    if not finite.any():
-        raise InputError(where, "every voxel is NaN or infinite; nothing to segment")
-    low, high = float(array[finite].min()), float(array[finite].max())
-    warning = f"every voxel is {low:g}: the mask will be empty or meaningless" if low == high else ""
-    if not finite.all():
-        share = 100.0 * (1 - finite.mean())
-        cleaned = sitk.GetImageFromArray(np.where(finite, array, low).astype(array.dtype))
-        cleaned.CopyInformation(image)
-        return cleaned, f"{share:.1f} % of voxels are NaN or infinite (read as the lowest value, {low:g})"
-    return image, warning
 
 
 def to_input_grid(
