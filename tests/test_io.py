@@ -94,3 +94,14 @@ def test_bad_files_give_one_line_errors(tmp_path, oblique_image):
         read_volume(tmp_path / "scan.txt")
     assert read_volume(good).GetSize() == oblique_image.GetSize()
     assert gzip.open(good).read(4)  # the good file stays readable
+
+
+@pytest.mark.parametrize("suffix,data", [(".mhd", ".zraw"), (".nhdr", ".raw.gz")])
+def test_header_and_data_formats_leave_no_temp_named_files(tmp_path, oblique_image, suffix, data):
+    mask = (to_array(oblique_image) > 500).astype(np.uint8)
+    for overwrite in (False, True):
+        write_volume(mask, tmp_path / f"m{suffix}", oblique_image, overwrite=overwrite)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"m{suffix}", f"m{data}"])
+    header = (tmp_path / f"m{suffix}").read_text(errors="replace")
+    assert f"m{data}" in header and ".medseg-tmp" not in header  # it names its data file's final name
+    np.testing.assert_array_equal(to_array(read_volume(tmp_path / f"m{suffix}")), mask)
