@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medseg import __version__
 from medseg.errors import InputError, find_medseg_error
 from medseg.evaluation.metrics import LABELS_FILE
 from medseg.inference.batch_report import BatchReport, PreviousMask, previous_masks
@@ -109,8 +110,6 @@ def predict_many(
     remove_stale_temp(output_dir)
     identity = {"checkpoint_sha256": predictor.sha256, "options": {"format": fmt, **predictor.options}}
     done = _plan_reuse(cases, output_dir, identity, overwrite)
-    from medseg import __version__
-
     report = BatchReport(
         output_dir,
         identity=identity,
