@@ -28,6 +28,7 @@ _WHERE = {
     "build_model": "medseg.models",
     "Trainer": "medseg.training.trainer",
     "Callback": "medseg.training.trainer",
+    "Pretrainer": "medseg.training.pretrain",
     "find_cases": "medseg.data.datasets",
     "Plan": "medseg.data.plan",
     "plan_for_config": "medseg.data.plan",

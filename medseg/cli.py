@@ -40,22 +40,9 @@ def cmd_demo(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from medseg.config import load_config
     from medseg.training.trainer import Trainer
 
-    if args.resume:
-        if args.data or args.output or args.config or args.fold is not None:
-            raise ConfigError("--resume", "continues a run with its own data and config; give only --set")
-        trainer = Trainer.resume(args.resume, args.set)
-    else:
-        if not (args.data and args.output):
-            raise ConfigError("train", "needs --data and --output (or --resume RUN_DIR)")
-        config = load_config(args.config, args.set)
-        config.data.root, config.train.output_dir = str(args.data), str(args.output)
-        if args.fold is not None:
-            config.data.fold, config.data.folds = args.fold, args.folds
-            config.train.output_dir = str(Path(args.output) / f"fold_{args.fold}")
-        trainer = Trainer(config, overwrite=args.overwrite)
+    trainer = _trainer(Trainer, args)
     summary = trainer.fit()
     if not trainer.dist.is_main:
         return 0  # under torchrun, rank 0 speaks for all
@@ -64,6 +51,41 @@ def cmd_train(args) -> int:
         f"best validation Dice {_fmt(summary['best_dice'])}; checkpoint {summary['best']}"
     )
     return 0
+
+
+def cmd_pretrain(args) -> int:
+    from medseg.training.pretrain import Pretrainer
+
+    trainer = _trainer(Pretrainer, args)
+    summary = trainer.fit()
+    if trainer.dist.is_main:
+        run = Path(summary["last"]).parent
+        print(
+            f"pretrained {summary['epochs']} epochs ({summary['steps']} steps) "
+            f"in {summary['seconds']:.0f} s; checkpoint {summary['last']}, pictures in "
+            f"{run / 'denoising.png'}; fine-tune with: medseg train --init {summary['last']} ..."
+        )
+    return 0
+
+
+def _trainer(kind, args):
+    """A Trainer (or Pretrainer) from the command line: a new run, or ``--resume``."""
+    from medseg.config import load_config
+
+    if args.resume:
+        if args.data or args.output or args.config or getattr(args, "fold", None) is not None:
+            raise ConfigError("--resume", "continues a run with its own data and config; give only --set")
+        return kind.resume(args.resume, args.set)
+    if not (args.data and args.output):
+        raise ConfigError(args.command, "needs --data and --output (or --resume RUN_DIR)")
+    config = load_config(args.config, args.set)
+    config.data.root, config.train.output_dir = str(args.data), str(args.output)
+    if getattr(args, "init", None):
+        config.train.init, config.train.init_parts = str(args.init), args.init_parts
+    if getattr(args, "fold", None) is not None:
+        config.data.fold, config.data.folds = args.fold, args.folds
+        config.train.output_dir = str(Path(args.output) / f"fold_{args.fold}")
+    return kind(config, overwrite=args.overwrite)
 
 
 def cmd_plan(args) -> int:
@@ -203,15 +225,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train", help="train a model on a dataset folder")
-    p.add_argument("--data", help="dataset folder (dataset.json, or imagesTr/ + labelsTr/) or CSV")
-    p.add_argument("--output", help="run folder for checkpoints and logs")
-    p.add_argument("--config", help="YAML config (default: the built-in heart settings)")
-    p.add_argument("--set", **overrides)
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --output")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last.pt")
+    _run_arguments(p, overrides, "dataset folder (dataset.json, or imagesTr/ + labelsTr/) or CSV")
     p.add_argument("--fold", type=int, help="cross-validation: train fold K, in OUTPUT/fold_K")
     p.add_argument("--folds", type=int, default=5, help="cross-validation folds (default: %(default)s)")
+    p.add_argument(
+        "--init",
+        metavar="CHECKPOINT",
+        help="start from this checkpoint's weights (medseg pretrain's, or another run's): its network "
+        "and plan are used, every matching weight but the output head is loaded",
+    )
+    p.add_argument(
+        "--init-parts",
+        default="all",
+        choices=["all", "encoder", "decoder"],
+        help="which weights --init loads (default: %(default)s)",
+    )
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "pretrain",
+        help="diffusion-denoising pretraining on images, labelled or not (then train --init)",
+        description="Train a U-Net to predict the noise added to images (DDPM), on every image of the "
+        "dataset: training, test and unlabelled (imagesUn/, or dataset.json's 'unlabeled'). Its "
+        "checkpoint starts a segmentation run: medseg train --init RUN_DIR/last.pt.",
+    )
+    _run_arguments(p, overrides, "dataset folder (any layout train reads, plus imagesUn/) or CSV")
+    p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("plan", help="plan spacing, patch size, pooling and normalisation from a dataset")
     p.add_argument("--data", required=True, help="dataset folder or CSV manifest")
@@ -274,6 +313,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_evaluate)
     return parser
+
+
+def _run_arguments(p: argparse.ArgumentParser, overrides: dict, data_help: str) -> None:
+    """The options every training run takes (train and pretrain)."""
+    p.add_argument("--data", help=data_help)
+    p.add_argument("--output", help="run folder for checkpoints, metrics and pictures")
+    p.add_argument("--config", help="YAML config (default: the built-in heart settings; see configs/)")
+    p.add_argument("--set", **overrides)
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --output")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last.pt")
 
 
 class _WarningLines(logging.Handler):

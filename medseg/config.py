@@ -25,6 +25,7 @@ __all__ = [
     "ModelConfig",
     "TrainConfig",
     "InferConfig",
+    "PretrainConfig",
     "load_config",
     "save_config",
 ]
@@ -157,6 +158,10 @@ class TrainConfig:
         compile: run the network through ``torch.compile`` (slow to start, faster after).
         tensorboard: write TensorBoard scalars to ``<output_dir>/tensorboard``; null: when the
             ``tensorboard`` package is installed.
+        init: a checkpoint to start from (``medseg pretrain``'s, or another run's): every weight
+            whose name and shape match is loaded, except the output head; the network and the
+            plan are taken from it.
+        init_parts: which weights ``init`` loads: ``all``, ``encoder`` or ``decoder``.
     """
 
     output_dir: str = "runs/heart"
@@ -180,6 +185,8 @@ class TrainConfig:
     channels_last: bool | None = None
     compile: bool = False
     tensorboard: bool | None = None
+    init: str | None = None
+    init_parts: str = "all"
 
 
 @dataclass
@@ -199,6 +206,22 @@ class InferConfig:
 
 
 @dataclass
+class PretrainConfig:
+    """Diffusion-denoising pretraining (``medseg pretrain``); the run itself uses ``train.*``.
+
+    Args:
+        schedule: ``linear`` (beta 1e-4 to 0.02, DDPM) or ``cosine`` noise schedule.
+        steps: diffusion steps T.
+        timesteps: how training draws t: ``uniform`` over [0, T), or ``low``: t = T u^2, biased
+            toward low and middle noise (median T/4).
+    """
+
+    schedule: str = "linear"
+    steps: int = 1000
+    timesteps: str = "low"
+
+
+@dataclass
 class Config:
     """The whole configuration of a run."""
 
@@ -207,6 +230,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     infer: InferConfig = field(default_factory=InferConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -22,6 +22,22 @@ TINY_OVERRIDES = [
 ]
 
 
+def run_cli(*args, timeout: int = 600):
+    """``python -m medseg ARGS`` from a neutral folder (so the installed package is used, not the
+    source tree), its output captured."""
+    import subprocess
+    import sys
+    import tempfile
+
+    return subprocess.run(
+        [sys.executable, "-m", "medseg", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=tempfile.gettempdir(),
+    )
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _few_threads():
     torch.set_num_threads(2)

@@ -25,7 +25,7 @@ from medseg.inference.batch import predict_many, process_shard
 from medseg.inference.cases import discover, parse_shard
 from medseg.inference.predictor import Predictor
 from medseg.io import read_volume, to_array
-from tests.conftest import TINY_SHAPE, TINY_SPACING, write_dicom_series
+from tests.conftest import TINY_SHAPE, TINY_SPACING, run_cli, write_dicom_series
 
 
 @pytest.fixture(scope="module")
@@ -45,16 +45,6 @@ def _scans(folder: Path, names, seed: int = 0) -> Path:
 def _rows(csv_path: Path) -> list[dict]:
     with open(csv_path, newline="") as handle:
         return list(csv.DictReader(handle))
-
-
-def _cli(*args, timeout=300):
-    return subprocess.run(
-        [sys.executable, "-m", "medseg", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=tempfile.gettempdir(),
-    )
 
 
 # --- never lose or mislabel data ---------------------------------------------------------------
@@ -138,7 +128,7 @@ def test_unwritable_output_is_one_line_and_exit_2(tiny_run, tmp_path):
         (tmp_path / "taken", "is a file, not a folder"),
         (Path("/proc/medseg"), "cannot"),
     ):
-        proc = _cli("predict", "-m", tiny_run["best"], "-i", str(scans), "-o", str(output))
+        proc = run_cli("predict", "-m", tiny_run["best"], "-i", str(scans), "-o", str(output))
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
         assert proc.stderr.startswith(f"error: {output}: {problem}")
@@ -178,7 +168,7 @@ def test_killed_mid_batch_leaves_no_partial_mask_and_resumes(tiny_run, tmp_path)
     assert recorded <= {m.name for m in masks}
     assert {m.name for m in masks} <= recorded | set(report["in_progress"])
 
-    proc = _cli("predict", "-m", tiny_run["best"], "-i", str(scans), "-o", str(out))
+    proc = run_cli("predict", "-m", tiny_run["best"], "-i", str(scans), "-o", str(out))
     assert proc.returncode == 0, proc.stderr
     rows = _rows(out / "predictions.csv")
     skipped = {r["output"] for r in rows if r["status"] == "skipped"}
@@ -378,7 +368,7 @@ def _odd_dicom_folder(root: Path) -> dict:
 def test_odd_dicom_files_are_named_and_good_series_still_written(tiny_run, tmp_path):
     made = _odd_dicom_folder(tmp_path / "dicom")
     out = tmp_path / "out"
-    proc = _cli("predict", "-m", tiny_run["best"], "-i", str(tmp_path / "dicom"), "-o", str(out))
+    proc = run_cli("predict", "-m", tiny_run["best"], "-i", str(tmp_path / "dicom"), "-o", str(out))
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr
     odd = tmp_path / "dicom" / "odd"
@@ -455,16 +445,18 @@ def test_predictor_from_model_returns_mask_and_probabilities(predictor, tmp_path
 def test_cli_version_short_flags_quiet_and_plain_progress(tiny_run, tmp_path):
     from medseg import __version__
 
-    proc = _cli("--version")
+    proc = run_cli("--version")
     assert proc.returncode == 0 and proc.stdout.strip() == f"medseg {__version__}"
     scans = _scans(tmp_path / "scans", ["a.nii.gz", "b.nii.gz"])
-    proc = _cli("predict", "-m", tiny_run["best"], "-i", str(scans), "-o", str(tmp_path / "out"), "--preview")
+    proc = run_cli(
+        "predict", "-m", tiny_run["best"], "-i", str(scans), "-o", str(tmp_path / "out"), "--preview"
+    )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("[1/2] written: a.nii.gz in ") and lines[1].startswith(
         "[2/2] written: b.nii.gz"
     )
     assert (tmp_path / "out" / "previews" / "a.nii.gz.png").stat().st_size > 1000
-    proc = _cli("predict", "-m", tiny_run["best"], "-i", str(scans), "-o", str(tmp_path / "out"), "-q")
+    proc = run_cli("predict", "-m", tiny_run["best"], "-i", str(scans), "-o", str(tmp_path / "out"), "-q")
     assert proc.returncode == 0 and proc.stderr == ""
     assert proc.stdout.splitlines()[0].startswith("0 written, 2 skipped, 0 failed")

@@ -1,16 +1,12 @@
 """The command line end to end on tiny volumes, and its one-line errors."""
 
-import subprocess
-import sys
-import tempfile
-
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
 from medseg.cli import main
 from medseg.io import read_volume
-from tests.conftest import TINY_OVERRIDES
+from tests.conftest import TINY_OVERRIDES, run_cli
 
 
 def _set(overrides):
@@ -55,17 +51,6 @@ def test_train_predict_evaluate(tiny_dataset, tmp_path, capsys):
     assert (preds / "metrics.csv").read_text().startswith("id,pool,wall,right\n")
 
 
-def _run_cli(*args):
-    # From a neutral folder, so that the installed package is used, not the source tree.
-    return subprocess.run(
-        [sys.executable, "-m", "medseg", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tempfile.gettempdir(),
-    )
-
-
 def _assert_one_line_error(proc, *fragments, code=2):
     assert proc.returncode == code, proc.stderr
     lines = proc.stderr.strip().splitlines()
@@ -77,12 +62,12 @@ def _assert_one_line_error(proc, *fragments, code=2):
 
 
 def test_missing_dataset_is_one_line(tmp_path):
-    proc = _run_cli("train", "--data", str(tmp_path / "nowhere"), "--output", str(tmp_path / "run"))
+    proc = run_cli("train", "--data", str(tmp_path / "nowhere"), "--output", str(tmp_path / "run"))
     _assert_one_line_error(proc, str(tmp_path / "nowhere"), "no such dataset folder")
 
 
 def test_unknown_config_key_is_one_line(tiny_dataset, tmp_path):
-    proc = _run_cli(
+    proc = run_cli(
         "train", "--data", str(tiny_dataset), "--output", str(tmp_path / "r"), "--set", "train.epoch=3"
     )
     _assert_one_line_error(proc, "train.epoch", "did you mean 'epochs'")
@@ -90,7 +75,7 @@ def test_unknown_config_key_is_one_line(tiny_dataset, tmp_path):
 
 def test_bad_inputs_to_predict_are_one_line(tiny_run, tmp_path):
     model = tiny_run["best"]
-    proc = _run_cli(
+    proc = run_cli(
         "predict", "--model", model, "--input", str(tmp_path / "gone.nii.gz"), "--output", str(tmp_path / "o")
     )
     _assert_one_line_error(proc, "gone.nii.gz", "no such file")
@@ -99,15 +84,15 @@ def test_bad_inputs_to_predict_are_one_line(tiny_run, tmp_path):
     whole = tmp_path / "whole.nii.gz"
     sitk.WriteImage(_volume(), str(whole))
     truncated.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
-    proc = _run_cli("predict", "--model", model, "--input", str(truncated), "--output", str(tmp_path / "o"))
+    proc = run_cli("predict", "--model", model, "--input", str(truncated), "--output", str(tmp_path / "o"))
     _assert_one_line_error(proc, "cut.nii.gz", "truncated", code=1)  # a case failed: exit 1
 
     flat = tmp_path / "slice.nii.gz"
     sitk.WriteImage(sitk.Image(24, 24, sitk.sitkInt16), str(flat))
-    proc = _run_cli("predict", "--model", model, "--input", str(flat), "--output", str(tmp_path / "o"))
+    proc = run_cli("predict", "--model", model, "--input", str(flat), "--output", str(tmp_path / "o"))
     _assert_one_line_error(proc, "slice.nii.gz", "is 2D (24x24); this model needs 3D images", code=1)
 
-    proc = _run_cli(
+    proc = run_cli(
         "predict", "--model", str(tmp_path / "none.pt"), "--input", str(flat), "--output", str(tmp_path / "o")
     )
     _assert_one_line_error(proc, "none.pt", "no such checkpoint")
@@ -121,7 +106,7 @@ def _volume():
 
 @pytest.mark.parametrize("command", ["demo", "train", "predict", "evaluate"])
 def test_help(command):
-    proc = _run_cli(command, "--help")
+    proc = run_cli(command, "--help")
     assert proc.returncode == 0
     assert "usage: medseg " + command in proc.stdout
 
@@ -134,7 +119,7 @@ def test_train_lists_every_bad_case_before_starting(tiny_dataset, tmp_path):
     (root / "labelsTr" / "heart_001.nii.gz").write_bytes(b"")
     label = sitk.ReadImage(str(root / "labelsTr" / "heart_002.nii.gz"))
     sitk.WriteImage(label[:, :, :-1], str(root / "labelsTr" / "heart_002.nii.gz"))
-    proc = _run_cli("train", "--data", str(root), "--output", str(tmp_path / "run"))
+    proc = run_cli("train", "--data", str(root), "--output", str(tmp_path / "run"))
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert lines == [

@@ -51,12 +51,20 @@ class Dataset:
         test: cases kept for testing (labels optional).
         labels: class index -> name, background included.
         modality: of the first channel, from dataset.json's ``modality`` or ``channel_names``.
+        unlabeled: cases with images only, for pretraining (``imagesUn/``, or dataset.json's
+            ``unlabeled`` list).
     """
 
     training: list[dict]
     test: list[dict] = field(default_factory=list)
     labels: dict[int, str] = field(default_factory=dict)
     modality: str = "MRI"
+    unlabeled: list[dict] = field(default_factory=list)
+
+    @property
+    def all_images(self) -> list[dict]:
+        """Every case with an image: training, test and unlabelled (for pretraining)."""
+        return [*self.training, *self.test, *self.unlabeled]
 
 
 def list_volumes(folder: str | Path) -> list[Path]:
@@ -65,7 +73,7 @@ def list_volumes(folder: str | Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if is_volume_file(p) and not p.name.startswith("."))
 
 
-def find_cases(root: str | Path) -> Dataset:
+def find_cases(root: str | Path, need_labels: bool = True) -> Dataset:
     """Read a dataset in any layout medseg knows.
 
     - an MSD folder: ``dataset.json`` listing ``training`` (and ``test``) cases;
@@ -78,21 +86,27 @@ def find_cases(root: str | Path) -> Dataset:
     - a CSV manifest with columns ``image,label[,id]`` (paths relative to the CSV; rows without a
       label are test cases).
 
+    Unlabelled images, for pretraining, are ``imagesUn/`` or dataset.json's ``unlabeled`` list.
+
     Args:
         root: the dataset folder or CSV file.
+        need_labels: False for pretraining: a dataset of unlabelled images only is fine.
 
     Raises:
         InputError: the folder is missing, has no known layout, or a listed file is missing.
     """
     root = Path(root)
     if root.is_file() and root.suffix.lower() == ".csv":
-        return _from_csv(root)
+        return _from_csv(root, need_labels)
     if not root.is_dir():
         raise InputError(root, "no such dataset folder")
     meta_path = root / "dataset.json"
     meta = _read_json(meta_path) if meta_path.is_file() else {}
-    if meta.get("training"):
-        return _from_msd_json(meta_path, meta)
+    unlabeled = _pair(root / "imagesUn", root / "labelsUn", need_labels=False)
+    if meta.get("training") or meta.get("unlabeled"):
+        dataset = _from_msd_json(meta_path, meta, need_labels)
+        dataset.unlabeled += unlabeled
+        return dataset
     labels = parse_label_map(meta["labels"], meta_path) if "labels" in meta else {}
     for images, label_dir, test_images, test_labels in (
         ("imagesTr", "labelsTr", "imagesTs", "labelsTs"),
@@ -100,10 +114,12 @@ def find_cases(root: str | Path) -> Dataset:
     ):
         if (root / images).is_dir():
             training = _pair(root / images, root / label_dir, need_labels=True)
-            if not training:
+            if not training and need_labels:
                 raise InputError(root / images, "holds no images")
             test = _pair(root / test_images, root / test_labels, need_labels=False) if test_images else []
-            return Dataset(training, test, labels, _modality(meta))
+            return Dataset(training, test, labels, _modality(meta), unlabeled)
+    if unlabeled and not need_labels:
+        return Dataset([], [], labels, _modality(meta), unlabeled)
     raise InputError(root, "no dataset.json, imagesTr/ or images/ here: not a dataset layout medseg knows")
 
 
@@ -121,7 +137,7 @@ def _read_json(path: Path):
         raise InputError(path, f"not valid JSON ({exc})") from None
 
 
-def _from_msd_json(path: Path, meta: dict) -> Dataset:
+def _from_msd_json(path: Path, meta: dict, need_labels: bool = True) -> Dataset:
     labels = parse_label_map(meta.get("labels", {}), path)
 
     def case(entry) -> dict:
@@ -133,12 +149,14 @@ def _from_msd_json(path: Path, meta: dict) -> Dataset:
         return {"image": image, "label": label, "id": case_id(image)}
 
     training = [case(e) for e in meta.get("training", [])]
-    if not training:
+    if not training and need_labels:
         raise InputError(path, "lists no training cases")
     missing = [c["image"] for c in training if c["label"] is None]
     if missing:
         raise InputError(missing[0], "training case has no label")
-    return Dataset(training, [case(e) for e in meta.get("test", [])], labels, _modality(meta))
+    test = [case(e) for e in meta.get("test", [])]
+    unlabeled = [dict(case(e), label=None) for e in meta.get("unlabeled", [])]
+    return Dataset(training, test, labels, _modality(meta), unlabeled)
 
 
 def parse_label_map(raw: dict, source: str | Path) -> dict[int, str]:
@@ -199,7 +217,7 @@ def _series_folders(images: Path) -> list[Path]:
     return sorted(p for p in images.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _from_csv(path: Path) -> Dataset:
+def _from_csv(path: Path, need_labels: bool = True) -> Dataset:
     with path.open(newline="", encoding="utf-8-sig") as handle:
         rows = list(csv.DictReader(handle))
     if not rows or "image" not in rows[0]:
@@ -210,17 +228,18 @@ def _from_csv(path: Path) -> Dataset:
         label = _resolve(path.parent, row["label"], path) if row.get("label") else None
         case = {"image": image, "label": label, "id": row.get("id") or case_id(image)}
         (training if label else test).append(case)
-    if not training:
+    if not training and need_labels:
         raise InputError(path, "lists no case with a label")
     return Dataset(training, test, {})
 
 
-def given_cases(cases) -> list[dict]:
-    """Cases handed in from Python, checked: each needs an ``image`` and a ``label``; a missing
-    ``id`` is taken from the image's file name, and ids must be unique."""
+def given_cases(cases, need_labels: bool = True) -> list[dict]:
+    """Cases handed in from Python, checked: each needs an ``image`` and (unless not
+    ``need_labels``) a ``label``; a missing ``id`` is taken from the image's file name, and ids
+    must be unique."""
     out = []
     for case in cases:
-        if not isinstance(case, dict) or not case.get("image") or not case.get("label"):
+        if not isinstance(case, dict) or not case.get("image") or (need_labels and not case.get("label")):
             raise InputError(str(case)[:120], "a training case needs an 'image' and a 'label'")
         out.append({"id": case_id(channel_files(case["image"])[0]), **case})
     ids = [c["id"] for c in out]

@@ -19,7 +19,14 @@ from medseg.data.plan import Plan
 from medseg.errors import InputError
 from medseg.io import check_voxel_values, grid_mismatch, ras_affine, read_channels, read_volume, to_array
 
-__all__ = ["LoadVolumed", "body_mask", "train_transforms", "eval_transforms", "infer_transforms"]
+__all__ = [
+    "LoadVolumed",
+    "body_mask",
+    "train_transforms",
+    "eval_transforms",
+    "infer_transforms",
+    "pretrain_transforms",
+]
 
 log = logging.getLogger(__name__)
 
@@ -175,3 +182,29 @@ def train_transforms(config: Config, plan: Plan, num_classes: int) -> mt.Compose
         mt.DeleteItemsd(INDICES),
     ]
     return mt.Compose(list(eval_transforms(plan).transforms) + cached_steps + random_steps)
+
+
+def pretrain_transforms(config: Config, plan: Plan) -> mt.Compose:
+    """Pretraining: the image alone, preprocessed exactly as for segmentation (so the features
+    transfer), cropped to the body, then random patches with flips and intensity changes. No
+    noise augmentation: the network's target is the image without noise."""
+    patch = plan.patch_size
+    aug = config.augment
+    return mt.Compose(
+        [
+            *_preprocess(plan, ["image"]),
+            _crop_to_body(["image"]),
+            mt.EnsureTyped("image", track_meta=False),
+            mt.SpatialPadd("image", spatial_size=patch),
+            mt.RandSpatialCropSamplesd(
+                "image", roi_size=patch, num_samples=config.data.samples_per_volume, random_size=False
+            ),
+            *[
+                mt.RandFlipd("image", prob=aug.flip_prob, spatial_axis=axis)
+                for axis in range(plan.spatial_dims)
+                if aug.flip_prob > 0
+            ],
+            mt.RandScaleIntensityd("image", factors=0.15, prob=aug.intensity_prob),
+            mt.RandShiftIntensityd("image", offsets=0.15, prob=aug.intensity_prob),
+        ]
+    )

@@ -45,7 +45,7 @@ def plot_curves(metrics_csv: str | Path, png: str | Path) -> Path:
     if plotted:
         ax_dice.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    return _save(fig, png)
+    return save_figure(fig, png)
 
 
 def overlay_png(image: sitk.Image, mask: sitk.Image, png: str | Path, title: str = "") -> Path:
@@ -67,10 +67,11 @@ def overlay_png(image: sitk.Image, mask: sitk.Image, png: str | Path, title: str
         ax.set_title(f"{title} slice {k}", fontsize=9)
         ax.axis("off")
     fig.tight_layout()
-    return _save(fig, png)
+    return save_figure(fig, png)
 
 
-def _save(fig, png: str | Path) -> Path:
+def save_figure(fig, png: str | Path) -> Path:
+    """Write a matplotlib figure as a PNG, atomically, and close it."""
     with atomic_path(png) as tmp:
         fig.savefig(tmp, dpi=80)
     plt.close(fig)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from medseg.device import (
     windows_per_forward,
 )
 from medseg.dicom import DicomSeries, read_series, write_dicom_seg
-from medseg.errors import InputError
+from medseg.errors import CheckpointError, InputError
 from medseg.inference.cases import ChannelFiles
 from medseg.io import channel_files, check_voxel_values, image_from_ras, read_channels, write_volume
 from medseg.training.checkpoint import (
@@ -111,6 +112,12 @@ class Predictor:
     def __init__(self, checkpoint: str | Path, device: str = "auto"):
         path = checkpoint_file(checkpoint)
         payload = load_checkpoint(path)
+        if payload.get("kind") == "pretrain":
+            raise CheckpointError(
+                path,
+                "is a pretraining checkpoint (it predicts noise, not labels): fine-tune it first "
+                "with medseg train --init",
+            )
         self._setup(
             model=model_from_checkpoint(payload),
             plan=Plan.from_dict(payload["plan"], source=str(checkpoint)),
@@ -126,6 +133,8 @@ class Predictor:
     ) -> Predictor:
         """A predictor for a network built or trained in Python, without a checkpoint file.
 
+        The predictor uses ``model`` itself (not a copy): it is put in eval mode on ``device``.
+
         Args:
             model: the network (its output channels are the classes, background first).
             plan: the preprocessing it was trained with (``trainer.plan``).
@@ -133,7 +142,7 @@ class Predictor:
             config: prediction settings (window overlap, precision); default: medseg's.
             device: as for ``Predictor``.
         """
-        config = config or Config()
+        config = copy.deepcopy(config) if config else Config()
         config.data.patch_size = list(plan.patch_size)
         predictor = cls.__new__(cls)
         predictor._setup(model=model.eval(), plan=plan, labels=labels, config=config, device=device)

@@ -114,6 +114,12 @@ def model_from_config(
 
 def model_from_checkpoint(payload: dict) -> nn.Module:
     """Rebuild the network a checkpoint was trained with and load its weights (eval mode)."""
+    if payload.get("kind") == "pretrain":
+        raise CheckpointError(
+            "checkpoint",
+            "is a pretraining checkpoint (it predicts noise, not labels): fine-tune it "
+            "with medseg train --init",
+        )
     if payload.get("custom_model"):
         raise CheckpointError(
             "checkpoint", "was trained with a custom model: build it yourself and load payload['model']"

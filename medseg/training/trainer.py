@@ -48,6 +48,7 @@ from medseg.training.checkpoint import (
 from medseg.training.distributed import setup_distributed
 from medseg.training.optim import default_lr, lr_factor, make_ema, make_optimizer
 from medseg.training.sampling import SeededSamples, StepSampler
+from medseg.training.transfer import load_matching, network_of
 
 __all__ = ["Trainer", "Callback"]
 
@@ -101,6 +102,10 @@ class Trainer:
         refuse_bad_cases(
             dataset.training, self.labels, config.data.root or "train_cases", quiet=not self.dist.is_main
         )
+        if config.train.init and model is None:
+            config, init_plan = network_of(config.train.init, config)
+            plan = plan or Plan.from_dict(init_plan, source=config.train.init)
+            _check_channels(plan, dataset, config.train.init)
         self.plan = plan or plan_for_config(config, dataset)
         # The saved config holds the planned spacing, patch and pooling: a run is reproducible
         # from its config.yaml alone.
@@ -111,10 +116,7 @@ class Trainer:
         _seed_everything(cfg.seed, cfg.deterministic)
         self.callbacks = list(callbacks)
         self.custom_model = model is not None
-        self.model = model or model_from_config(
-            config, len(self.labels), self.plan.channels, self.plan.spatial_dims, self.plan.stem_stride
-        )
-        self.model = self.model.to(self.device)
+        self.model = (model or self._build_model()).to(self.device)
         self.channels_last = use_channels_last(cfg.channels_last, self.device, self.amp_dtype, self.model)
         if self.channels_last:
             self.model = self.model.to(memory_format=channels_last_format(self.plan.spatial_dims))
@@ -143,6 +145,24 @@ class Trainer:
         self.history: list[dict] = []
         self.resumed = False
         self.val_data: Dataset | None = None
+
+    kind = "segmentation"  # recorded in checkpoints; Pretrainer's are "pretrain"
+
+    def _build_model(self) -> nn.Module:
+        """The network the config names, for the plan's channels and the dataset's classes."""
+        plan = self.plan
+        return model_from_config(
+            self.config, len(self.labels), plan.channels, plan.spatial_dims, plan.stem_stride
+        )
+
+    def _load_init(self) -> None:
+        """Start from ``train.init``'s weights (a fresh run only; a resumed one has its own)."""
+        cfg = self.config.train
+        transfer = load_matching(self.model, cfg.init, cfg.init_parts)
+        self.ema = make_ema(self.model, cfg.ema_decay)  # the average starts from the loaded weights
+        if self.dist.is_main:
+            tqdm.write(f"started from {cfg.init}: {transfer.summary()}")
+        self.transfer = transfer
 
     @classmethod
     def resume(cls, run_dir: str | Path, overrides: Sequence[str] = (), **kwargs) -> Trainer:
@@ -184,9 +204,13 @@ class Trainer:
         train, val, self.folds = split_for_run(cases, data, config.train.seed)
         return dataset, train, val
 
+    def _train_transform(self):
+        """The training pipeline: preprocessing, class-balanced patches, augmentation."""
+        return train_transforms(self.config, self.plan, num_classes=len(self.labels))
+
     def _train_loader(self) -> DataLoader:
         cfg = self.config
-        transform = train_transforms(cfg, self.plan, num_classes=len(self.labels))
+        transform = self._train_transform()
         cases = cached_dataset(self.train_cases, transform, self.plan, cfg.data.cache, cfg.data.cache_dir)
         batch = cfg.train.batch_size
         return DataLoader(
@@ -218,6 +242,8 @@ class Trainer:
         """
         cfg = self.config.train
         self._prepare_output_dir()
+        if cfg.init and not self.resumed and self.step == 0 and not self.custom_model:
+            self._load_init()
         batches = iter(self._train_loader())
         total_steps = cfg.epochs * cfg.iters_per_epoch
         clock = time.monotonic() - self.elapsed
@@ -308,16 +334,7 @@ class Trainer:
     def train_step(self, batch: dict) -> float:
         """One optimiser step on a batch; returns the loss."""
         cfg = self.config.train
-        image = batch["image"].to(self.device, non_blocking=True)
-        label = batch["label"].to(self.device, non_blocking=True)
-        if self.channels_last:
-            image = image.contiguous(memory_format=channels_last_format(self.plan.spatial_dims))
-        with torch.autocast(
-            self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
-        ):
-            logits = self.net(image)
-        logits = [x.float() for x in logits] if isinstance(logits, list) else logits.float()
-        loss = self.loss_fn(logits, label)
+        loss = self.compute_loss(batch)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if cfg.grad_clip:
@@ -329,6 +346,27 @@ class Trainer:
             self.ema.update_parameters(self.model)
         self.step += 1
         return float(loss.detach())
+
+    def compute_loss(self, batch: dict) -> torch.Tensor:
+        """The loss of a batch: the network under autocast, then ``loss_fn`` (Dice + CE)."""
+        image = self.to_device(batch["image"])
+        label = batch["label"].to(self.device, non_blocking=True)
+        with self.autocast():
+            logits = self.net(image)
+        logits = [x.float() for x in logits] if isinstance(logits, list) else logits.float()
+        return self.loss_fn(logits, label)
+
+    def to_device(self, image: torch.Tensor) -> torch.Tensor:
+        """A batch of images on the training device, channels-last where that is faster."""
+        image = image.to(self.device, non_blocking=True)
+        if self.channels_last:
+            image = image.contiguous(memory_format=channels_last_format(self.plan.spatial_dims))
+        return image
+
+    def autocast(self):
+        """The mixed-precision context of this run (a no-op in fp32)."""
+        dtype = self.amp_dtype or torch.float32
+        return torch.autocast(self.device.type, dtype=dtype, enabled=self.amp_dtype is not None)
 
     @property
     def eval_model(self) -> nn.Module:
@@ -437,6 +475,7 @@ class Trainer:
             "labels": dict(self.labels),
             "plan": self.plan.to_dict(),
             "custom_model": self.custom_model,
+            "kind": self.kind,
             "epoch": self.epoch,
             "step": self.step,
             "elapsed": self.elapsed,
@@ -465,6 +504,18 @@ class Trainer:
         self.history = list(payload.get("history", []))
         set_rng_state(payload.get("rng", {}))
         self.resumed = True
+
+
+def _check_channels(plan: Plan, dataset: Cases, init: str) -> None:
+    """Refuse a pretrained network whose input takes another number of image channels."""
+    if dataset.training:
+        from medseg.data.plan import fingerprint
+
+        channels = fingerprint(Cases(dataset.training[:1]), dataset.modality).channels
+        if channels != plan.channels:
+            raise CheckpointError(
+                init, f"was trained on {plan.channels}-channel images; this dataset has {channels}"
+            )
 
 
 def _cpu_state(model: nn.Module) -> dict:

@@ -1,0 +1,200 @@
+"""Diffusion-denoising pretraining: a U-Net learns to predict the noise added to unlabelled
+scans (DDPM's epsilon objective), then its weights start the segmentation training.
+
+The math is a few pure functions (schedules, noising, timestep sampling); ``Pretrainer`` is the
+``Trainer`` with images for data and the denoising loss for a step, so resume, checkpoints,
+mixed precision and torchrun work as they do for segmentation.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from medseg.config import Config
+from medseg.data.datasets import Dataset as Cases
+from medseg.data.datasets import find_cases, given_cases
+from medseg.data.transforms import pretrain_transforms
+from medseg.errors import ConfigError, InputError
+from medseg.training.checkpoint import model_from_config
+from medseg.training.trainer import Trainer
+
+__all__ = [
+    "linear_betas",
+    "cosine_betas",
+    "alphas_cumprod",
+    "add_noise",
+    "sample_timesteps",
+    "denoising_loss",
+    "Pretrainer",
+]
+
+
+def linear_betas(steps: int = 1000, start: float = 1e-4, end: float = 0.02) -> torch.Tensor:
+    """DDPM's linear noise schedule (Ho et al., 2020): beta_t from ``start`` to ``end``."""
+    return torch.linspace(start, end, steps, dtype=torch.float64)
+
+
+def cosine_betas(steps: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
+    """The cosine schedule (Nichol & Dhariwal, 2021): alpha-bar follows cos^2 of the time."""
+    x = torch.arange(steps + 1, dtype=torch.float64) / steps
+    abar = torch.cos((x + s) / (1 + s) * math.pi / 2) ** 2
+    return (1 - abar[1:] / abar[:-1]).clamp(max=max_beta)
+
+
+def alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:
+    """alpha-bar_t = prod_{s<=t} (1 - beta_s): the share of signal left after t steps."""
+    return torch.cumprod(1 - betas, dim=0)
+
+
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
+    """A sample of q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I), given the noise."""
+    a = abar.to(x0.device)[t].float().reshape(-1, *([1] * (x0.ndim - 1)))
+    return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+
+def sample_timesteps(
+    count: int, steps: int, mode: str = "low", generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Timesteps in [0, steps): ``uniform``, or ``low``: t = steps * u^2, biased toward low and
+    middle noise (median steps/4), where DDPM features carry most of the segmentation signal
+    (Baranchuk et al., 2022)."""
+    u = torch.rand(count, generator=generator)
+    if mode == "low":
+        u = u**2
+    elif mode != "uniform":
+        raise ConfigError("pretrain.timesteps", f"must be uniform or low, not {mode!r}")
+    return (u * steps).long().clamp(max=steps - 1)
+
+
+def denoising_loss(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, abar: torch.Tensor, noise=None):
+    """The epsilon-prediction MSE of ``model`` on clean images ``x0`` at timesteps ``t``."""
+    noise = torch.randn_like(x0) if noise is None else noise
+    predicted = model(add_noise(x0, noise, t, abar), t)
+    return F.mse_loss(predicted.float(), noise)
+
+
+def schedule(config: Config) -> torch.Tensor:
+    """alpha-bar of the configured schedule."""
+    cfg = config.pretrain
+    makers = {"linear": linear_betas, "cosine": cosine_betas}
+    if cfg.schedule not in makers:
+        raise ConfigError("pretrain.schedule", f"must be linear or cosine, not {cfg.schedule!r}")
+    return alphas_cumprod(makers[cfg.schedule](cfg.steps))
+
+
+def pretrain_cases(dataset: Cases) -> list[dict]:
+    """Every image of a dataset, labelled or not: training, test and unlabelled cases."""
+    return [{"image": c["image"], "id": c["id"]} for c in dataset.all_images]
+
+
+class Pretrainer(Trainer):
+    """Train a U-Net to denoise images (``pretrain.*`` settings); its checkpoint starts a
+    segmentation run through ``train.init``.
+
+    Same arguments and outputs as ``Trainer``, except that cases need no labels and there is no
+    validation: ``best.pt`` is the latest weights, and ``denoising.png`` shows what it learned.
+
+    Example:
+        >>> cfg = load_config(None, ["data.root=sample_data/heart", "train.epochs=20"])
+        >>> summary = Pretrainer(cfg).fit()  # then: train.init=summary["best"]
+    """
+
+    kind = "pretrain"
+
+    def __init__(self, config: Config, **kwargs):
+        config = Config.from_dict(config.to_dict())
+        config.model.time_conditioning = True
+        config.model.deep_supervision = False
+        config.train.init = None
+        self.abar = schedule(config)
+        super().__init__(config, **kwargs)
+
+    def _cases(self, config: Config, train_cases, val_cases) -> tuple[Cases, list, list]:
+        if train_cases is None:
+            if not config.data.root:
+                raise ConfigError("data.root", "no dataset given (set data.root or pass --data)")
+            dataset = find_cases(config.data.root, need_labels=False)
+            cases = pretrain_cases(dataset)
+        else:
+            cases = [
+                {"image": c["image"], "id": c["id"]} for c in given_cases(train_cases, need_labels=False)
+            ]
+            dataset = Cases([], modality=config.data.modality or "MRI")
+        if not cases:
+            raise InputError(config.data.root or "train_cases", "holds no images to pretrain on")
+        # Planned on all the images, labelled or not; the labels only name the classes.
+        return Cases(cases, [], dataset.labels or {0: "background"}, dataset.modality), cases, []
+
+    def _build_model(self) -> nn.Module:
+        """A noise-prediction network: one output channel per image channel."""
+        plan = self.plan
+        return model_from_config(
+            self.config, plan.channels, plan.channels, plan.spatial_dims, plan.stem_stride
+        )
+
+    def _train_transform(self):
+        """Images alone, preprocessed as for segmentation, in random patches."""
+        return pretrain_transforms(self.config, self.plan)
+
+    def compute_loss(self, batch: dict) -> torch.Tensor:
+        """The denoising loss of a batch of images at random timesteps."""
+        image = self.to_device(batch["image"])
+        self.last_patch = image[:1].detach()  # for the picture at the end
+        cfg = self.config.pretrain
+        t = sample_timesteps(image.shape[0], cfg.steps, cfg.timesteps).to(self.device)
+        with self.autocast():
+            return denoising_loss(self.net, image, t, self.abar)
+
+    def on_train_end(self, summary: dict) -> None:
+        if self.dist.is_main and getattr(self, "last_patch", None) is not None:
+            draw_denoising(self.eval_model, self.last_patch, self.abar, self.output_dir / "denoising.png")
+        super().on_train_end(summary)
+
+
+@torch.no_grad()
+def draw_denoising(
+    model: nn.Module, x0: torch.Tensor, abar: torch.Tensor, png, times=(50, 150, 250, 500)
+) -> Path:
+    """A grid: a training patch noised at a few t (top) and the network's estimate of the clean
+    patch from it (bottom), x0_hat = (x_t - sqrt(1 - abar) eps_hat) / sqrt(abar)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from medseg.evaluation.report import save_figure
+
+    x0 = x0.float()
+    device = x0.device
+    was_training = model.training
+    model.eval()
+    times = [t for t in times if t < len(abar)]
+    fig, axes = plt.subplots(2, len(times) + 1, figsize=(2.6 * (len(times) + 1), 5.4))
+    middle = lambda v: v[0, 0, ..., v.shape[-1] // 2] if v.ndim == 5 else v[0, 0]  # noqa: E731
+    clean = middle(x0).cpu().numpy()
+    low, high = np.percentile(clean, [1, 99])
+    for row in (0, 1):
+        axes[row, 0].imshow(clean.T, cmap="gray", vmin=low, vmax=high, origin="lower")
+        axes[row, 0].set_title("clean patch" if row == 0 else "target", fontsize=9)
+    generator = torch.Generator().manual_seed(0)
+    for k, t in enumerate(times, 1):
+        step = torch.full((1,), t, dtype=torch.long, device=device)
+        noise = torch.randn(x0.shape, generator=generator).to(device)
+        noisy = add_noise(x0, noise, step, abar)
+        a = abar[t].float().to(device)
+        estimate = (noisy - (1 - a).sqrt() * model(noisy, step).float()) / a.sqrt()
+        axes[0, k].imshow(middle(noisy).cpu().numpy().T, cmap="gray", vmin=low, vmax=high, origin="lower")
+        axes[0, k].set_title(f"noised, t={t}", fontsize=9)
+        axes[1, k].imshow(middle(estimate).cpu().numpy().T, cmap="gray", vmin=low, vmax=high, origin="lower")
+        axes[1, k].set_title(f"denoised from t={t}", fontsize=9)
+    for ax in axes.ravel():
+        ax.axis("off")
+    fig.tight_layout()
+    model.train(was_training)
+    return save_figure(fig, png)
