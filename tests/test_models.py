@@ -140,3 +140,37 @@ def test_strided_stem(name, dims):
     assert torch.equal(seen[0][:, -2:], x)
     with pytest.raises(ValueError, match="multiple of"):
         net(_input(dims, size=6))
+
+
+@pytest.mark.parametrize(
+    "name,norm",
+    [("unet", "batch"), ("unet", "instance"), ("residual_unet", "group"), ("attention_unet", "group")],
+)
+def test_folding_the_time_embedding_keeps_the_outputs(name, norm):
+    torch.manual_seed(0)
+    model = build_model(name, 3, 1, 4, channels=(8, 16, 32), time_conditioning=True, norm=norm)
+    with torch.no_grad():  # as after training: FiLM, norms and zero-initialised convs all moved
+        for module in model.modules():
+            if (
+                isinstance(module, torch.nn.Linear)
+                or getattr(module, "weight", None) is not None
+                and (module.weight.abs().sum() == 0)
+            ):
+                torch.nn.init.normal_(module.weight, std=0.05)
+                torch.nn.init.normal_(module.bias, std=0.05)
+            if isinstance(module, (torch.nn.BatchNorm3d, torch.nn.GroupNorm, torch.nn.InstanceNorm3d)):
+                module.weight.copy_(1 + 0.1 * torch.randn_like(module.weight))
+                module.bias.copy_(0.1 * torch.randn_like(module.bias))
+            if isinstance(module, torch.nn.BatchNorm3d):
+                module.running_mean.normal_(0, 0.1)
+                module.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    x = torch.randn(2, 1, 32, 32, 16)
+    with torch.no_grad():
+        before = model(x)
+        model.fold_time()
+        after = model(x)
+    assert model.time_embed is None
+    assert not any(getattr(m, "film", None) is not None for m in model.modules())
+    assert (before - before.mean()).abs().max() > 1e-2  # the FiLM layers did something to fold
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)

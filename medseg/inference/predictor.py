@@ -155,6 +155,8 @@ class Predictor:
         self.config, self.plan = config, plan
         self.amp_dtype = autocast_dtype(self.device, config.train.precision)
         self.model = model.to(self.device)
+        if hasattr(model, "fold_time"):  # segmentation runs at t = 0: no time embedding needed
+            model.fold_time()
         self.channels_last = use_channels_last(config.train.channels_last, self.device, self.amp_dtype, model)
         if self.channels_last:
             self.model = self.model.to(memory_format=channels_last_format(plan.spatial_dims))

@@ -81,6 +81,15 @@ class FiLM(nn.Module):
         scale, shift = self.proj(emb).view(emb.shape[0], -1, *([1] * (x.ndim - 2))).chunk(2, dim=1)
         return x * (1 + scale) + shift
 
+    @torch.no_grad()
+    def fold_into(self, norm_layer: nn.Module, emb: torch.Tensor) -> None:
+        """Make ``norm_layer`` (the affine norm right before this FiLM) also apply this FiLM's
+        scale and shift for the one embedding ``emb``: norm(x) * (1 + s) + h equals a norm with
+        weight w (1 + s) and bias b (1 + s) + h."""
+        scale, shift = self.proj(emb[:1]).reshape(2, -1)
+        norm_layer.weight.mul_(1 + scale)
+        norm_layer.bias.mul_(1 + scale).add_(shift)
+
 
 class ConvNormAct(nn.Module):
     """3x3(x3) convolution (strided if asked), normalisation, optional FiLM, ReLU, optional dropout."""

@@ -109,6 +109,22 @@ class _UNetBase(nn.Module):
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
         return self.time_embed(t)
 
+    @torch.no_grad()
+    def fold_time(self, t: float = 0.0) -> None:
+        """Fix the timestep for inference (segmentation uses t = 0): every FiLM's scale and shift
+        move into the norm before it and the time embedding goes, so a network pretrained with
+        time conditioning costs no more to run than one without. The outputs do not change."""
+        if self.time_embed is None:
+            return
+        reference = next(self.time_embed.parameters())
+        emb = self.time_embed(torch.full((1,), float(t), device=reference.device, dtype=reference.dtype))
+        for module in self.modules():
+            film = getattr(module, "film", None)
+            if film is not None:
+                film.fold_into(module.norm if hasattr(module, "norm") else module.norm2, emb)
+                module.film = None
+        self.time_embed = None
+
     def _outputs(self, logits: torch.Tensor, decoded: list[torch.Tensor]):
         """``decoded`` holds the decoder features from coarse to fine, excluding full resolution."""
         if self.ds_heads is None or not self.training:
