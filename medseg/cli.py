@@ -236,8 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--init-parts",
-        default="all",
-        choices=["all", "encoder", "decoder"],
+        default="encoder",
+        choices=["encoder", "all", "decoder"],
         help="which weights --init loads (default: %(default)s)",
     )
     p.set_defaults(func=cmd_train)

@@ -161,7 +161,8 @@ class TrainConfig:
         init: a checkpoint to start from (``medseg pretrain``'s, or another run's): every weight
             whose name and shape match is loaded, except the output head; the network and the
             plan are taken from it.
-        init_parts: which weights ``init`` loads: ``all``, ``encoder`` or ``decoder``.
+        init_parts: which weights ``init`` loads: ``encoder`` (the default: with ``all``, one
+            run in three of our study stalled; docs/pretraining.md), ``all`` or ``decoder``.
     """
 
     output_dir: str = "runs/heart"
@@ -186,7 +187,7 @@ class TrainConfig:
     compile: bool = False
     tensorboard: bool | None = None
     init: str | None = None
-    init_parts: str = "all"
+    init_parts: str = "encoder"
 
 
 @dataclass

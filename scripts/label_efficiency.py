@@ -68,11 +68,19 @@ def pretrain(args, data: Path, work: Path) -> Path:
     return checkpoint
 
 
-def finetune(args, data: Path, cases: list[dict], init: Path | None, seed: int, run: Path) -> dict:
-    """Train on ``cases`` (no validation: a fixed number of steps) and score the test set."""
+def finetune(
+    args, data: Path, cases: list[dict], init: Path | None, seed: int, run: Path, plan: Path
+) -> dict:
+    """Train on ``cases`` (no validation: a fixed number of steps) and score the test set.
+
+    Both arms use the pretraining's plan (planned on all the images), so that only the starting
+    weights differ: planned on two cases, the scratch arm would get another spacing and patch.
+    """
     config = load_config(None, _overrides(args, args.finetune_steps) + [f"train.seed={seed}"])
     config.train.output_dir = str(run)
-    if init is not None:
+    if init is None:
+        config.data.plan = str(plan)
+    else:
         config.train.init = str(init)
         config.train.init_parts = args.init_parts
         if args.init_lr:
@@ -83,7 +91,7 @@ def finetune(args, data: Path, cases: list[dict], init: Path | None, seed: int, 
     masks = run / "masks"
     shutil.rmtree(masks, ignore_errors=True)
     predict_many(Predictor(summary["best"], device="cpu"), data / "imagesTs", masks)
-    scores = evaluate(masks, data / "labelsTs", out=run / "metrics.csv")
+    scores = evaluate(masks, data / "labelsTs", out=run / "test_metrics.csv")  # beside training's
     return {"dice": scores["mean_foreground"], "per_class": scores["mean"], "seconds": seconds}
 
 
@@ -99,12 +107,13 @@ def main() -> None:
     parser.add_argument("--pretrain-steps", type=int, default=1000)
     parser.add_argument("--finetune-steps", type=int, default=300)
     parser.add_argument("--model", default="unet")
-    parser.add_argument("--init-parts", default="all")
+    parser.add_argument("--init-parts", default="encoder")
     parser.add_argument(
         "--init-lr", type=float, help="learning rate of the pretrained arm (default: the same)"
     )
     parser.add_argument("--set", default="", help="extra overrides for both arms, ';'-separated")
     parser.add_argument("--pretrain-set", default="", help="extra overrides for pretraining, ';'-separated")
+    parser.add_argument("--arms", default="scratch,pretrained", help="which arms to train")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", default="label_efficiency_work")
     args = parser.parse_args()
@@ -124,8 +133,10 @@ def main() -> None:
                 {"image": str(pool[i]), "label": str(data / "labelsTr" / pool[i].name), "id": pool[i].name}
                 for i in picked
             ]
-            for arm, init in (("scratch", None), ("pretrained", checkpoint)):
-                result = finetune(args, data, cases, init, seed, work / "runs" / f"{arm}_n{size}_s{seed}")
+            arms = {"scratch": None, "pretrained": checkpoint}
+            for arm, init in ((a, arms[a]) for a in args.arms.split(",")):
+                run = work / "runs" / f"{arm}_n{size}_s{seed}"
+                result = finetune(args, data, cases, init, seed, run, checkpoint.parent / "plan.yaml")
                 rows.append({"arm": arm, "labelled": size, "seed": seed, **result})
                 print(
                     f"seed {seed}, {size} labelled, {arm}: "
@@ -142,6 +153,8 @@ def _report(rows: list[dict], sizes: list[int], work: Path, args) -> None:
             [r["arm"], r["labelled"], r["seed"], f"{r['dice']:.4f}", f"{r['seconds']:.0f}"] for r in rows
         )
     (work / "results.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+    if {r["arm"] for r in rows} != {"scratch", "pretrained"}:
+        return
     lines = ["| labelled cases | scratch | pretrained | gain |", "|---|---|---|---|"]
     for size in sizes:
         dice = {

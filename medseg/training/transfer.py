@@ -69,7 +69,7 @@ def network_of(path: str | Path, config: Config) -> tuple[Config, dict]:
     return resolved, payload["plan"]
 
 
-def load_matching(model: nn.Module, path: str | Path, parts: str = "all") -> Transfer:
+def load_matching(model: nn.Module, path: str | Path, parts: str = "encoder") -> Transfer:
     """Copy into ``model`` every tensor of the checkpoint whose name and shape match and whose
     part is wanted; output heads are always left alone.
 
