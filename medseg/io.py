@@ -269,10 +269,10 @@ def write_volume(array: np.ndarray, path: str | Path, reference: sitk.Image, ove
 _TEMP_PREFIX = ".medseg-tmp-"
 
 
-def _temp_prefix(pid: int | None = None) -> str:
+def _temp_prefix() -> str:
     # Host and process in the name: a later run can tell its own crashed temp folders from
     # those of a live process (another shard may be writing into the same output folder).
-    return f"{_TEMP_PREFIX}{socket.gethostname()}-{os.getpid() if pid is None else pid}-"
+    return f"{_TEMP_PREFIX}{socket.gethostname()}-{os.getpid()}-"
 
 
 @contextmanager

@@ -29,7 +29,7 @@ from medseg.data.datasets import (
     refuse_bad_cases,
     split_for_run,
 )
-from medseg.data.plan import Plan, apply_plan, plan_for_config
+from medseg.data.plan import Plan, apply_plan, fingerprint, plan_for_config
 from medseg.data.transforms import eval_transforms, train_transforms
 from medseg.device import autocast_dtype, channels_last_format, use_channels_last, windows_per_forward
 from medseg.errors import CheckpointError, ConfigError, InputError
@@ -79,6 +79,8 @@ class Trainer:
         >>> summary = Trainer(cfg).fit()
         >>> summary = Trainer.resume("runs/heart").fit()  # after an interruption
     """
+
+    kind = "segmentation"  # recorded in checkpoints; Pretrainer's are "pretrain"
 
     def __init__(
         self,
@@ -146,8 +148,6 @@ class Trainer:
         self.resumed = False
         self.val_data: Dataset | None = None
 
-    kind = "segmentation"  # recorded in checkpoints; Pretrainer's are "pretrain"
-
     def _build_model(self) -> nn.Module:
         """The network the config names, for the plan's channels and the dataset's classes."""
         plan = self.plan
@@ -162,7 +162,6 @@ class Trainer:
         self.ema = make_ema(self.model, cfg.ema_decay)  # the average starts from the loaded weights
         if self.dist.is_main:
             tqdm.write(f"started from {cfg.init}: {transfer.summary()}")
-        self.transfer = transfer
 
     @classmethod
     def resume(cls, run_dir: str | Path, overrides: Sequence[str] = (), **kwargs) -> Trainer:
@@ -509,8 +508,6 @@ class Trainer:
 def _check_channels(plan: Plan, dataset: Cases, init: str) -> None:
     """Refuse a pretrained network whose input takes another number of image channels."""
     if dataset.training:
-        from medseg.data.plan import fingerprint
-
         channels = fingerprint(Cases(dataset.training[:1]), dataset.modality).channels
         if channels != plan.channels:
             raise CheckpointError(
