@@ -14,7 +14,13 @@ from medseg.evaluation.metrics import dice
 from medseg.inference.batch import predict_many
 from medseg.inference.predictor import Predictor, to_input_grid
 from medseg.io import read_volume, to_array
-from tests.conftest import write_dicom_series
+from tests.conftest import learned_phantom, mean_dice, write_dicom_series
+
+
+@pytest.fixture(scope="module")
+def learned(learned_run):
+    """A predictor whose masks are worth checking (see ``learned_run``)."""
+    return Predictor(learned_run[1]["best"], device="cpu")
 
 
 def _same_grid(a: sitk.Image, b: sitk.Image) -> None:
@@ -26,14 +32,15 @@ def _same_grid(a: sitk.Image, b: sitk.Image) -> None:
 
 @pytest.mark.parametrize("orientation", ["ras", "lps", "oblique"])
 @pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd", ".mha"])
-def test_mask_is_written_on_the_input_grid(tiny_run, tmp_path, orientation, suffix):
-    image, _ = make_phantom(11, shape=(37, 41, 9), spacing=(3.1, 4.7, 11.0), orientation=orientation)
+def test_mask_is_written_on_the_input_grid(learned, tmp_path, orientation, suffix):
+    image, label = learned_phantom(11, orientation)
     source = tmp_path / f"scan{suffix}"
     sitk.WriteImage(image, str(source))
-    out = Predictor(tiny_run["best"], device="cpu").predict_file(source, tmp_path / "out" / f"scan{suffix}")
+    out = learned.predict_file(source, tmp_path / "out" / f"scan{suffix}")
     mask = read_volume(out)
     _same_grid(mask, image)
     assert set(np.unique(to_array(mask))) <= {0, 1, 2, 3}
+    assert mean_dice(mask, label) > 0.7  # the right labels on the right voxels, not just a grid
 
 
 @pytest.mark.parametrize("orientation", ["ras", "lps", "oblique"])
@@ -61,19 +68,20 @@ def test_results_map_back_to_the_right_voxels(tmp_path, orientation):
     assert dice(flipped == 1, truth == 1) < 0.5
 
 
-def test_batch_keeps_going_past_bad_files(tiny_run, tmp_path):
+def test_batch_keeps_going_past_bad_files(learned, tmp_path):
     inputs = tmp_path / "in"
     inputs.mkdir()
-    image, _ = make_phantom(3, shape=(40, 40, 12), spacing=(4.4, 4.4, 10.0))
+    image, label = learned_phantom(3)
     sitk.WriteImage(image, str(inputs / "good.nii.gz"))
     (inputs / "empty.nii.gz").write_bytes(b"")
     (inputs / "notes.nii").write_text("not an image")
     flat = sitk.Image(32, 32, sitk.sitkInt16)
     sitk.WriteImage(flat, str(inputs / "flat.nii.gz"))
-    predictor = Predictor(tiny_run["best"], device="cpu")
+    predictor = learned
 
     result = predict_many(predictor, inputs, tmp_path / "out")
     assert result.written == [str(tmp_path / "out" / "good.nii.gz")]
+    assert mean_dice(read_volume(result.written[0]), label) > 0.7
     assert result.failed == {
         str(inputs / "empty.nii.gz"): "file is empty",
         str(inputs / "flat.nii.gz"): "is 2D (32x32); this model needs 3D images",
@@ -103,19 +111,21 @@ def test_missing_input(tiny_run, tmp_path):
 
 
 @pytest.mark.parametrize("orientation", ["ras", "lps", "oblique"])
-def test_dicom_series_mask_on_the_series_grid(tiny_run, tmp_path, orientation):
-    image, _ = make_phantom(12, shape=(36, 40, 9), spacing=(4.1, 3.9, 10.5), orientation=orientation)
+def test_dicom_series_mask_on_the_series_grid(learned, tmp_path, orientation):
+    image, label = learned_phantom(12, orientation)
     write_dicom_series(image, tmp_path / "patient" / "study", uid="1.2.840.99.7", description="SAX cine")
-    result = predict_many(Predictor(tiny_run["best"], device="cpu"), tmp_path / "patient", tmp_path / "out")
+    result = predict_many(learned, tmp_path / "patient", tmp_path / "out")
     assert result.failed == {}
     # The series' folder under the input is mirrored under the output: the mask leads back to it.
     assert result.written == [str(tmp_path / "out" / "study" / "SAX_cine_1.2.840.99.7.nii.gz")]
     _same_grid(read_volume(result.written[0]), read_volume(tmp_path / "patient" / "study"))
+    # Slices in the right order: a mask of a series read upside down would miss its labels.
+    assert mean_dice(read_volume(result.written[0]), label) > 0.7
 
 
-def test_mixed_folder_reports_each_bad_case(tiny_run, tmp_path):
+def test_mixed_folder_reports_each_bad_case(learned, tmp_path):
     inputs = tmp_path / "in"
-    image, _ = make_phantom(5, shape=(40, 40, 12), spacing=(4.4, 4.4, 10.0))
+    image, label = learned_phantom(5)
     inputs.mkdir()
     sitk.WriteImage(image, str(inputs / "good.nii.gz"))
     whole = (inputs / "good.nii.gz").read_bytes()
@@ -124,8 +134,10 @@ def test_mixed_folder_reports_each_bad_case(tiny_run, tmp_path):
     (inputs / "notes.nii").write_text("not an image")
     write_dicom_series(image, inputs / "dicom_ok", uid="1.2.3.100", description="ok")
     write_dicom_series(image, inputs / "dicom_gap", uid="1.2.3.200", description="gap", skip=(6,))
-    result = predict_many(Predictor(tiny_run["best"], device="cpu"), inputs, tmp_path / "out")
+    result = predict_many(learned, inputs, tmp_path / "out")
     assert sorted(Path(p).name for p in result.written) == ["good.nii.gz", "ok_1.2.3.100.nii.gz"]
+    for mask in result.written:  # the file and the series hold the same scan
+        assert mean_dice(read_volume(mask), label) > 0.7, mask
     assert sorted(result.failed) == sorted(
         [
             str(inputs / "cut.nii.gz"),
@@ -142,16 +154,17 @@ def test_mixed_folder_reports_each_bad_case(tiny_run, tmp_path):
     )
 
 
-def test_output_formats(tiny_run, tmp_path):
+def test_output_formats(learned, tmp_path):
     pytest.importorskip("highdicom")
-    image, _ = make_phantom(12, shape=(36, 40, 9), spacing=(4.1, 3.9, 10.5), orientation="oblique")
+    image, label = learned_phantom(12, "oblique")
     write_dicom_series(image, tmp_path / "in" / "series", uid="1.2.840.99.8", description="SAX")
     sitk.WriteImage(image, str(tmp_path / "in" / "scan.nii.gz"))
-    predictor = Predictor(tiny_run["best"], device="cpu")
+    predictor = learned
 
     nrrd = predict_many(predictor, tmp_path / "in", tmp_path / "nrrd", fmt="nrrd")
     assert sorted(Path(p).name for p in nrrd.written) == ["SAX_1.2.840.99.8.nrrd", "scan.nrrd"]
     _same_grid(read_volume(tmp_path / "nrrd" / "scan.nrrd"), image)
+    assert mean_dice(read_volume(tmp_path / "nrrd" / "scan.nrrd"), label) > 0.7
 
     seg = predict_many(predictor, tmp_path / "in", tmp_path / "seg", fmt="dicom-seg")
     assert seg.written == [str(tmp_path / "seg" / "series" / "SAX_1.2.840.99.8.dcm")]
