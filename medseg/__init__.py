@@ -23,6 +23,8 @@ _WHERE = {
     "evaluate": "medseg.evaluation.metrics",
     "predict_many": "medseg.inference.batch",
     "Predictor": "medseg.inference.predictor",
+    "Segmentation": "medseg.inference.predictor",
+    "keep_largest_component": "medseg.inference.postprocess",
     "read_volume": "medseg.io",
     "write_volume": "medseg.io",
     "build_model": "medseg.models",

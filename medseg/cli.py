@@ -110,7 +110,18 @@ def cmd_predict(args) -> int:
     from medseg.inference.predictor import Predictor
 
     shard = parse_shard(args.shard) if args.shard else None
-    predictor = Predictor(args.model, device=_device_for_this_process(args.device))
+    predictor = Predictor(
+        args.model,
+        device=_device_for_this_process(args.device),
+        tta=args.tta,
+        keep_largest=_keep_largest(args.keep_largest),
+    )
+    if not args.quiet and (predictor.passes > 1):
+        print(
+            f"{len(predictor.members)} model(s) x {predictor.passes // len(predictor.members)} mirror(s): "
+            f"{predictor.passes} passes per case",
+            file=sys.stderr,
+        )
     progress = _CaseProgress(quiet=args.quiet)
     try:
         result = predict_many(
@@ -122,6 +133,8 @@ def cmd_predict(args) -> int:
             shard=shard,
             statistics=args.statistics,
             preview=args.preview,
+            probabilities=args.save_probabilities,
+            uncertainty=args.uncertainty,
             on_case=progress,
         )
     finally:
@@ -137,6 +150,16 @@ def cmd_predict(args) -> int:
                 print(f"  {source}: {reason}", file=sys.stderr)
         return 1
     return 0
+
+
+def _keep_largest(text: str | None):
+    """``--keep-largest``: ``all``, ``none`` or label indices like ``1,3`` (None: the model's)."""
+    if text is None or text in ("all", "none"):
+        return text
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ConfigError("--keep-largest", f"{text!r} is not all, none or label numbers like 1,3") from None
 
 
 def _device_for_this_process(device: str) -> str:
@@ -268,7 +291,14 @@ def build_parser() -> argparse.ArgumentParser:
         "labels.json, predictions.csv and run.json. Exit status: 0 all cases written or already "
         "done, 1 some cases failed, 2 usage or fatal error.",
     )
-    p.add_argument("-m", "--model", required=True, help="checkpoint file (or run folder holding best.pt)")
+    p.add_argument(
+        "-m",
+        "--model",
+        required=True,
+        action="append",
+        help="checkpoint file, run folder (its best.pt) or cross-validation folder (every fold_K/best.pt); "
+        "repeat it to average several models' probabilities (an ensemble)",
+    )
     p.add_argument(
         "-i",
         "--input",
@@ -299,6 +329,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--preview", action="store_true", help="also draw a PNG overlay per case in OUTPUT/previews"
+    )
+    p.add_argument(
+        "--tta",
+        action=argparse.BooleanOptionalAction,
+        help="flip test-time augmentation along the axes the model was trained to mirror "
+        "(2^axes passes; default: the model's infer.tta)",
+    )
+    p.add_argument(
+        "--keep-largest",
+        metavar="LABELS",
+        help="keep only the largest connected piece of: all, none, or labels like 1,3 "
+        "(default: the model's infer.keep_largest)",
+    )
+    p.add_argument(
+        "--save-probabilities",
+        action="store_true",
+        help="also write CASE_probabilities: the class probabilities, one component per class",
+    )
+    p.add_argument(
+        "--uncertainty",
+        action="store_true",
+        help="also write CASE_uncertainty: where the TTA passes or ensemble models disagree (0..1)",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="print only errors, warnings and the summary")
     p.set_defaults(func=cmd_predict)

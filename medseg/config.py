@@ -76,12 +76,17 @@ class AugmentConfig:
     """Random augmentation during training (probabilities per patch).
 
     Args:
-        flip_prob: mirror along each axis.
+        flip_prob: mirror along each of ``flip_axes``.
+        flip_axes: the axes to mirror, of the network's RAS grid (0: left-right, 1:
+            posterior-anterior, 2: inferior-superior); null: all. Leave out any axis whose
+            mirror changes what a label means (left-right in a heart swaps the ventricles'
+            sides). Flip test-time augmentation follows these axes (``infer.tta_axes``).
         intensity_prob: random scale and shift of intensities.
         noise_prob: add Gaussian noise.
     """
 
     flip_prob: float = 0.0
+    flip_axes: list[int] | None = None
     intensity_prob: float = 0.5
     noise_prob: float = 0.15
 
@@ -200,10 +205,21 @@ class InferConfig:
         sw_batch_size: windows per forward pass; null: as measured fastest for the device and
             precision (``medseg.device.windows_per_forward``: 1 on CPUs in bf16, 2 in fp32, 4 on
             GPUs).
+        tta: flip test-time augmentation: average the probabilities of every combination of
+            mirrors along ``tta_axes`` (2 ** axes passes).
+        tta_axes: the axes TTA mirrors (as ``augment.flip_axes``); null: the axes training
+            mirrored (none when ``augment.flip_prob`` is 0, and then ``tta`` is refused: the
+            network never saw mirrored images).
+        keep_largest: post-processing: keep only the largest connected piece of ``all``
+            foreground labels, of the label indices listed, or of ``none``; the rest becomes
+            background.
     """
 
     overlap: float = 0.25
     sw_batch_size: int | None = None
+    tta: bool = False
+    tta_axes: list[int] | None = None
+    keep_largest: list[int] | str = "none"
 
 
 @dataclass

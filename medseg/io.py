@@ -261,6 +261,18 @@ def write_volume(array: np.ndarray, path: str | Path, reference: sitk.Image, ove
         raise InputError(path, f"array shape {array.shape} does not match the grid {reference.GetSize()}")
     image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose()))
     image.CopyInformation(reference)
+    return write_image(image, path, overwrite=True)
+
+
+def write_image(image: sitk.Image, path: str | Path, overwrite: bool = False) -> Path:
+    """Write a SimpleITK image atomically, compressed; its suffix picks the format.
+
+    Raises:
+        InputError: the file exists and ``overwrite`` is not set.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise InputError(path, "already exists (pass overwrite to replace it)")
     with atomic_path(path) as tmp:
         sitk.WriteImage(image, str(tmp), useCompression=True)
     return path

@@ -1,71 +1,235 @@
-"""Batch prediction speed with and without reading the next case ahead, side by side.
+"""Prediction speed and memory, side by side: medseg, its options, and a plain MONAI loop.
 
-Trains a checkpoint for a few steps (speed does not depend on the weights), then predicts the
-same folder of phantoms with ``predict_many(prefetch=True)`` and ``prefetch=False`` in
-alternating passes inside one process, and reports voxels per second of each, their spread and
-the ratio. Run it alone on the machine: another job on the cores changes the figures.
+Every arm segments the same folder of phantoms in a fresh process (so its peak RSS is its own),
+with the same network: a medseg checkpoint (trained for a few steps; speed does not depend on
+the weights). The arms:
 
-    python scripts/bench_predict.py --cases 24 --repeats 3
+- ``medseg``: ``medseg predict`` with the defaults;
+- ``monai``: a plain loop written from MONAI's tutorials around the same network: MONAI's
+  transforms at the plan's spacing, ``sliding_window_inference`` (the plan's window, overlap
+  0.25, Gaussian blending, fp32), ``Invertd``, argmax, ``SaveImaged``;
+- ``prefetch``: medseg reading the next case in a second thread (``predict_many(prefetch=True)``);
+- ``tta``: ``--tta`` on a model trained with mirrors along 2 axes (4 passes);
+- ``ensemble``: two models (``-m A -m B``);
+- ``probabilities``: ``--save-probabilities``; ``uncertainty``: ``--tta --uncertainty``.
+
+Speed is input voxels per second of the whole process (start-up, reading, writing included).
+With ``--big`` it also segments one 512 x 512 x 300 float volume (a CT's size) with the medseg
+and MONAI arms, with probabilities and with TTA, and reports their peak RSS. Run it alone on
+the machine: another job on the cores changes the figures.
+
+    python scripts/bench_predict.py --cases 16 --repeats 3 --big
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark import make_phantoms  # noqa: E402
+HERE = Path(__file__).resolve()
+sys.path.insert(0, str(HERE.parent))
+from benchmark import make_phantoms, peak_rss_mb  # noqa: E402
 
-from medseg.config import load_config  # noqa: E402
-from medseg.inference.batch import predict_many  # noqa: E402
-from medseg.inference.predictor import Predictor  # noqa: E402
-from medseg.io import read_header  # noqa: E402
-from medseg.training.trainer import Trainer  # noqa: E402
+ARMS = ("medseg", "monai", "prefetch", "tta", "ensemble", "probabilities", "uncertainty")
+
+
+def _checkpoints(work: Path, data: Path) -> dict[str, str]:
+    """A plain checkpoint and one trained with mirrors along axes 1 and 2 (for TTA)."""
+    from medseg.config import load_config
+    from medseg.training.trainer import Trainer
+
+    found = {}
+    for name, extra in (("plain", []), ("mirrored", ["augment.flip_prob=0.5", "augment.flip_axes=[1, 2]"])):
+        run = work / name
+        if not (run / "best.pt").is_file():
+            config = load_config(None, ["train.epochs=1", "train.iters_per_epoch=5", *extra])
+            config.data.root, config.train.output_dir = str(data), str(run)
+            Trainer(config, overwrite=True).fit()
+        found[name] = str(run / "best.pt")
+    return found
+
+
+def _cli_args(arm: str, models: dict[str, str]) -> list[str]:
+    return {
+        "medseg": ["-m", models["plain"]],
+        "tta": ["-m", models["mirrored"], "--tta"],
+        "ensemble": ["-m", models["plain"], "-m", models["mirrored"]],
+        "probabilities": ["-m", models["plain"], "--save-probabilities"],
+        "uncertainty": ["-m", models["mirrored"], "--tta", "--uncertainty"],
+    }[arm]
+
+
+# -- one arm, in its own process ---------------------------------------------------------------
+
+
+def _run_arm(arm: str, models: dict[str, str], images: str, out: str) -> None:
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    if arm == "monai":
+        _monai_loop(models["plain"], images, out)
+    elif arm == "prefetch":
+        from medseg.inference.batch import predict_many
+        from medseg.inference.predictor import Predictor
+
+        result = predict_many(Predictor(models["plain"], device="cpu"), images, out, prefetch=True)
+        assert not result.failed, result.failed
+    else:
+        from medseg.cli import main
+
+        code = main(["predict", *_cli_args(arm, models), "-i", images, "-o", out, "--device", "cpu", "-q"])
+        assert code == 0, code
+    print(json.dumps({"rss_mb": peak_rss_mb()}))
+
+
+def _monai_loop(checkpoint: str, images: str, out: str) -> None:
+    """The plain MONAI loop, around medseg's network and its plan."""
+    import torch
+    from monai import transforms as mt
+    from monai.data import DataLoader, Dataset, decollate_batch
+    from monai.inferers import sliding_window_inference
+
+    from medseg.data.plan import Plan
+    from medseg.training.checkpoint import load_checkpoint, model_from_checkpoint
+
+    payload = load_checkpoint(checkpoint)
+    plan = Plan.from_dict(payload["plan"])
+    net = model_from_checkpoint(payload)
+    pre = mt.Compose(
+        [
+            mt.LoadImaged("image"),
+            mt.EnsureChannelFirstd("image"),
+            mt.Orientationd("image", axcodes="RAS"),
+            mt.Spacingd("image", pixdim=plan.spacing, mode="bilinear"),
+            mt.NormalizeIntensityd("image", nonzero=True, channel_wise=True),
+        ]
+    )
+    post = mt.Compose(
+        [
+            mt.Invertd("pred", transform=pre, orig_keys="image", nearest_interp=False),
+            mt.AsDiscreted("pred", argmax=True),
+            mt.SaveImaged("pred", output_dir=out, output_postfix="", separate_folder=False, resample=False),
+        ]
+    )
+    files = [{"image": str(p)} for p in sorted(Path(images).glob("*.nii.gz"))]
+    with torch.inference_mode():
+        for batch in DataLoader(Dataset(files, pre), batch_size=1):
+            batch["pred"] = sliding_window_inference(
+                batch["image"], plan.patch_size, 4, net, overlap=0.25, mode="gaussian"
+            )
+            for item in decollate_batch(batch):
+                post(item)
+
+
+def _child(arm: str, models: dict[str, str], images: Path, out: Path, threads: int) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    began = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, str(HERE), "_arm", arm, json.dumps(models), str(images), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    wall = time.perf_counter() - began
+    if done.returncode != 0:
+        sys.exit(f"{arm} failed:\n{done.stderr[-3000:]}")
+    return {"seconds": wall, **json.loads(done.stdout.strip().splitlines()[-1])}
+
+
+# -- the report ----------------------------------------------------------------------------------
+
+
+def _big_volume(folder: Path) -> Path:
+    """One 512 x 512 x 300 float volume at 0.7 x 0.7 x 1 mm: a phantom, upsampled, with noise."""
+    import SimpleITK as sitk
+
+    from medseg.data.phantom import make_phantom
+
+    path = folder / "big.nii.gz"
+    if path.is_file():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    small, _ = make_phantom(1, shape=(128, 128, 75), spacing=(2.8, 2.8, 4.0), orientation="lps")
+    grid = sitk.Resample(
+        sitk.Cast(small, sitk.sitkFloat32),
+        [512, 512, 300],
+        sitk.Transform(),
+        sitk.sitkLinear,
+        small.GetOrigin(),
+        (0.7, 0.7, 1.0),
+    )
+    array = sitk.GetArrayFromImage(grid)
+    array += np.random.default_rng(0).normal(0, 0.02, array.shape).astype(np.float32)
+    big = sitk.GetImageFromArray(array)
+    big.CopyInformation(grid)
+    sitk.WriteImage(big, str(path), useCompression=True)
+    return folder
+
+
+def _voxels(folder: Path) -> int:
+    from medseg.io import read_header
+
+    return sum(int(np.prod(read_header(p).GetSize())) for p in sorted(folder.glob("*.nii.gz")))
+
+
+def _line(name: str, rates: list[float], rss: list[float], base: float | None) -> str:
+    spread = statistics.stdev(rates) if len(rates) > 1 else 0.0
+    mean = statistics.mean(rates)
+    relative = f"{base / mean:5.2f}x the time" if base else ""
+    return f"{name:>14}: {mean / 1e3:7.0f}k +- {spread / 1e3:4.0f}k voxels/s  {max(rss):6.0f} MB  {relative}"
 
 
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "_arm":
+        _run_arm(sys.argv[2], json.loads(sys.argv[3]), sys.argv[4], sys.argv[5])
+        return
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--cases", type=int, default=24, help="volumes to predict per pass")
-    parser.add_argument("--repeats", type=int, default=3, help="passes of each setting")
+    parser.add_argument("--cases", type=int, default=16, help="volumes to predict per pass")
+    parser.add_argument("--repeats", type=int, default=3, help="passes of each arm (alternating order)")
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    parser.add_argument("--big", action="store_true", help="also the peak RSS on a 512 x 512 x 300 volume")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", default="bench_predict_work")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    work = Path(args.work)
+    work = Path(args.work).resolve()
     data = make_phantoms(work / "data", n_train=4, n_test=args.cases)
-    checkpoint = work / "run" / "best.pt"
-    if not checkpoint.is_file():
-        config = load_config(None, ["train.epochs=1", "train.iters_per_epoch=5"])
-        config.data.root, config.train.output_dir = str(data), str(work / "run")
-        Trainer(config, overwrite=True).fit()
-    predictor = Predictor(checkpoint, device="cpu")
+    models = _checkpoints(work, data)
     images = data / "imagesTs"
-    voxels = sum(int(np.prod(read_header(p).GetSize())) for p in sorted(images.iterdir()))
-    rates: dict[str, list[float]] = {"prefetch": [], "one at a time": []}
-    predict_many(predictor, images, work / "warm-up", overwrite=True)  # first-call costs out of the way
-    for _ in range(args.repeats):
-        for name, prefetch in (("prefetch", True), ("one at a time", False)):
-            out = work / "out"
-            shutil.rmtree(out, ignore_errors=True)
-            start = time.perf_counter()
-            result = predict_many(predictor, images, out, prefetch=prefetch)
-            rates[name].append(voxels / (time.perf_counter() - start))
-            assert not result.failed, result.failed
+    voxels = _voxels(images)
     print(f"{args.cases} volumes, {voxels / args.cases / 1e3:.0f}k voxels each, {args.threads} threads")
-    for name, values in rates.items():
-        spread = statistics.stdev(values) if len(values) > 1 else 0.0
-        print(f"{name:>14}: {statistics.mean(values) / 1e3:7.0f}k +- {spread / 1e3:.0f}k voxels/s  {values}")
-    ratio = statistics.mean(rates["prefetch"]) / statistics.mean(rates["one at a time"])
-    print(f"prefetch / one at a time: {ratio:.2f}x")
+    rates: dict[str, list[float]] = {a: [] for a in args.arms}
+    rss: dict[str, list[float]] = {a: [] for a in args.arms}
+    for repeat in range(args.repeats):
+        for arm in args.arms if repeat % 2 == 0 else reversed(args.arms):
+            result = _child(arm, models, images, work / "out" / arm, args.threads)
+            rates[arm].append(voxels / result["seconds"])
+            rss[arm].append(result["rss_mb"])
+            print(f"  {arm}: {result['seconds']:.1f} s, {result['rss_mb']:.0f} MB", flush=True)
+    base = statistics.mean(rates["medseg"]) if "medseg" in rates else None
+    print(f"\nmean +- sd over {args.repeats} passes; peak RSS (largest); time relative to medseg's defaults")
+    for arm in args.arms:
+        print(_line(arm, rates[arm], rss[arm], base if arm != "medseg" else None))
+    if "medseg" in rates and "monai" in rates:
+        ratio = statistics.mean(rates["medseg"]) / statistics.mean(rates["monai"])
+        print(f"medseg / MONAI loop speed: {ratio:.2f}x")
+    if args.big:
+        big = _big_volume(work / "big")
+        print("\none 512 x 512 x 300 float volume:")
+        for arm in ("medseg", "monai", "probabilities", "tta"):
+            result = _child(arm, models, big, work / "out" / f"big_{arm}", args.threads)
+            print(f"{arm:>14}: {result['seconds']:6.1f} s, peak RSS {result['rss_mb']:6.0f} MB", flush=True)
 
 
 if __name__ == "__main__":

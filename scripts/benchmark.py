@@ -79,7 +79,12 @@ def _child(step: str, args: list[str], threads: int) -> dict:
     return result
 
 
-def _peak_rss_mb() -> float:
+def peak_rss_mb() -> float:
+    """This process's peak RSS. Not ``ru_maxrss``: Linux carries that over from the parent
+    through exec, so a child would report its parent's peak if that were larger."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -93,7 +98,7 @@ def _medseg_train(data: str, out: str, budget: str, model: str, extra: str) -> d
     config = medseg.load_config(None, overrides)
     config.data.root, config.train.output_dir = data, out
     summary = medseg.Trainer(config, overwrite=True).fit()
-    return {"steps": summary["steps"], "train_seconds": summary["seconds"], "rss_mb": _peak_rss_mb()}
+    return {"steps": summary["steps"], "train_seconds": summary["seconds"], "rss_mb": peak_rss_mb()}
 
 
 def _medseg_predict(checkpoint: str, images: str, out: str) -> dict:
@@ -101,7 +106,7 @@ def _medseg_predict(checkpoint: str, images: str, out: str) -> dict:
     from medseg.cli import main
 
     code = main(["predict", "--model", checkpoint, "--input", images, "--output", out, "--overwrite"])
-    return {"code": code, "rss_mb": _peak_rss_mb()}
+    return {"code": code, "rss_mb": peak_rss_mb()}
 
 
 def _monai_transforms(with_label: bool):
@@ -162,7 +167,7 @@ def _monai_train(data: str, out: str, budget: str) -> dict:
             if time.monotonic() - began >= float(budget):
                 break
     torch.save(net.state_dict(), Path(out) / "monai.pt")
-    return {"steps": steps, "train_seconds": time.monotonic() - began, "rss_mb": _peak_rss_mb()}
+    return {"steps": steps, "train_seconds": time.monotonic() - began, "rss_mb": peak_rss_mb()}
 
 
 def _monai_predict(checkpoint: str, images: str, out: str) -> dict:
@@ -189,7 +194,7 @@ def _monai_predict(checkpoint: str, images: str, out: str) -> dict:
             batch["pred"] = sliding_window_inference(batch["image"], (96, 96, 32), 4, net, 0.5, "gaussian")
             for item in decollate_batch(batch):
                 post(item)
-    return {"rss_mb": _peak_rss_mb()}
+    return {"rss_mb": peak_rss_mb()}
 
 
 # -- scoring ---------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ def test_output_that_is_the_input_is_refused(predictor, tmp_path):
     for output in (scans, scans / "masks"):
         with pytest.raises(InputError, match="is the input folder .* or inside it"):
             predict_many(predictor, scans, output, overwrite=True)
-    with pytest.raises(InputError, match="is an input file; the mask would replace it"):
+    with pytest.raises(InputError, match="is an input file; the output would replace it"):
         predict_many(predictor, scans / "a.nii.gz", scans, overwrite=True)
     assert (scans / "a.nii.gz").read_bytes() == before
     assert sorted(p.name for p in scans.iterdir()) == ["a.nii.gz"]  # nothing written there
@@ -215,7 +215,15 @@ def test_report_has_volumes_statistics_and_provenance(learned_run, tmp_path):
     digest = hashlib.sha256(Path(predictor.checkpoint).read_bytes()).hexdigest()
     assert run["identity"] == {
         "checkpoint_sha256": digest,
-        "options": {"format": "same", "overlap": 0.25, "patch_size": predictor.options["patch_size"]},
+        "options": {
+            "format": "same",
+            "overlap": 0.25,
+            "patch_size": predictor.options["patch_size"],
+            "tta_axes": None,
+            "keep_largest": [],
+            "probabilities": False,
+            "uncertainty": False,
+        },
     }
     assert run["medseg_version"] and run["finished"]
     assert run["counts"] == {"written": 1, "skipped": 0, "failed": 1, "pending": 0}
@@ -264,7 +272,7 @@ def test_lists_of_files(predictor, tmp_path):
 
 def test_two_inputs_for_one_mask_are_refused(predictor, tmp_path):
     scans = _scans(tmp_path / "scans", ["a.nii.gz", "a_0000.nii.gz"])
-    with pytest.raises(InputError, match="would write the same mask a.nii.gz"):
+    with pytest.raises(InputError, match="would write the same file a.nii.gz"):
         predict_many(predictor, scans, tmp_path / "out")
 
 

@@ -12,7 +12,8 @@ from medseg.data.transforms import LoadVolumed
 from medseg.errors import CheckpointError, ConfigError, InputError
 from medseg.evaluation.metrics import dice
 from medseg.inference.batch import predict_many
-from medseg.inference.predictor import Predictor, to_input_grid
+from medseg.inference.grid import to_input_grid
+from medseg.inference.predictor import Predictor
 from medseg.io import read_volume, to_array
 from tests.conftest import learned_phantom, mean_dice, write_dicom_series
 

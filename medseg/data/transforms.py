@@ -14,10 +14,10 @@ import torch
 from monai import transforms as mt
 from monai.data import MetaTensor
 
-from medseg.config import Config
+from medseg.config import AugmentConfig, Config
 from medseg.data.plan import Plan
-from medseg.errors import InputError
-from medseg.io import check_voxel_values, grid_mismatch, ras_affine, read_channels, read_volume, to_array
+from medseg.errors import ConfigError, InputError
+from medseg.io import check_voxel_values, grid_mismatch, ras_affine, read_channels, read_volume
 
 __all__ = [
     "LoadVolumed",
@@ -26,6 +26,7 @@ __all__ = [
     "eval_transforms",
     "infer_transforms",
     "pretrain_transforms",
+    "mirrored_axes",
 ]
 
 log = logging.getLogger(__name__)
@@ -61,10 +62,12 @@ class LoadVolumed(mt.MapTransform):
                 if mismatch:
                     raise InputError(str(source), f"{mismatch} of the case's first channel")
                 images += channels
-            dtype = np.float32 if key == "image" else np.int64
-            array = np.stack([to_array(image).astype(dtype) for image in images])
+            # One copy of the voxels, however many channels: a CT is 300 MB a channel.
+            array = np.empty((len(images), *images[0].GetSize()), np.float32 if key == "image" else np.int64)
+            for channel, image in zip(array, images):
+                channel[...] = sitk.GetArrayViewFromImage(image).transpose()
             out[key] = MetaTensor(
-                torch.from_numpy(np.ascontiguousarray(array)),
+                torch.from_numpy(array),
                 affine=torch.as_tensor(ras_affine(images[0]), dtype=torch.float64),
                 meta={"filename_or_obj": "" if isinstance(sources[0], sitk.Image) else str(sources[0])},
             )
@@ -138,6 +141,18 @@ def infer_transforms(plan: Plan) -> mt.Compose:
     return mt.Compose(_preprocess(plan, ["image"]))
 
 
+def mirrored_axes(augment: AugmentConfig, spatial_dims: int) -> list[int]:
+    """The axes training mirrors: ``augment.flip_axes`` (null: all), none when ``flip_prob`` is 0."""
+    if augment.flip_prob <= 0:
+        return []
+    axes = list(range(spatial_dims)) if augment.flip_axes is None else sorted(set(augment.flip_axes))
+    if any(not 0 <= a < spatial_dims for a in axes):
+        raise ConfigError(
+            "augment.flip_axes", f"{augment.flip_axes} is not a list of axes 0..{spatial_dims - 1}"
+        )
+    return axes
+
+
 INDICES = "label_cls_indices"  # where ClassesToIndicesd keeps each class's voxel indices
 MAX_INDICES = 1_000_000  # per class: enough centres to draw from, without 8 bytes per voxel of a CT
 
@@ -171,9 +186,8 @@ def train_transforms(config: Config, plan: Plan, num_classes: int) -> mt.Compose
             warn=False,
         ),
         *[
-            mt.RandFlipd(keys, prob=aug.flip_prob, spatial_axis=axis)
-            for axis in range(plan.spatial_dims)
-            if aug.flip_prob > 0
+            mt.RandFlipd(keys, prob=aug.flip_prob, spatial_axis=a)
+            for a in mirrored_axes(aug, plan.spatial_dims)
         ],
         mt.RandScaleIntensityd("image", factors=0.15, prob=aug.intensity_prob),
         mt.RandShiftIntensityd("image", offsets=0.15, prob=aug.intensity_prob),
@@ -200,9 +214,8 @@ def pretrain_transforms(config: Config, plan: Plan) -> mt.Compose:
                 "image", roi_size=patch, num_samples=config.data.samples_per_volume, random_size=False
             ),
             *[
-                mt.RandFlipd("image", prob=aug.flip_prob, spatial_axis=axis)
-                for axis in range(plan.spatial_dims)
-                if aug.flip_prob > 0
+                mt.RandFlipd("image", prob=aug.flip_prob, spatial_axis=a)
+                for a in mirrored_axes(aug, plan.spatial_dims)
             ],
             mt.RandScaleIntensityd("image", factors=0.15, prob=aug.intensity_prob),
             mt.RandShiftIntensityd("image", offsets=0.15, prob=aug.intensity_prob),

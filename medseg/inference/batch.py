@@ -25,13 +25,16 @@ from medseg.errors import InputError, find_medseg_error
 from medseg.evaluation.metrics import LABELS_FILE
 from medseg.inference.batch_report import BatchReport, PreviousMask, previous_masks
 from medseg.inference.cases import (
+    EXTRAS,
     BatchCase,
     check_output_folder,
     discover,
+    extra_name,
+    refuse_collisions,
     take_shard,
 )
-from medseg.inference.predictor import LoadedCase, Predictor
-from medseg.io import remove_stale_temp, to_array, write_text_atomic
+from medseg.inference.predictor import LoadedCase, Predictor, Segmentation
+from medseg.io import remove_stale_temp, to_array, write_image, write_text_atomic
 
 __all__ = ["BatchResult", "predict_many", "process_shard"]
 
@@ -75,6 +78,8 @@ def predict_many(
     shard: tuple[int, int] | None = None,
     statistics: bool = False,
     preview: bool = False,
+    probabilities: bool = False,
+    uncertainty: bool = False,
     prefetch: bool | None = None,
     on_case: Callable[[dict, int, int], None] | None = None,
 ) -> BatchResult:
@@ -90,26 +95,36 @@ def predict_many(
         shard: ``(i, n)``: take only the i-th of n shares of the cases (torchrun splits further).
         statistics: also record the mean image intensity inside each label.
         preview: also draw a PNG overlay of each mask, in ``output_dir/previews``.
+        probabilities: also write the class probabilities beside each mask
+            (``<case>_probabilities``, one component per class; before post-processing).
+        uncertainty: also write where the passes disagree (``<case>_uncertainty``, 0..1; needs
+            flip TTA or an ensemble), and record its mean inside the labels.
         prefetch: read and preprocess the next case in a second thread while the network works
             on the current one. None: on GPUs only; on a CPU the network already uses every
             core, and the second thread slowed a batch to 0.81x (``scripts/bench_predict.py``).
         on_case: called with each finished case's record, its number and the total (progress).
 
     Raises:
+        ConfigError: ``uncertainty`` with a single pass (no TTA, one model).
         InputError: before any inference, when the output folder is the input folder (or in
             it), is not writable, or holds masks not made by this checkpoint with these
             options (unless ``overwrite``).
     """
+    if uncertainty:
+        predictor.check_uncertainty()
     cases = discover(source, fmt)
-    output_dir = check_output_folder(source, output_dir, cases)
+    extras = tuple(kind for kind, wanted in zip(EXTRAS, (probabilities, uncertainty)) if wanted)
+    refuse_collisions(cases, extras)
+    output_dir = check_output_folder(source, output_dir, cases, extras)
     if fmt == "dicom-seg":
         _need_highdicom(output_dir)
     shard = process_shard(shard)
     if shard:
         cases = take_shard(cases, *shard)
     remove_stale_temp(output_dir)
-    identity = {"checkpoint_sha256": predictor.sha256, "options": {"format": fmt, **predictor.options}}
-    done = _plan_reuse(cases, output_dir, identity, overwrite)
+    options = {"format": fmt, **predictor.options, "probabilities": probabilities, "uncertainty": uncertainty}
+    identity = {"checkpoint_sha256": predictor.sha256, "options": options}
+    done = _plan_reuse(cases, output_dir, identity, overwrite, extras)
     report = BatchReport(
         output_dir,
         identity=identity,
@@ -124,12 +139,13 @@ def predict_many(
         },
         labels=[name for index, name in sorted(predictor.labels.items()) if index != 0],
         statistics=statistics,
+        uncertainty=uncertainty,
         shard=shard,
         total=len(cases),
     )
     labels = {str(k): v for k, v in sorted(predictor.labels.items())}
     write_text_atomic(output_dir / LABELS_FILE, json.dumps(labels, indent=2) + "\n")
-    runner = _Runner(predictor, output_dir, report, statistics, preview)
+    runner = _Runner(predictor, output_dir, report, statistics, preview, extras)
     todo = [c for c in cases if not c.status and c.mask not in done]
     if prefetch is None:
         prefetch = predictor.device.type != "cpu"
@@ -153,10 +169,11 @@ def _need_highdicom(where: Path) -> None:
         raise InputError(where, "DICOM-SEG output needs highdicom: pip install 'medseg[dicom]'") from None
 
 
-def _plan_reuse(cases: list[BatchCase], output_dir: Path, identity: dict, overwrite: bool) -> dict:
-    """Which existing masks are done (mask -> earlier record). Masks in the way that a report
-    does not vouch for stop the run, unless ``overwrite`` (then every case is redone)."""
-    existing = [c for c in cases if c.mask and (output_dir / c.mask).exists()]
+def _plan_reuse(cases: list[BatchCase], output_dir: Path, identity: dict, overwrite: bool, extras) -> dict:
+    """Which existing masks are done (mask -> earlier record). Masks (or their extra maps) in
+    the way that a report does not vouch for stop the run, unless ``overwrite`` (then every
+    case is redone)."""
+    existing = [c for c in cases if c.mask and any((output_dir / n).exists() for n in _outputs(c, extras))]
     if overwrite or not existing:
         return {}
     previous = previous_masks(output_dir)
@@ -204,7 +221,7 @@ def _decided(case: BatchCase, previous: PreviousMask | None) -> dict:
         record.update(
             status="skipped",
             reason="done by an earlier run with this checkpoint and options",
-            **{k: earlier[k] for k in ("volumes_ml", "mean_intensity") if k in earlier},
+            **{k: earlier[k] for k in ("volumes_ml", "mean_intensity", "uncertainty") if k in earlier},
         )
     return record
 
@@ -233,18 +250,27 @@ def _now(load, source) -> Future:
 class _Runner:
     """Runs one case at a time and records it; a failure is recorded, never raised."""
 
-    def __init__(self, predictor, output_dir: Path, report: BatchReport, statistics: bool, preview: bool):
+    def __init__(
+        self, predictor, output_dir: Path, report: BatchReport, statistics: bool, preview: bool, extras
+    ):
         self.predictor, self.output_dir, self.report = predictor, output_dir, report
-        self.statistics, self.preview = statistics, preview
+        self.statistics, self.preview, self.extras = statistics, preview, extras
 
     def run(self, case: BatchCase, loading: Future) -> dict:
         start = time.monotonic()
         record = {"input": ";".join(case.inputs), "output": case.mask}
         try:
             loaded = loading.result()
-            mask = self.predictor.segment(loaded)
+            result = self.predictor.segment(
+                loaded, probabilities="probabilities" in self.extras, uncertainty="uncertainty" in self.extras
+            )
             self.report.start(case.mask)
-            self.predictor.write(mask, loaded, self.output_dir / case.mask, overwrite=True)
+            # The maps first, the mask last: a mask in place means its case is complete.
+            for kind in self.extras:
+                write_image(
+                    getattr(result, kind), self.output_dir / extra_name(case.mask, kind), overwrite=True
+                )
+            self.predictor.write(result.labels, loaded, self.output_dir / case.mask, overwrite=True)
         except Exception as exc:  # one case must never stop a batch of thousands
             known = find_medseg_error(exc)
             reason = known.message if known else f"unexpected {type(exc).__name__}: {exc}"
@@ -253,8 +279,11 @@ class _Runner:
                 log.warning("%s: %s", case.inputs[0], reason, exc_info=exc)
             self.report.add(record)
             return record
+        mask = result.labels
         record.update(status="written", reason="; ".join(loaded.warnings))
         record.update(self._measure(mask, loaded))
+        if result.uncertainty is not None:
+            record["uncertainty"] = _mean_inside(result, mask)
         if self.preview:
             self._draw(mask, loaded, case)
         record["seconds"] = round(time.monotonic() - start, 2)
@@ -287,6 +316,20 @@ class _Runner:
         image.CopyInformation(loaded.reference)
         target = self.output_dir / "previews" / f"{case.mask}.png"
         overlay_png(loaded.reference, image, target, Path(case.mask).name)
+
+
+def _outputs(case: BatchCase, extras) -> list[str]:
+    return [case.mask] + [extra_name(case.mask, kind) for kind in extras]
+
+
+def _mean_inside(result: Segmentation, mask: np.ndarray) -> float | None:
+    """The mean uncertainty over the voxels given a foreground label (None if there are none):
+    one number to sort a batch's cases by how sure the models were of them."""
+    import SimpleITK as sitk
+
+    spread = sitk.GetArrayViewFromImage(result.uncertainty)  # (k, j, i)
+    inside = mask.transpose() != 0
+    return float(spread[inside].mean()) if inside.any() else None
 
 
 def _result(report: BatchReport, output_dir: Path) -> BatchResult:

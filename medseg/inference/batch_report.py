@@ -89,6 +89,8 @@ def read_records(table: Path) -> list[dict]:
             values = {k[: -len(suffix)]: float(v) for k, v in row.items() if k.endswith(suffix) and v}
             if values:
                 record[field] = values
+        if row.get("uncertainty"):
+            record["uncertainty"] = float(row["uncertainty"])
         records.append(record)
     return records
 
@@ -102,6 +104,7 @@ class BatchReport:
         info: anything else worth recording (medseg version, input, checkpoint path, shard).
         labels: the label names that get a volume column (and a mean column with ``statistics``).
         statistics: whether records carry the mean intensity per label.
+        uncertainty: whether records carry the mean uncertainty inside the labels.
         shard: ``(i, n)`` when this run is one shard; its report files are named after it.
         total: cases in this run (or shard), for the count of pending ones.
     """
@@ -114,18 +117,20 @@ class BatchReport:
         info: dict,
         labels: list[str],
         statistics: bool = False,
+        uncertainty: bool = False,
         shard=None,
         total: int = 0,
     ) -> None:
         csv_name, json_name = report_names(shard)
         self.csv_path, self.json_path = Path(output_dir) / csv_name, Path(output_dir) / json_name
         self.identity, self.info, self.total = identity, info, total
-        self.labels, self.statistics = list(labels), statistics
+        self.labels, self.statistics, self.uncertainty = list(labels), statistics, uncertainty
         self.records: list[dict] = []
         self.in_progress: list[str] = []
         self.started = time.time()
         self.finished: float | None = None
         header = _FIXED + [f"{n}_ml" for n in self.labels] + [f"{n}_mean" for n in self.labels if statistics]
+        header += ["uncertainty"] if uncertainty else []
         write_text_atomic(self.csv_path, _line(header))
         self._save_json()
 
@@ -137,7 +142,7 @@ class BatchReport:
 
     def add(self, record: dict) -> None:
         """Record a finished case: ``input``, ``output``, ``status``, ``reason``, ``seconds`` and
-        optionally ``volumes_ml`` / ``mean_intensity`` (label name -> value)."""
+        optionally ``volumes_ml`` / ``mean_intensity`` (label name -> value) and ``uncertainty``."""
         if record["status"] not in STATUSES:
             raise ValueError(f"unknown status {record['status']!r}")
         self.records.append(record)
@@ -145,6 +150,8 @@ class BatchReport:
         row = [record["input"], record.get("output", ""), record["status"], record.get("reason", "")]
         row += [_num(record.get("seconds"))] + [_num(volumes.get(n)) for n in self.labels]
         row += [_num(means.get(n)) for n in self.labels] if self.statistics else []
+        spread = record.get("uncertainty")
+        row += ["" if spread is None else f"{spread:.4g}"] if self.uncertainty else []
         with self.csv_path.open("a", encoding="utf-8") as handle:
             handle.write(_line(row))
             handle.flush()

@@ -24,6 +24,9 @@ __all__ = [
     "BatchCase",
     "discover",
     "mask_name",
+    "EXTRAS",
+    "extra_name",
+    "refuse_collisions",
     "parse_shard",
     "take_shard",
     "check_output_folder",
@@ -31,6 +34,8 @@ __all__ = [
 
 FORMATS = {"same": "", "nifti": ".nii.gz", "nrrd": ".nrrd", "mha": ".mha", "dicom-seg": ".dcm"}
 LIST_SUFFIXES = (".csv", ".txt")
+EXTRAS = ("probabilities", "uncertainty")  # maps written beside a mask on request
+_FLOAT_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")  # formats that hold floats
 
 
 @dataclass(frozen=True)
@@ -100,6 +105,16 @@ def mask_name(source: Source, fmt: str = "same") -> str:
     return f"{case if channel == 0 else stem}{suffix}"
 
 
+def extra_name(mask: str, kind: str) -> str:
+    """Where a case's ``kind`` map (``EXTRAS``) goes: beside its mask, as ``<case>_<kind>`` in
+    the mask's format, or NIfTI where that format holds no floats (DICOM-SEG, PNG, TIFF)."""
+    path = PurePosixPath(mask)
+    name = path.name
+    suffix = next((s for s in (*VOLUME_SUFFIXES, ".dcm") if name.lower().endswith(s)), path.suffix)
+    stem = name[: len(name) - len(suffix)]
+    return str(path.with_name(f"{stem}_{kind}{suffix if suffix in _FLOAT_SUFFIXES else '.nii.gz'}"))
+
+
 def _group_channels(files: list[Path]) -> list[Path | ChannelFiles]:
     """Files of one folder named ``CASE_0000``, ``CASE_0001``, ... become one case."""
     groups: dict[str, list[Path]] = {}
@@ -138,7 +153,7 @@ def discover(source: str | Path, fmt: str = "same") -> list[BatchCase]:
         cases = [_case(source, "", fmt)]
     if not any(c.mask for c in cases) and not any(c.status == "failed" for c in cases):
         raise InputError(source, f"holds no image files ({', '.join(VOLUME_SUFFIXES)}) and no DICOM series")
-    _refuse_collisions(cases)
+    refuse_collisions(cases)
     return sorted(cases, key=lambda c: c.sort_key)
 
 
@@ -208,18 +223,25 @@ def _safe_name(raw: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", raw).strip("._") or "case"
 
 
-def _refuse_collisions(cases: list[BatchCase]) -> None:
+def refuse_collisions(cases: list[BatchCase], extras: tuple[str, ...] = ()) -> None:
+    """Refuse two cases that would write one file: the same mask, or a mask that is another
+    case's ``extras`` map (a case named ``a_uncertainty`` beside a case ``a``).
+
+    Raises:
+        InputError: naming both inputs and the file.
+    """
     seen: dict[str, BatchCase] = {}
     for case in cases:
         if not case.mask:
             continue
-        if case.mask in seen:
-            first = seen[case.mask]
-            raise InputError(
-                case.inputs[0],
-                f"would write the same mask {case.mask} as {first.inputs[0]}; rename one of them",
-            )
-        seen[case.mask] = case
+        for name in [case.mask] + [extra_name(case.mask, kind) for kind in extras]:
+            if name in seen:
+                first = seen[name]
+                raise InputError(
+                    case.inputs[0],
+                    f"would write the same file {name} as {first.inputs[0]}; rename one of them",
+                )
+            seen[name] = case
 
 
 def _input_files(case: BatchCase) -> list[str]:
@@ -242,7 +264,7 @@ def take_shard(cases: list[BatchCase], index: int, count: int) -> list[BatchCase
     return sorted(cases, key=lambda c: c.sort_key)[index::count]
 
 
-def check_output_folder(source: str | Path, output: str | Path, cases: list[BatchCase]) -> Path:
+def check_output_folder(source: str | Path, output: str | Path, cases: list[BatchCase], extras=()) -> Path:
     """Refuse an output folder that would mix masks with their inputs, or that cannot be written.
 
     Raises:
@@ -258,8 +280,10 @@ def check_output_folder(source: str | Path, output: str | Path, cases: list[Batc
             raise InputError(output, f"is the input folder {folder} or inside it; choose a folder outside it")
     inputs = {Path(f).resolve() for case in cases for f in _input_files(case)}
     for case in cases:
-        if case.mask and (where / case.mask) in inputs:
-            raise InputError(where / case.mask, "is an input file; the mask would replace it")
+        names = [case.mask, *(extra_name(case.mask, kind) for kind in extras)] if case.mask else []
+        for name in names:
+            if (where / name) in inputs:
+                raise InputError(where / name, "is an input file; the output would replace it")
     if output.exists() and not output.is_dir():
         raise InputError(output, "is a file, not a folder")
     try:

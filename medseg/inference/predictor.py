@@ -1,8 +1,11 @@
-"""Prediction: sliding-window inference with Gaussian blending, results on the input's own grid."""
+"""Prediction: sliding-window inference with Gaussian blending, flip TTA and ensembles,
+post-processing, and results on the input's own grid."""
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,7 +17,7 @@ from torch import nn
 
 from medseg.config import Config
 from medseg.data.plan import Plan
-from medseg.data.transforms import infer_transforms
+from medseg.data.transforms import infer_transforms, mirrored_axes
 from medseg.device import (
     autocast_dtype,
     channels_last_format,
@@ -23,18 +26,21 @@ from medseg.device import (
     windows_per_forward,
 )
 from medseg.dicom import DicomSeries, read_series, write_dicom_seg
-from medseg.errors import CheckpointError, InputError
+from medseg.errors import CheckpointError, ConfigError, InputError
 from medseg.inference.cases import ChannelFiles
-from medseg.io import channel_files, check_voxel_values, image_from_ras, read_channels, write_volume
+from medseg.inference.grid import onto_network_grid, resample_onto, to_input_grid
+from medseg.inference.postprocess import keep_largest_component, keep_largest_labels
+from medseg.inference.tta import ProbabilityMean, flip_passes
+from medseg.io import channel_files, check_voxel_values, read_channels, write_volume
 from medseg.training.checkpoint import (
-    checkpoint_file,
+    checkpoint_files,
     file_sha256,
     load_checkpoint,
     model_from_checkpoint,
     weights_sha256,
 )
 
-__all__ = ["sliding_window_probs", "Predictor", "LoadedCase", "to_input_grid"]
+__all__ = ["sliding_window_probs", "Predictor", "LoadedCase", "Segmentation", "Member"]
 
 
 @torch.inference_mode()
@@ -76,17 +82,18 @@ def sliding_window_probs(
 
 @dataclass
 class LoadedCase:
-    """A case read, checked and preprocessed, ready for the network.
+    """A case read, checked and preprocessed, ready for the networks.
 
     Args:
         channels: the input as read (one image per channel, on one grid), NaNs replaced.
-        tensor: the network's input (channels first, on the network's grid).
+        tensors: the networks' inputs (channels first, on each network's grid): one per member
+            of the predictor, shared by members with the same plan.
         source: what was read (for messages): a path, a DICOM series, or None for images.
         warnings: odd things about the input that did not stop it (constant, partly NaN).
     """
 
     channels: list[sitk.Image]
-    tensor: torch.Tensor
+    tensors: list[torch.Tensor]
     source: object = None
     warnings: list[str] = field(default_factory=list)
 
@@ -95,41 +102,99 @@ class LoadedCase:
         """The grid the mask is written on: the (first) input's."""
         return self.channels[0]
 
+    @property
+    def tensor(self) -> torch.Tensor:
+        """The first network's input."""
+        return self.tensors[0]
 
-class Predictor:
-    """Segment volumes with a trained checkpoint; masks come out on the input's exact grid.
+
+@dataclass
+class Segmentation:
+    """A case's results on its input grid.
 
     Args:
-        checkpoint: a ``.pt`` file (or a run folder holding ``best.pt``).
+        labels: the label map (uint8, (i, j[, k])), post-processed.
+        probabilities: the mean class probabilities (before post-processing), a vector image
+            with one component per class, background first; only when asked for.
+        uncertainty: where the passes (TTA mirrors, ensemble members) disagree: the mutual
+            information over log(classes), 0 (all agree) to 1; only when asked for.
+    """
+
+    labels: np.ndarray
+    probabilities: sitk.Image | None = None
+    uncertainty: sitk.Image | None = None
+
+    def probability_array(self) -> np.ndarray:
+        """A float32 copy of the probabilities, shaped (classes, i, j[, k])."""
+        if self.probabilities is None:
+            raise ValueError("segmented without probabilities=True")
+        array = sitk.GetArrayViewFromImage(self.probabilities)  # (k, j, i, classes)
+        dims = array.ndim - 1
+        return np.ascontiguousarray(np.moveaxis(array, -1, 0).transpose(0, *range(dims, 0, -1)))
+
+
+@dataclass
+class Member:
+    """One network of a predictor; several make an ensemble, whose probabilities are averaged."""
+
+    model: nn.Module
+    plan: Plan
+    sha256: str
+    channels_last: bool = False
+
+
+class Predictor:
+    """Segment volumes with one trained checkpoint or an ensemble; results come out on the
+    input's exact grid.
+
+    Args:
+        checkpoint: a ``.pt`` file, a run folder (its ``best.pt``), a cross-validation folder
+            (every ``fold_K/best.pt``), or a list of these: an ensemble averages its members'
+            probabilities. Members must share labels and channels; the first one's
+            ``infer`` settings apply.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+        tta: flip test-time augmentation; None: the checkpoint's ``infer.tta``.
+        keep_largest: ``all``, ``none`` or label indices to keep only the largest piece of;
+            None: the checkpoint's ``infer.keep_largest``.
 
     Example:
         >>> predictor = Predictor("runs/heart/best.pt")
         >>> predictor.predict_file("scan.nii.gz", "scan_mask.nii.gz")
         >>> mask, probs = predictor.predict("dicom_folder/", probabilities=True)
+        >>> ensemble = Predictor("runs/cv", tta=True)  # every fold_K/best.pt, mirrored passes
+        >>> result = ensemble.segment(ensemble.load("scan.nii.gz"), uncertainty=True)
     """
 
-    def __init__(self, checkpoint: str | Path, device: str = "auto"):
-        path = checkpoint_file(checkpoint)
-        payload = load_checkpoint(path)
-        if payload.get("kind") == "pretrain":
-            raise CheckpointError(
-                path,
-                "is a pretraining checkpoint (it predicts noise, not labels): fine-tune it first "
-                "with medseg train --init",
-            )
-        self._setup(
-            model=model_from_checkpoint(payload),
-            plan=Plan.from_dict(payload["plan"], source=str(checkpoint)),
-            labels=payload["labels"],
-            config=Config.from_dict(payload["config"], source=str(checkpoint)),
-            device=device,
-        )
-        self.checkpoint, self.sha256 = str(path), file_sha256(path)
+    def __init__(self, checkpoint, device: str = "auto", *, tta: bool | None = None, keep_largest=None):
+        paths = checkpoint_files(checkpoint)
+        members, labels, config = [], None, None
+        for path in paths:
+            payload = load_checkpoint(path)
+            if payload.get("kind") == "pretrain":
+                raise CheckpointError(
+                    path,
+                    "is a pretraining checkpoint (it predicts noise, not labels): fine-tune it first "
+                    "with medseg train --init",
+                )
+            plan = Plan.from_dict(payload["plan"], source=str(path))
+            members.append(Member(model_from_checkpoint(payload), plan, file_sha256(path)))
+            labels = _same_labels(labels, payload["labels"], path)
+            config = config or Config.from_dict(payload["config"], source=str(path))
+        self._setup(members, labels, config, device, tta, keep_largest)
+        self.checkpoints = [str(p) for p in paths]
+        self.checkpoint = self.checkpoints[0] if len(paths) == 1 else ";".join(self.checkpoints)
 
     @classmethod
     def from_model(
-        cls, model: nn.Module, plan: Plan, labels: dict, *, config: Config | None = None, device: str = "auto"
+        cls,
+        model: nn.Module,
+        plan: Plan,
+        labels: dict,
+        *,
+        config: Config | None = None,
+        device: str = "auto",
+        tta: bool | None = None,
+        keep_largest=None,
     ) -> Predictor:
         """A predictor for a network built or trained in Python, without a checkpoint file.
 
@@ -139,36 +204,74 @@ class Predictor:
             model: the network (its output channels are the classes, background first).
             plan: the preprocessing it was trained with (``trainer.plan``).
             labels: class index -> name, background included.
-            config: prediction settings (window overlap, precision); default: medseg's.
-            device: as for ``Predictor``.
+            config: prediction settings (``infer.*``, precision, flip axes); default: medseg's.
+            device, tta, keep_largest: as for ``Predictor``.
         """
         config = copy.deepcopy(config) if config else Config()
-        config.data.patch_size = list(plan.patch_size)
         predictor = cls.__new__(cls)
-        predictor._setup(model=model.eval(), plan=plan, labels=labels, config=config, device=device)
-        predictor.checkpoint, predictor.sha256 = None, weights_sha256(model)
+        member = Member(model.eval(), plan, weights_sha256(model))
+        predictor._setup([member], {int(k): v for k, v in labels.items()}, config, device, tta, keep_largest)
+        predictor.checkpoints, predictor.checkpoint = [], None
         return predictor
 
-    def _setup(self, *, model: nn.Module, plan: Plan, labels: dict, config: Config, device: str) -> None:
+    def _setup(self, members: list[Member], labels: dict, config: Config, device: str, tta, keep_largest):
         self.device = resolve_device(device)
-        self.labels: dict[int, str] = {int(k): v for k, v in labels.items()}
-        self.config, self.plan = config, plan
+        self.labels: dict[int, str] = labels
+        self.config, self.members = config, members
+        self.plan = members[0].plan
+        for member in members[1:]:
+            _check_compatible(self.plan, member.plan)
         self.amp_dtype = autocast_dtype(self.device, config.train.precision)
-        self.model = model.to(self.device)
-        if hasattr(model, "fold_time"):  # segmentation runs at t = 0: no time embedding needed
-            model.fold_time()
-        self.channels_last = use_channels_last(config.train.channels_last, self.device, self.amp_dtype, model)
-        if self.channels_last:
-            self.model = self.model.to(memory_format=channels_last_format(plan.spatial_dims))
-        self.transform = infer_transforms(plan)
+        for member in members:
+            member.model = member.model.to(self.device)
+            if hasattr(member.model, "fold_time"):  # segmentation runs at t = 0: no time embedding
+                member.model.fold_time()
+            member.channels_last = use_channels_last(
+                config.train.channels_last, self.device, self.amp_dtype, member.model
+            )
+            if member.channels_last:
+                member.model = member.model.to(memory_format=channels_last_format(member.plan.spatial_dims))
+        self.model = members[0].model
+        # One preprocessing per distinct plan: the members of a cross-validation share one.
+        self._transforms = {}
+        for member in members:
+            self._transforms.setdefault(_plan_key(member.plan), infer_transforms(member.plan))
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # every window has one size: tune its kernels once
         self.sw_batch_size = windows_per_forward(config.infer.sw_batch_size, self.device, self.amp_dtype)
+        self.tta = config.infer.tta if tta is None else bool(tta)
+        self.tta_axes = _tta_axes(config, self.plan.spatial_dims) if self.tta else []
+        setting = config.infer.keep_largest if keep_largest is None else keep_largest
+        self.keep_largest = keep_largest_labels(setting, self.labels)
+
+    @property
+    def sha256(self) -> str:
+        """The SHA-256 of the checkpoint; of an ensemble, of its members' SHA-256s in order."""
+        if len(self.members) == 1:
+            return self.members[0].sha256
+        return hashlib.sha256("\n".join(m.sha256 for m in self.members).encode()).hexdigest()
+
+    @property
+    def passes(self) -> int:
+        """Network passes per case: mirrors x members."""
+        return len(flip_passes(self.tta_axes)) * len(self.members)
 
     @property
     def options(self) -> dict:
         """The settings that shape a mask besides the weights (batch runs record them)."""
-        return {"overlap": self.config.infer.overlap, "patch_size": list(self.config.data.patch_size)}
+        return {
+            "overlap": self.config.infer.overlap,
+            "patch_size": list(self.plan.patch_size),
+            "tta_axes": list(self.tta_axes) if self.tta else None,
+            "keep_largest": self.keep_largest,
+        }
+
+    def check_uncertainty(self) -> None:
+        """Raise ``ConfigError`` unless there are passes to disagree: TTA or an ensemble."""
+        if self.passes < 2:
+            raise ConfigError(
+                "uncertainty", "needs flip TTA or several models: a single pass has nothing to disagree with"
+            )
 
     def load(self, source) -> LoadedCase:
         """Read, check and preprocess a case (safe to run in a second thread while the network
@@ -204,22 +307,57 @@ class Predictor:
             image, warning = check_voxel_values(channel, where)
             checked.append(image)
             warnings += [warning] if warning else []
-        tensor = self.transform({"image": checked})["image"]
-        return LoadedCase(checked, tensor, source, warnings)
+        prepared = {
+            key: transform({"image": checked})["image"] for key, transform in self._transforms.items()
+        }
+        tensors = [prepared[_plan_key(m.plan)] for m in self.members]
+        return LoadedCase(checked, tensors, source, warnings)
 
-    def segment(self, case: LoadedCase, probabilities: bool = False):
-        """The label map of a loaded case on its input grid, in (i, j[, k]) order; with
-        ``probabilities``, also the class probabilities there, shaped (classes, i, j[, k])."""
-        probs = sliding_window_probs(
-            self.model,
-            case.tensor,
-            self.config.data.patch_size,
-            overlap=self.config.infer.overlap,
-            sw_batch_size=self.sw_batch_size,
-            amp_dtype=self.amp_dtype,
-            channels_last=self.channels_last,
-        )
-        return to_input_grid(probs, case.tensor.affine.numpy(), case.reference, probabilities)
+    @torch.inference_mode()
+    def network_probabilities(self, case: LoadedCase, uncertainty: bool = False):
+        """The mean class probabilities over every pass (mirrors x members), on the first
+        member's network grid, (C, *spatial); with ``uncertainty``, also the passes'
+        disagreement there (*spatial), 0..1."""
+        if uncertainty:
+            self.check_uncertainty()
+        mean = ProbabilityMean(disagreement=uncertainty)
+        first = case.tensors[0]
+        for member, tensor in zip(self.members, case.tensors):
+            for axes in flip_passes(self.tta_axes):
+                dims = [a + 1 for a in axes]  # past the channel axis
+                probs = sliding_window_probs(
+                    member.model,
+                    torch.flip(tensor, dims) if dims else tensor,
+                    member.plan.patch_size,
+                    overlap=self.config.infer.overlap,
+                    sw_batch_size=self.sw_batch_size,
+                    amp_dtype=self.amp_dtype,
+                    channels_last=member.channels_last,
+                )
+                probs = torch.flip(probs, dims) if dims else probs
+                if tensor is not first:
+                    probs = onto_network_grid(probs, _affine(tensor), _affine(first), first.shape[1:])
+                mean.add(probs)
+        probs = mean.mean()
+        return (probs, mean.disagreement(probs)) if uncertainty else probs
+
+    def segment(
+        self, case: LoadedCase, *, probabilities: bool = False, uncertainty: bool = False
+    ) -> Segmentation:
+        """Segment a loaded case: the label map on its input grid, post-processed; with
+        ``probabilities`` and ``uncertainty``, also those maps there, as SimpleITK images (they
+        write to disk without another copy)."""
+        found = self.network_probabilities(case, uncertainty)
+        probs, disagreement = found if uncertainty else (found, None)
+        affine = _affine(case.tensor)
+        if probabilities:
+            labels, probability_image = to_input_grid(probs, affine, case.reference, probabilities=True)
+        else:
+            labels, probability_image = to_input_grid(probs, affine, case.reference), None
+        del probs
+        keep_largest_component(labels, self.keep_largest)
+        spread = resample_onto(disagreement, affine, case.reference, channels=False) if uncertainty else None
+        return Segmentation(labels, probability_image, spread)
 
     def predict(self, source, *, probabilities: bool = False):
         """Segment one case (see ``load`` for what ``source`` may be).
@@ -227,8 +365,10 @@ class Predictor:
         Returns:
             The label map (uint8, (i, j[, k]) order, on the input's grid); with
             ``probabilities``, ``(labels, probs)`` where probs is float32 (classes, i, j[, k]).
+            For uncertainty maps, use ``segment(load(source), uncertainty=True)``.
         """
-        return self.segment(self.load(source), probabilities)
+        result = self.segment(self.load(source), probabilities=probabilities)
+        return (result.labels, result.probability_array()) if probabilities else result.labels
 
     def predict_image(self, image: sitk.Image | list[sitk.Image]) -> np.ndarray:
         """Segment one image (or its channels, as a list on one grid); returns the label map."""
@@ -249,7 +389,47 @@ class Predictor:
         """Segment a file, a DICOM series, or a list of channel files, and write the mask to
         ``output`` on the (first) input's grid."""
         case = self.load(source)
-        return self.write(self.segment(case), case, output, overwrite)
+        return self.write(self.segment(case).labels, case, output, overwrite)
+
+
+def _affine(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.affine.numpy()
+
+
+def _plan_key(plan: Plan) -> str:
+    return json.dumps(plan.to_dict(), sort_keys=True)
+
+
+def _same_labels(known: dict | None, labels: dict, path) -> dict:
+    labels = {int(k): v for k, v in labels.items()}
+    if known is not None and labels != known:
+        raise CheckpointError(path, f"has labels {labels}; the first model of the ensemble has {known}")
+    return labels
+
+
+def _check_compatible(first: Plan, other: Plan) -> None:
+    for what in ("channels", "spatial_dims"):
+        if getattr(first, what) != getattr(other, what):
+            raise CheckpointError(
+                "ensemble", f"its models differ in {what} ({getattr(first, what)} and {getattr(other, what)})"
+            )
+
+
+def _tta_axes(config: Config, spatial_dims: int) -> list[int]:
+    """The axes flip TTA mirrors: ``infer.tta_axes``, else the axes training mirrored."""
+    if config.infer.tta_axes is not None:
+        axes = sorted(set(config.infer.tta_axes))
+        if any(not 0 <= a < spatial_dims for a in axes):
+            raise ConfigError("infer.tta_axes", f"{axes} is not a list of axes 0..{spatial_dims - 1}")
+        return axes
+    axes = mirrored_axes(config.augment, spatial_dims)
+    if not axes:
+        raise ConfigError(
+            "tta",
+            "this model was trained without mirroring (augment.flip_prob 0), so mirrored images would "
+            "be new to it; train with augment.flip_prob > 0 and flip_axes, or set infer.tta_axes",
+        )
+    return axes
 
 
 def _where(source) -> str | None:
@@ -261,30 +441,3 @@ def _where(source) -> str | None:
     if isinstance(source, (list, tuple)) and source and isinstance(source[0], (str, Path)):
         return str(source[0])
     return None
-
-
-def to_input_grid(
-    probs: torch.Tensor, affine: np.ndarray, reference: sitk.Image, probabilities: bool = False
-):
-    """Resample probabilities from the network's grid onto the input grid, then argmax.
-
-    Resampling happens in world coordinates, so any reorientation, respacing or obliquity
-    between the two grids is undone exactly. All classes go through one resampling of a
-    vector image, and the argmax reads the result in place.
-
-    Returns:
-        The label map in (i, j[, k]) order; with ``probabilities``, also the resampled
-        probabilities as (classes, i, j[, k]).
-    """
-    dims = probs.ndim - 1
-    # Channels last, as a vector image wants them: the one copy of the probabilities made here.
-    channels_last = probs.float().permute(*range(1, dims + 1), 0).numpy()
-    moving = image_from_ras(channels_last, affine)
-    # Outside the network's grid every class reads 0, and the argmax of all zeros is 0:
-    # background, as it should be.
-    resampled = sitk.Resample(moving, reference, sitk.Transform(), sitk.sitkLinear, 0.0)
-    view = sitk.GetArrayViewFromImage(resampled)  # (k, j, i, classes)
-    labels = np.argmax(view, axis=-1).astype(np.uint8).transpose()
-    if not probabilities:
-        return labels
-    return labels, np.ascontiguousarray(np.moveaxis(view, -1, 0).transpose(0, *range(dims, 0, -1)))

@@ -21,6 +21,7 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "checkpoint_file",
+    "checkpoint_files",
     "file_sha256",
     "weights_sha256",
     "model_from_config",
@@ -52,6 +53,36 @@ def checkpoint_file(path: str | Path) -> Path:
     if not path.is_file():
         raise CheckpointError(path, "no such checkpoint")
     return path
+
+
+def checkpoint_files(paths: str | Path | list) -> list[Path]:
+    """The checkpoint files of a model or an ensemble.
+
+    Each path is a checkpoint file, a run folder (its ``best.pt``), or a cross-validation
+    folder (``medseg train --fold K`` writes ``fold_K/``), which stands for every fold's
+    ``best.pt``.
+
+    Raises:
+        CheckpointError: a path names no checkpoint, or a fold has no ``best.pt`` yet.
+    """
+    files: list[Path] = []
+    for item in [paths] if isinstance(paths, (str, Path)) else list(paths):
+        item = Path(item)
+        folds = [] if (item / "best.pt").exists() else _fold_folders(item)
+        for fold in folds:
+            if not (fold / "best.pt").is_file():
+                raise CheckpointError(fold, "has no best.pt (is that fold still training?)")
+        files += [fold / "best.pt" for fold in folds] or [checkpoint_file(item)]
+    if not files:
+        raise CheckpointError("--model", "no checkpoint given")
+    return files
+
+
+def _fold_folders(folder: Path) -> list[Path]:
+    found = (
+        [p for p in folder.glob("fold_*") if p.is_dir() and p.name[5:].isdigit()] if folder.is_dir() else []
+    )
+    return sorted(found, key=lambda p: int(p.name[5:]))
 
 
 def file_sha256(path: str | Path) -> str:

@@ -1,0 +1,103 @@
+"""From the network's grid back to the input's: labels, probabilities and maps, in little memory.
+
+Resampling happens in world coordinates, so any reorientation, respacing or obliquity between
+the two grids is undone exactly. Input voxels at the rim, whose centres lie up to half a
+network voxel outside the network's grid, take the nearest network voxel's values, so
+probabilities sum to 1 everywhere. A CT of 512 x 512 x 300 voxels holds 300 MB per float channel,
+so the label map is made a slab of slices at a time: only one slab of class probabilities
+exists on the input grid at once, and no full-size float copy at all.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from medseg.io import image_from_ras
+
+__all__ = ["to_input_grid", "resample_onto", "onto_network_grid", "labels_of", "SLAB_VOXELS"]
+
+# Voxels x classes per slab of float32 probabilities: 16 M is 64 MB, a few slices of a CT.
+SLAB_VOXELS = 16 * 1024 * 1024
+
+
+def _network_image(values: torch.Tensor, affine: np.ndarray, channels: bool) -> sitk.Image:
+    """A SimpleITK image of values on the network grid: (C, *spatial) as a vector image."""
+    array = values.float()
+    if channels:
+        array = array.permute(*range(1, array.ndim), 0)  # channels last, as a vector image wants
+    return image_from_ras(array.numpy(), affine)
+
+
+def resample_onto(
+    values: torch.Tensor, affine: np.ndarray, reference: sitk.Image, channels: bool = True
+) -> sitk.Image:
+    """``values`` on the network grid (``affine``), linearly resampled onto ``reference``'s
+    grid in one go: a vector image for (C, *spatial), a scalar one for (*spatial)."""
+    moving = _network_image(values, affine, channels)
+    return sitk.Resample(moving, reference, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkUnknown, True)
+
+
+def labels_of(probabilities: sitk.Image) -> np.ndarray:
+    """The argmax label map (uint8, (i, j[, k])) of a vector image, read a slab at a time."""
+    view = sitk.GetArrayViewFromImage(probabilities)  # (k, j, i, classes), no copy
+    labels = np.empty(view.shape[:-1], dtype=np.uint8)
+    step = _slab(view.shape[1:-1], view.shape[-1])
+    for start in range(0, view.shape[0], step):
+        labels[start : start + step] = np.argmax(view[start : start + step], axis=-1)
+    return labels.transpose()
+
+
+def to_input_grid(
+    probs: torch.Tensor, affine: np.ndarray, reference: sitk.Image, probabilities: bool = False
+):
+    """Resample class probabilities (C, *spatial) from the network's grid onto the input grid,
+    then take the argmax.
+
+    Returns:
+        The label map (uint8, (i, j[, k])); with ``probabilities``, also the probabilities on
+        the input grid as a vector image (one component per class).
+    """
+    if probabilities:
+        image = resample_onto(probs, affine, reference)
+        return labels_of(image), image
+    moving = _network_image(probs, affine, channels=True)
+    dims = reference.GetDimension()
+    size = list(reference.GetSize())
+    labels = np.empty(size[::-1], dtype=np.uint8)  # (k, j, i)
+    step = _slab(size[::-1][1:], probs.shape[0])
+    for start in range(0, size[-1], step):
+        count = min(step, size[-1] - start)
+        corner = [0] * (dims - 1) + [start]
+        slab = sitk.Resample(
+            moving,
+            size[:-1] + [count],
+            sitk.Transform(),
+            sitk.sitkLinear,
+            reference.TransformIndexToPhysicalPoint(corner),
+            reference.GetSpacing(),
+            reference.GetDirection(),
+            0.0,
+            sitk.sitkUnknown,
+            True,
+        )
+        labels[start : start + count] = np.argmax(sitk.GetArrayViewFromImage(slab), axis=-1)
+    return labels.transpose()
+
+
+def _slab(plane: tuple[int, ...], classes: int) -> int:
+    """Slices per slab: as many as keep a slab's probabilities near ``SLAB_VOXELS`` values."""
+    return max(1, SLAB_VOXELS // max(1, int(np.prod(plane)) * classes))
+
+
+def onto_network_grid(
+    probs: torch.Tensor, affine: np.ndarray, target_affine: np.ndarray, target_shape
+) -> torch.Tensor:
+    """Class probabilities (C, *spatial) on one network grid, resampled onto another (an
+    ensemble member planned differently from the first)."""
+    target = image_from_ras(np.zeros(tuple(target_shape), dtype=np.uint8), target_affine)
+    image = resample_onto(probs, affine, target)
+    array = sitk.GetArrayFromImage(image)  # (k, j, i, C)
+    dims = array.ndim - 1
+    return torch.from_numpy(array.transpose(dims, *range(dims - 1, -1, -1)).copy())

@@ -1,0 +1,69 @@
+"""Test-time augmentation and ensembles: the mean class probabilities of several passes, and
+how much the passes disagree.
+
+Each pass (a mirror of the input, or another model) gives class probabilities on the network's
+grid. They are summed in place, so a case holds one running sum however many passes it takes.
+Disagreement is the mutual information between the prediction and the pass: the entropy of the
+mean minus the mean of the passes' entropies. It is 0 where every pass gives the same
+probabilities (even uncertain ones) and grows as they differ; it is divided by log(classes) so
+it lies in 0..1 for any number of classes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+
+__all__ = ["flip_passes", "ProbabilityMean", "entropy"]
+
+
+def flip_passes(axes: list[int]) -> list[tuple[int, ...]]:
+    """Every combination of mirrors along ``axes``, the unmirrored pass first: 2 ** len(axes)."""
+    axes = sorted(set(axes))
+    return [combo for count in range(len(axes) + 1) for combo in itertools.combinations(axes, count)]
+
+
+def entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) over the class axis (0) of probabilities (C, *spatial); 0 log 0 = 0."""
+    return -torch.special.xlogy(probs, probs).sum(0)
+
+
+class ProbabilityMean:
+    """The running mean of class probabilities over passes.
+
+    Args:
+        disagreement: also keep the mean entropy of the passes, for ``disagreement()``.
+    """
+
+    def __init__(self, disagreement: bool = False):
+        self.track = disagreement
+        self.total: torch.Tensor | None = None
+        self.entropy_total: torch.Tensor | None = None
+        self.passes = 0
+
+    def add(self, probs: torch.Tensor) -> None:
+        """Add one pass's probabilities (C, *spatial); the first one is kept, not copied."""
+        if self.track:
+            spread = entropy(probs)
+            self.entropy_total = spread if self.entropy_total is None else self.entropy_total.add_(spread)
+        self.total = probs if self.total is None else self.total.add_(probs)
+        self.passes += 1
+
+    def mean(self) -> torch.Tensor:
+        """The mean probabilities (C, *spatial). Divides the running sum in place: call once."""
+        if self.total is None:
+            raise ValueError("no passes were added")
+        return self.total.div_(self.passes)
+
+    def disagreement(self, mean: torch.Tensor) -> torch.Tensor:
+        """Mutual information between prediction and pass, over log(classes): 0..1 per voxel.
+
+        Args:
+            mean: what ``mean()`` returned.
+        """
+        if not self.track or self.entropy_total is None:
+            raise ValueError("made without disagreement=True")
+        information = entropy(mean).sub_(self.entropy_total.div_(self.passes))
+        return information.clamp_(min=0).div_(math.log(mean.shape[0]))
