@@ -154,12 +154,14 @@ def cmd_predict(args) -> int:
 
 def _keep_largest(text: str | None):
     """``--keep-largest``: ``all``, ``none`` or label indices like ``1,3`` (None: the model's)."""
-    if text is None or text in ("all", "none"):
+    if text is None or text in ("all", "none", "auto"):
         return text
     try:
         return [int(part) for part in text.split(",")]
     except ValueError:
-        raise ConfigError("--keep-largest", f"{text!r} is not all, none or label numbers like 1,3") from None
+        raise ConfigError(
+            "--keep-largest", f"{text!r} is not all, none, auto or label numbers like 1,3"
+        ) from None
 
 
 def _device_for_this_process(device: str) -> str:
@@ -334,13 +336,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--tta",
         action=argparse.BooleanOptionalAction,
         help="flip test-time augmentation along the axes the model was trained to mirror "
-        "(2^axes passes; default: the model's infer.tta)",
+        "(2^axes passes; default: the model's infer.tta, which is on for models trained with mirroring)",
     )
     p.add_argument(
         "--keep-largest",
         metavar="LABELS",
-        help="keep only the largest connected piece of: all, none, or labels like 1,3 "
-        "(default: the model's infer.keep_largest)",
+        help="keep only the largest connected piece of: all, none, labels like 1,3, or auto (the labels "
+        "where training's validation found it helped; default: the model's infer.keep_largest)",
     )
     p.add_argument(
         "--save-probabilities",

@@ -206,20 +206,23 @@ class InferConfig:
             precision (``medseg.device.windows_per_forward``: 1 on CPUs in bf16, 2 in fp32, 4 on
             GPUs).
         tta: flip test-time augmentation: average the probabilities of every combination of
-            mirrors along ``tta_axes`` (2 ** axes passes).
+            mirrors along ``tta_axes`` (2 ** axes passes); null: on when training mirrored
+            (it raised the Dice of such models in each of three seeds; docs/prediction.md).
         tta_axes: the axes TTA mirrors (as ``augment.flip_axes``); null: the axes training
             mirrored (none when ``augment.flip_prob`` is 0, and then ``tta`` is refused: the
             network never saw mirrored images).
         keep_largest: post-processing: keep only the largest connected piece of ``all``
             foreground labels, of the label indices listed, or of ``none``; the rest becomes
-            background.
+            background. ``auto``: of each label whose validation Dice it did not lower
+            (training decides at every validation, and each checkpoint keeps the decision; a
+            run without validation decides nothing, so none).
     """
 
     overlap: float = 0.25
     sw_batch_size: int | None = None
-    tta: bool = False
+    tta: bool | None = None
     tta_axes: list[int] | None = None
-    keep_largest: list[int] | str = "none"
+    keep_largest: list[int] | str = "auto"
 
 
 @dataclass

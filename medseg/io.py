@@ -278,6 +278,39 @@ def write_image(image: sitk.Image, path: str | Path, overwrite: bool = False) ->
     return path
 
 
+def write_vectors(
+    values: np.ndarray, path: str | Path, reference: sitk.Image, overwrite: bool = False
+) -> Path:
+    """Write a vector per voxel, ``values`` (i, j[, k], components), on exactly the grid of
+    ``reference``, atomically; the suffix of ``path`` picks the format.
+
+    A 3D NIfTI is written by nibabel, as (x, y, z, 1, components) with the vector intent,
+    straight from ``values``: ITK would first copy all of it to reorder the components
+    (1.3 GB more for the four class probabilities of a 512 x 512 x 300 CT). Other formats
+    go through SimpleITK, which copies the array once.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise InputError(path, "already exists (pass overwrite to replace it)")
+    dims = reference.GetDimension()
+    if tuple(values.shape[:-1]) != tuple(reference.GetSize()):
+        raise InputError(
+            path, f"array shape {values.shape[:-1]} does not match the grid {reference.GetSize()}"
+        )
+    with atomic_path(path) as tmp:
+        if dims == 3 and _suffix(path) in (".nii", ".nii.gz"):
+            nifti = nib.Nifti1Image(values[:, :, :, None, :], ras_affine(reference))
+            nifti.header.set_intent("vector")
+            nifti.header.set_xyzt_units("mm")
+            nib.save(nifti, str(tmp))
+        else:
+            order = (*range(dims - 1, -1, -1), dims)
+            image = sitk.GetImageFromArray(np.ascontiguousarray(values.transpose(order)), isVector=True)
+            image.CopyInformation(reference)
+            sitk.WriteImage(image, str(tmp), useCompression=True)
+    return path
+
+
 _TEMP_PREFIX = ".medseg-tmp-"
 
 

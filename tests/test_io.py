@@ -6,7 +6,7 @@ import SimpleITK as sitk
 
 from medseg.data.phantom import make_phantom
 from medseg.errors import InputError
-from medseg.io import case_id, image_from_ras, ras_affine, read_volume, to_array, write_volume
+from medseg.io import case_id, image_from_ras, ras_affine, read_volume, to_array, write_vectors, write_volume
 
 
 @pytest.fixture
@@ -105,3 +105,20 @@ def test_header_and_data_formats_leave_no_temp_named_files(tmp_path, oblique_ima
     header = (tmp_path / f"m{suffix}").read_text(errors="replace")
     assert f"m{data}" in header and ".medseg-tmp" not in header  # it names its data file's final name
     np.testing.assert_array_equal(to_array(read_volume(tmp_path / f"m{suffix}")), mask)
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".nrrd", ".mha"])
+def test_vectors_are_written_on_the_reference_grid(tmp_path, oblique_image, suffix):
+    """Class probabilities (i, j, k, classes): NIfTI goes through nibabel, the rest through
+    SimpleITK; both must read back as the same values on the same oblique grid."""
+    values = np.random.default_rng(0).random((*oblique_image.GetSize(), 3)).astype(np.float32)
+    path = write_vectors(values, tmp_path / f"p{suffix}", oblique_image)
+    back = sitk.ReadImage(str(path))
+    assert back.GetNumberOfComponentsPerPixel() == 3
+    assert back.GetSize() == oblique_image.GetSize()
+    np.testing.assert_allclose(back.GetSpacing(), oblique_image.GetSpacing(), atol=1e-5)
+    np.testing.assert_allclose(back.GetOrigin(), oblique_image.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(back.GetDirection(), oblique_image.GetDirection(), atol=1e-5)
+    np.testing.assert_array_equal(to_array(back), values)
+    with pytest.raises(InputError, match="already exists"):
+        write_vectors(values, path, oblique_image)

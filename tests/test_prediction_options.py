@@ -116,6 +116,15 @@ def test_tta_disagreement_of_a_lopsided_model_is_positive(plan):
     assert (spread > 1e-3).mean() > 0.1
 
 
+def test_tta_is_on_by_default_for_a_model_trained_with_mirrors(learned_run, tmp_path):
+    payload = torch.load(learned_run[1]["best"], weights_only=True)
+    payload["config"]["augment"].update(flip_prob=0.5, flip_axes=[1, 2])
+    torch.save(payload, tmp_path / "mirrored.pt")
+    assert Predictor(tmp_path / "mirrored.pt", device="cpu").passes == 4
+    assert Predictor(tmp_path / "mirrored.pt", device="cpu", tta=False).passes == 1
+    assert Predictor(learned_run[1]["best"], device="cpu").passes == 1  # never mirrored: no TTA
+
+
 def test_tta_is_refused_for_a_model_never_trained_on_mirrors(learned_run):
     with pytest.raises(ConfigError, match="trained without mirroring"):
         Predictor(learned_run[1]["best"], device="cpu", tta=True)
@@ -153,8 +162,19 @@ def test_keep_largest_setting_is_checked():
     assert keep_largest_labels("all", LABELS) == [1, 2, 3]
     assert keep_largest_labels("none", LABELS) == []
     assert keep_largest_labels([3, 1], LABELS) == [1, 3]
-    with pytest.raises(ConfigError, match="'all', 'none' or a list of foreground labels"):
+    assert keep_largest_labels("auto", LABELS, decided=[3, 1]) == [1, 3]
+    assert keep_largest_labels("auto", LABELS, decided=None) == []  # no validation, no evidence
+    with pytest.raises(ConfigError, match="'all', 'none', 'auto' or a list of foreground labels"):
         keep_largest_labels([0, 5], LABELS)
+
+
+def test_predict_uses_the_checkpoints_decision_unless_told_otherwise(learned_run, tmp_path):
+    payload = torch.load(learned_run[1]["best"], weights_only=True)
+    payload["keep_largest"] = [1, 3]  # as if validation had found it helped LV and RV
+    torch.save(payload, tmp_path / "decided.pt")
+    assert Predictor(tmp_path / "decided.pt", device="cpu").keep_largest == [1, 3]
+    assert Predictor(tmp_path / "decided.pt", device="cpu", keep_largest="none").keep_largest == []
+    assert Predictor(tmp_path / "decided.pt", device="cpu", keep_largest=[2]).keep_largest == [2]
 
 
 def _island_image():
@@ -233,7 +253,7 @@ def test_cli_writes_probabilities_and_uncertainty_on_the_input_grid(learned_run,
     inputs = tmp_path / "in"
     inputs.mkdir()
     image, _ = learned_phantom(6, "oblique")
-    sitk.WriteImage(image, str(inputs / "heart.nrrd"))
+    sitk.WriteImage(image, str(inputs / "heart.nii.gz"))
     out = tmp_path / "out"
 
     refused = run_cli("predict", "-m", str(best), "-i", str(inputs), "-o", str(out), "--uncertainty")
@@ -245,9 +265,9 @@ def test_cli_writes_probabilities_and_uncertainty_on_the_input_grid(learned_run,
     args = ["predict", "-m", str(best), "-m", str(swapped), "-i", str(inputs), "-o", str(out)]
     done = run_cli(*args, "--save-probabilities", "--uncertainty")
     assert done.returncode == 0, done.stderr
-    mask = sitk.ReadImage(str(out / "heart.nrrd"))
-    probs = sitk.ReadImage(str(out / "heart_probabilities.nrrd"))
-    spread = sitk.ReadImage(str(out / "heart_uncertainty.nrrd"))
+    mask = sitk.ReadImage(str(out / "heart.nii.gz"))
+    probs = sitk.ReadImage(str(out / "heart_probabilities.nii.gz"))
+    spread = sitk.ReadImage(str(out / "heart_uncertainty.nii.gz"))
     for result in (mask, probs, spread):
         assert result.GetSize() == image.GetSize()
         np.testing.assert_allclose(result.GetSpacing(), image.GetSpacing(), atol=1e-6)
@@ -305,8 +325,10 @@ def test_slab_by_slab_labels_equal_the_whole_volume_at_once(monkeypatch):
     )
     affine = ras_affine(reference)
     affine[:3, :3] *= 2.2  # a coarser grid from the same corner, over the same field of view
-    whole = grid.labels_of(grid.resample_onto(probs, affine, reference))
+    whole = sitk.GetArrayFromImage(grid.resample_onto(probs, affine, reference))  # (k, j, i, classes)
     monkeypatch.setattr(grid, "SLAB_VOXELS", 64 * 56 * 4)  # a slice per slab
-    slabs = grid.to_input_grid(probs, affine, reference)
-    assert len(np.unique(whole)) == 4
-    np.testing.assert_array_equal(slabs, whole)
+    labels, kept = grid.to_input_grid(probs, affine, reference, probabilities=True)
+    assert len(np.unique(labels)) == 4
+    np.testing.assert_array_equal(labels, np.argmax(whole, axis=-1).transpose())
+    np.testing.assert_allclose(kept, whole.transpose(2, 1, 0, 3), atol=1e-6)  # slab origins round
+    np.testing.assert_array_equal(grid.to_input_grid(probs, affine, reference), labels)

@@ -6,6 +6,7 @@ import torch
 from medseg.config import load_config
 from medseg.data.plan import load_plan
 from medseg.errors import ConfigError, InputError
+from medseg.inference.predictor import Predictor
 from medseg.training.trainer import Trainer
 from tests.conftest import TINY_OVERRIDES
 
@@ -19,6 +20,10 @@ def test_checkpoint_holds_what_predict_needs(tiny_run):
     assert payload["config"]["model"]["channels"] == [8, 16]
     assert payload["step"] == 2
     assert {"model", "optimizer", "rng", "epoch"} <= set(payload)
+    # infer.keep_largest: auto -> validation's choice, kept in the checkpoint, used by predict
+    assert payload["config"]["infer"]["keep_largest"] == "auto"
+    assert set(payload["keep_largest"]) <= {1, 2, 3}
+    assert Predictor(tiny_run["best"], device="cpu").keep_largest == sorted(payload["keep_largest"])
 
 
 def test_metrics_and_config_are_written(tiny_run):
@@ -26,6 +31,7 @@ def test_metrics_and_config_are_written(tiny_run):
     rows = list(csv.DictReader(open(f"{run}/metrics.csv")))
     assert [r["epoch"] for r in rows] == ["1"]
     assert 0.0 <= float(rows[0]["dice_mean"]) <= 1.0
+    assert 0.0 <= float(rows[0]["dice_mean_largest"]) <= 1.0
     saved = load_config(f"{run}/config.yaml")
     assert saved.model.channels == [8, 16]
     assert saved.data.patch_size == [32, 32, 8]  # the resolved values, not null
@@ -127,7 +133,7 @@ def test_callbacks_hooks_and_a_custom_loss(tiny_dataset, tmp_path):
     config.data.root, config.train.output_dir = str(tiny_dataset), str(tmp_path / "run")
     recorder = _Recorder()
     Trainer(config, callbacks=[recorder], loss_fn=loss_fn).fit()
-    dice_keys = "['dice_LV', 'dice_RV', 'dice_mean', 'dice_myocardium', 'val_cases']"
+    dice_keys = "['dice_LV', 'dice_RV', 'dice_mean', 'dice_mean_largest', 'dice_myocardium', 'val_cases']"
     assert recorder.calls == ["start", "epoch 1", f"val {dice_keys}", "epoch 2", f"val {dice_keys}", "end 4"]
     assert len(losses) == 4
 

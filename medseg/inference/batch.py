@@ -34,7 +34,7 @@ from medseg.inference.cases import (
     take_shard,
 )
 from medseg.inference.predictor import LoadedCase, Predictor, Segmentation
-from medseg.io import remove_stale_temp, to_array, write_image, write_text_atomic
+from medseg.io import remove_stale_temp, to_array, write_image, write_text_atomic, write_vectors
 
 __all__ = ["BatchResult", "predict_many", "process_shard"]
 
@@ -266,10 +266,12 @@ class _Runner:
             )
             self.report.start(case.mask)
             # The maps first, the mask last: a mask in place means its case is complete.
-            for kind in self.extras:
-                write_image(
-                    getattr(result, kind), self.output_dir / extra_name(case.mask, kind), overwrite=True
-                )
+            if result.probabilities is not None:
+                where = self.output_dir / extra_name(case.mask, "probabilities")
+                write_vectors(result.probabilities, where, loaded.reference, overwrite=True)
+            if result.uncertainty is not None:
+                where = self.output_dir / extra_name(case.mask, "uncertainty")
+                write_image(result.uncertainty, where, overwrite=True)
             self.predictor.write(result.labels, loaded, self.output_dir / case.mask, overwrite=True)
         except Exception as exc:  # one case must never stop a batch of thousands
             known = find_medseg_error(exc)

@@ -16,7 +16,7 @@ import torch
 
 from medseg.io import image_from_ras
 
-__all__ = ["to_input_grid", "resample_onto", "onto_network_grid", "labels_of", "SLAB_VOXELS"]
+__all__ = ["to_input_grid", "resample_onto", "onto_network_grid", "SLAB_VOXELS"]
 
 # Voxels x classes per slab of float32 probabilities: 16 M is 64 MB, a few slices of a CT.
 SLAB_VOXELS = 16 * 1024 * 1024
@@ -39,33 +39,20 @@ def resample_onto(
     return sitk.Resample(moving, reference, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkUnknown, True)
 
 
-def labels_of(probabilities: sitk.Image) -> np.ndarray:
-    """The argmax label map (uint8, (i, j[, k])) of a vector image, read a slab at a time."""
-    view = sitk.GetArrayViewFromImage(probabilities)  # (k, j, i, classes), no copy
-    labels = np.empty(view.shape[:-1], dtype=np.uint8)
-    step = _slab(view.shape[1:-1], view.shape[-1])
-    for start in range(0, view.shape[0], step):
-        labels[start : start + step] = np.argmax(view[start : start + step], axis=-1)
-    return labels.transpose()
-
-
-def to_input_grid(
-    probs: torch.Tensor, affine: np.ndarray, reference: sitk.Image, probabilities: bool = False
-):
+def to_input_grid(probs: torch.Tensor, affine: np.ndarray, reference: sitk.Image, probabilities=False):
     """Resample class probabilities (C, *spatial) from the network's grid onto the input grid,
-    then take the argmax.
+    a slab of slices at a time, and take the argmax.
 
     Returns:
         The label map (uint8, (i, j[, k])); with ``probabilities``, also the probabilities on
-        the input grid as a vector image (one component per class).
+        the input grid, float32 (i, j[, k], classes): a view of one array filled slab by slab,
+        the only full-size float copy made.
     """
-    if probabilities:
-        image = resample_onto(probs, affine, reference)
-        return labels_of(image), image
     moving = _network_image(probs, affine, channels=True)
     dims = reference.GetDimension()
     size = list(reference.GetSize())
     labels = np.empty(size[::-1], dtype=np.uint8)  # (k, j, i)
+    kept = np.empty((*size[::-1], probs.shape[0]), dtype=np.float32) if probabilities else None
     step = _slab(size[::-1][1:], probs.shape[0])
     for start in range(0, size[-1], step):
         count = min(step, size[-1] - start)
@@ -82,8 +69,13 @@ def to_input_grid(
             sitk.sitkUnknown,
             True,
         )
-        labels[start : start + count] = np.argmax(sitk.GetArrayViewFromImage(slab), axis=-1)
-    return labels.transpose()
+        values = sitk.GetArrayViewFromImage(slab)  # (slices, j, i, classes)
+        labels[start : start + count] = np.argmax(values, axis=-1)
+        if kept is not None:
+            kept[start : start + count] = values
+    if kept is None:
+        return labels.transpose()
+    return labels.transpose(), kept.transpose(*range(dims - 1, -1, -1), dims)
 
 
 def _slab(plane: tuple[int, ...], classes: int) -> int:

@@ -114,23 +114,22 @@ class Segmentation:
 
     Args:
         labels: the label map (uint8, (i, j[, k])), post-processed.
-        probabilities: the mean class probabilities (before post-processing), a vector image
-            with one component per class, background first; only when asked for.
-        uncertainty: where the passes (TTA mirrors, ensemble members) disagree: the mutual
-            information over log(classes), 0 (all agree) to 1; only when asked for.
+        probabilities: the mean class probabilities (before post-processing), float32
+            (i, j[, k], classes), background first; only when asked for.
+        uncertainty: where the passes (TTA mirrors, ensemble members) disagree, as a SimpleITK
+            image: the mutual information over log(classes), 0 (all agree) to 1; only when
+            asked for.
     """
 
     labels: np.ndarray
-    probabilities: sitk.Image | None = None
+    probabilities: np.ndarray | None = None
     uncertainty: sitk.Image | None = None
 
     def probability_array(self) -> np.ndarray:
         """A float32 copy of the probabilities, shaped (classes, i, j[, k])."""
         if self.probabilities is None:
             raise ValueError("segmented without probabilities=True")
-        array = sitk.GetArrayViewFromImage(self.probabilities)  # (k, j, i, classes)
-        dims = array.ndim - 1
-        return np.ascontiguousarray(np.moveaxis(array, -1, 0).transpose(0, *range(dims, 0, -1)))
+        return np.ascontiguousarray(np.moveaxis(self.probabilities, -1, 0))
 
 
 @dataclass
@@ -153,9 +152,11 @@ class Predictor:
             probabilities. Members must share labels and channels; the first one's
             ``infer`` settings apply.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
-        tta: flip test-time augmentation; None: the checkpoint's ``infer.tta``.
-        keep_largest: ``all``, ``none`` or label indices to keep only the largest piece of;
-            None: the checkpoint's ``infer.keep_largest``.
+        tta: flip test-time augmentation; None: the checkpoint's ``infer.tta`` (whose null
+            means on for models trained with mirroring).
+        keep_largest: ``all``, ``none`` or label indices to keep only the largest piece of,
+            or ``auto`` (what training's validation chose); None: the checkpoint's
+            ``infer.keep_largest``.
 
     Example:
         >>> predictor = Predictor("runs/heart/best.pt")
@@ -167,7 +168,7 @@ class Predictor:
 
     def __init__(self, checkpoint, device: str = "auto", *, tta: bool | None = None, keep_largest=None):
         paths = checkpoint_files(checkpoint)
-        members, labels, config = [], None, None
+        members, labels, config, decided = [], None, None, None
         for path in paths:
             payload = load_checkpoint(path)
             if payload.get("kind") == "pretrain":
@@ -179,8 +180,10 @@ class Predictor:
             plan = Plan.from_dict(payload["plan"], source=str(path))
             members.append(Member(model_from_checkpoint(payload), plan, file_sha256(path)))
             labels = _same_labels(labels, payload["labels"], path)
-            config = config or Config.from_dict(payload["config"], source=str(path))
-        self._setup(members, labels, config, device, tta, keep_largest)
+            if config is None:
+                config = Config.from_dict(payload["config"], source=str(path))
+                decided = payload.get("keep_largest")  # what training chose for "auto"
+        self._setup(members, labels, config, device, tta, keep_largest, decided)
         self.checkpoints = [str(p) for p in paths]
         self.checkpoint = self.checkpoints[0] if len(paths) == 1 else ";".join(self.checkpoints)
 
@@ -214,7 +217,16 @@ class Predictor:
         predictor.checkpoints, predictor.checkpoint = [], None
         return predictor
 
-    def _setup(self, members: list[Member], labels: dict, config: Config, device: str, tta, keep_largest):
+    def _setup(
+        self,
+        members: list[Member],
+        labels: dict,
+        config: Config,
+        device: str,
+        tta,
+        keep_largest,
+        decided=None,
+    ):
         self.device = resolve_device(device)
         self.labels: dict[int, str] = labels
         self.config, self.members = config, members
@@ -239,10 +251,12 @@ class Predictor:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # every window has one size: tune its kernels once
         self.sw_batch_size = windows_per_forward(config.infer.sw_batch_size, self.device, self.amp_dtype)
-        self.tta = config.infer.tta if tta is None else bool(tta)
+        if tta is None:
+            tta = config.infer.tta if config.infer.tta is not None else config.augment.flip_prob > 0
+        self.tta = bool(tta)
         self.tta_axes = _tta_axes(config, self.plan.spatial_dims) if self.tta else []
         setting = config.infer.keep_largest if keep_largest is None else keep_largest
-        self.keep_largest = keep_largest_labels(setting, self.labels)
+        self.keep_largest = keep_largest_labels(setting, self.labels, decided)
 
     @property
     def sha256(self) -> str:
@@ -345,19 +359,18 @@ class Predictor:
         self, case: LoadedCase, *, probabilities: bool = False, uncertainty: bool = False
     ) -> Segmentation:
         """Segment a loaded case: the label map on its input grid, post-processed; with
-        ``probabilities`` and ``uncertainty``, also those maps there, as SimpleITK images (they
-        write to disk without another copy)."""
+        ``probabilities`` and ``uncertainty``, also those maps there (see ``Segmentation``)."""
         found = self.network_probabilities(case, uncertainty)
         probs, disagreement = found if uncertainty else (found, None)
         affine = _affine(case.tensor)
         if probabilities:
-            labels, probability_image = to_input_grid(probs, affine, case.reference, probabilities=True)
+            labels, kept = to_input_grid(probs, affine, case.reference, probabilities=True)
         else:
-            labels, probability_image = to_input_grid(probs, affine, case.reference), None
+            labels, kept = to_input_grid(probs, affine, case.reference), None
         del probs
         keep_largest_component(labels, self.keep_largest)
         spread = resample_onto(disagreement, affine, case.reference, channels=False) if uncertainty else None
-        return Segmentation(labels, probability_image, spread)
+        return Segmentation(labels, kept, spread)
 
     def predict(self, source, *, probabilities: bool = False):
         """Segment one case (see ``load`` for what ``source`` may be).

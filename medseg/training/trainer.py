@@ -35,6 +35,7 @@ from medseg.device import autocast_dtype, channels_last_format, use_channels_las
 from medseg.errors import CheckpointError, ConfigError, InputError
 from medseg.evaluation.metrics import dice_per_class
 from medseg.evaluation.report import plot_curves, write_metrics
+from medseg.inference.postprocess import keep_largest_component
 from medseg.inference.predictor import sliding_window_probs
 from medseg.io import write_text_atomic
 from medseg.training.callbacks import Callback, TensorBoardLogger, tensorboard_available
@@ -144,6 +145,8 @@ class Trainer:
         self.step = 0
         self.elapsed = 0.0  # seconds of training so far, across resumptions
         self.best_dice = -math.inf
+        # Labels whose validation Dice keep-largest-component did not lower (infer.keep_largest: auto)
+        self.keep_largest: list[int] | None = None
         self.history: list[dict] = []
         self.resumed = False
         self.val_data: Dataset | None = None
@@ -381,7 +384,7 @@ class Trainer:
         model.eval()
         classes = [c for c in self.labels if c != 0]
         windows = windows_per_forward(self.config.infer.sw_batch_size, self.device, self.amp_dtype)
-        scores = []
+        scores, largest = [], []
         for item in self._val_dataset() or []:
             probs = sliding_window_probs(
                 model,
@@ -393,10 +396,17 @@ class Trainer:
                 channels_last=self.channels_last,
             )
             ref = np.asarray(item["label"][0]).astype(np.int64)
-            scores.append(dice_per_class(probs.argmax(0).numpy(), ref, classes))
+            labels = probs.argmax(0).numpy().astype(np.uint8)
+            scores.append(dice_per_class(labels, ref, classes))
+            largest.append(dice_per_class(keep_largest_component(labels, classes), ref, classes))
         scores = [s for rank in self.dist.gather(scores) for s in rank]
+        largest = [s for rank in self.dist.gather(largest) for s in rank]
         result = {f"dice_{self.labels[c]}": _mean([s[c] for s in scores]) for c in classes}
         result["dice_mean"] = _mean(list(result.values()))
+        cleaned = {c: _mean([s[c] for s in largest]) for c in classes}
+        result["dice_mean_largest"] = _mean(list(cleaned.values()))
+        # nan (a label absent from every validation case) compares False: no evidence, no change
+        self.keep_largest = [c for c in classes if cleaned[c] >= result[f"dice_{self.labels[c]}"]]
         result["val_cases"] = len(scores)
         self.on_validation_end(result)
         return result
@@ -444,7 +454,7 @@ class Trainer:
             write_metrics(self.history, self._metric_columns(), self.output_dir / "metrics.csv")
 
     def _metric_columns(self) -> list[str]:
-        dice = ["dice_mean"] + [f"dice_{n}" for c, n in self.labels.items() if c]
+        dice = ["dice_mean"] + [f"dice_{n}" for c, n in self.labels.items() if c] + ["dice_mean_largest"]
         return ["epoch", "step", "time", "loss", "lr", "data_wait", *dice]
 
     def _end_epoch(self, row: dict) -> None:
@@ -480,6 +490,7 @@ class Trainer:
             "elapsed": self.elapsed,
             "world_size": self.dist.world,
             "best_dice": self.best_dice,
+            "keep_largest": self.keep_largest,
             "history": self.history,
             "rng": rng_state(),
         }
@@ -500,6 +511,7 @@ class Trainer:
         self.epoch, self.step = int(payload["epoch"]), int(payload["step"])
         self.elapsed = float(payload.get("elapsed", 0.0))
         self.best_dice = float(payload.get("best_dice", -math.inf))
+        self.keep_largest = payload.get("keep_largest")
         self.history = list(payload.get("history", []))
         set_rng_state(payload.get("rng", {}))
         self.resumed = True
