@@ -153,7 +153,7 @@ def cmd_predict(args) -> int:
 
 
 def _keep_largest(text: str | None):
-    """``--keep-largest``: ``all``, ``none`` or label indices like ``1,3`` (None: the model's)."""
+    """``--keep-largest``: ``all``, ``none``, ``auto`` or label indices like ``1,3`` (None: the model's)."""
     if text is None or text in ("all", "none", "auto"):
         return text
     try:
