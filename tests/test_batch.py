@@ -477,3 +477,16 @@ def test_cli_version_short_flags_quiet_and_plain_progress(tiny_run, tmp_path):
     proc = run_cli("predict", "-m", tiny_run["best"], "-i", str(scans), "-o", str(tmp_path / "out"), "-q")
     assert proc.returncode == 0 and proc.stderr == ""
     assert proc.stdout.splitlines()[0].startswith("0 written, 2 skipped, 0 failed")
+
+
+def test_label_counts_and_sums_by_slabs_match_one_bincount():
+    from medseg.inference.batch import _per_label
+
+    rng = np.random.default_rng(0)
+    kji = rng.integers(0, 4, (50, 300, 400)).astype(np.uint8)  # 34 slices a slab: two slabs
+    weights = rng.random(kji.shape).astype(np.float32)
+    mask = kji.transpose()  # (i, j, k), as the predictor returns it
+    np.testing.assert_array_equal(_per_label(mask, 5), np.bincount(kji.ravel(), minlength=5))
+    np.testing.assert_allclose(
+        _per_label(mask, 5, weights=weights), np.bincount(kji.ravel(), weights=weights.ravel(), minlength=5)
+    )

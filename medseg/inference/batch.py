@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import SimpleITK as sitk
 
 from medseg import __version__
 from medseg.errors import InputError, find_medseg_error
@@ -34,7 +35,7 @@ from medseg.inference.cases import (
     take_shard,
 )
 from medseg.inference.predictor import LoadedCase, Predictor, Segmentation
-from medseg.io import remove_stale_temp, to_array, write_image, write_text_atomic, write_vectors
+from medseg.io import remove_stale_temp, write_image, write_text_atomic, write_vectors
 
 __all__ = ["BatchResult", "predict_many", "process_shard"]
 
@@ -298,26 +299,35 @@ class _Runner:
         reference = loaded.reference
         voxel = float(np.prod(reference.GetSpacing()))
         unit = 1000.0 if reference.GetDimension() == 3 else 1.0
-        counts = np.bincount(mask.ravel(), minlength=max(self.predictor.labels) + 1)
+        counts = _per_label(mask, max(self.predictor.labels) + 1)
         names = {k: v for k, v in self.predictor.labels.items() if k != 0}
         out = {"volumes_ml": {names[k]: counts[k] * voxel / unit for k in sorted(names)}}
         if self.statistics:
-            image = to_array(reference).astype(np.float64, copy=False)
-            sums = np.bincount(mask.ravel(), weights=image.ravel(), minlength=len(counts))
+            sums = _per_label(mask, len(counts), weights=sitk.GetArrayViewFromImage(reference))
             out["mean_intensity"] = {
                 names[k]: (sums[k] / counts[k] if counts[k] else None) for k in sorted(names)
             }
         return out
 
     def _draw(self, mask: np.ndarray, loaded: LoadedCase, case: BatchCase) -> None:
-        import SimpleITK as sitk
-
         from medseg.evaluation.report import overlay_png
 
         image = sitk.GetImageFromArray(np.ascontiguousarray(mask.transpose()))
         image.CopyInformation(loaded.reference)
         target = self.output_dir / "previews" / f"{case.mask}.png"
         overlay_png(loaded.reference, image, target, Path(case.mask).name)
+
+
+def _per_label(mask: np.ndarray, length: int, weights: np.ndarray | None = None) -> np.ndarray:
+    """Voxels (or the sum of ``weights``, (k, j[, i]) like the image array) per label of a mask
+    in (i, j[, k]) order, a slab at a time: ``bincount`` works in 64 bits, 8 bytes a voxel."""
+    labels = mask.transpose()  # the array's own (k, j, i) order: slabs without copies
+    step = max(1, (1 << 22) // max(1, labels[0].size))
+    total = np.zeros(length)
+    for start in range(0, len(labels), step):
+        chunk = None if weights is None else weights[start : start + step].ravel()
+        total += np.bincount(labels[start : start + step].ravel(), weights=chunk, minlength=length)
+    return total
 
 
 def _outputs(case: BatchCase, extras) -> list[str]:
@@ -327,8 +337,6 @@ def _outputs(case: BatchCase, extras) -> list[str]:
 def _mean_inside(result: Segmentation, mask: np.ndarray) -> float | None:
     """The mean uncertainty over the voxels given a foreground label (None if there are none):
     one number to sort a batch's cases by how sure the models were of them."""
-    import SimpleITK as sitk
-
     spread = sitk.GetArrayViewFromImage(result.uncertainty)  # (k, j, i)
     inside = mask.transpose() != 0
     return float(spread[inside].mean()) if inside.any() else None
