@@ -22,20 +22,18 @@ __all__ = ["to_input_grid", "resample_onto", "onto_network_grid", "SLAB_VOXELS"]
 SLAB_VOXELS = 16 * 1024 * 1024
 
 
-def _network_image(values: torch.Tensor, affine: np.ndarray, channels: bool) -> sitk.Image:
+def _network_image(values: torch.Tensor, affine: np.ndarray) -> sitk.Image:
     """A SimpleITK image of values on the network grid: (C, *spatial) as a vector image."""
     array = values.float()
-    if channels:
+    if array.ndim == len(affine):  # one axis more than the grid's: classes first
         array = array.permute(*range(1, array.ndim), 0)  # channels last, as a vector image wants
     return image_from_ras(array.numpy(), affine)
 
 
-def resample_onto(
-    values: torch.Tensor, affine: np.ndarray, reference: sitk.Image, channels: bool = True
-) -> sitk.Image:
+def resample_onto(values: torch.Tensor, affine: np.ndarray, reference: sitk.Image) -> sitk.Image:
     """``values`` on the network grid (``affine``), linearly resampled onto ``reference``'s
     grid in one go: a vector image for (C, *spatial), a scalar one for (*spatial)."""
-    moving = _network_image(values, affine, channels)
+    moving = _network_image(values, affine)
     return sitk.Resample(moving, reference, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkUnknown, True)
 
 
@@ -48,7 +46,7 @@ def to_input_grid(probs: torch.Tensor, affine: np.ndarray, reference: sitk.Image
         the input grid, float32 (i, j[, k], classes): a view of one array filled slab by slab,
         the only full-size float copy made.
     """
-    moving = _network_image(probs, affine, channels=True)
+    moving = _network_image(probs, affine)
     dims = reference.GetDimension()
     size = list(reference.GetSize())
     labels = np.empty(size[::-1], dtype=np.uint8)  # (k, j, i)

@@ -369,7 +369,7 @@ class Predictor:
             labels, kept = to_input_grid(probs, affine, case.reference), None
         del probs
         keep_largest_component(labels, self.keep_largest)
-        spread = resample_onto(disagreement, affine, case.reference, channels=False) if uncertainty else None
+        spread = resample_onto(disagreement, affine, case.reference) if uncertainty else None
         return Segmentation(labels, kept, spread)
 
     def predict(self, source, *, probabilities: bool = False):
