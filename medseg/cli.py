@@ -18,14 +18,29 @@ def _fmt(value: float) -> str:
     return "  n/a" if value is None or math.isnan(value) else f"{value:.3f}"
 
 
-def _print_dice(result: dict) -> None:
-    names = list(result["mean"])
-    width = max(len("case"), *(len(c["id"]) for c in result["cases"]))
-    print("  ".join([f"{'case':<{width}}", *(f"{n:>10}" for n in names)]))
-    for case in result["cases"]:
-        print("  ".join([f"{case['id']:<{width}}", *(f"{_fmt(case[n]):>10}" for n in names)]))
-    print("  ".join([f"{'mean':<{width}}", *(f"{_fmt(result['mean'][n]):>10}" for n in names)]))
-    print(f"mean foreground Dice: {_fmt(result['mean_foreground'])}")
+def _print_scores(result: dict) -> None:
+    """The per-class means of an evaluation, and what was missing or could not be scored."""
+    summary = result["summary"]
+    metrics = (("Dice", "dice", 3), ("IoU", "iou", 3), ("HD95 mm", "hd95", 2), ("ASSD mm", "assd", 2))
+    metrics += (("surface Dice", "nsd", 3),)
+    width = max([len("class"), *(len(n) for n in summary["classes"])])
+    print("  ".join([f"{'class':<{width}}", *(f"{title:>15}" for title, _, _ in metrics)]))
+    for name, stats in summary["classes"].items():
+        cells = [_mean_std(stats[key], digits) for _, key, digits in metrics]
+        print("  ".join([f"{name:<{width}}", *(f"{c:>15}" for c in cells)]))
+    print(f"mean foreground Dice: {_fmt(result['mean_foreground'])} over {summary['cases_scored']} cases")
+    if result["missing_predictions"]:
+        print(f"no prediction (scored 0): {', '.join(result['missing_predictions'])}")
+    for case, reason in result["errors"].items():
+        print(f"not scored: {case}: {reason}", file=sys.stderr)
+    if result.get("no_reference"):
+        print(f"no reference (not scored): {', '.join(result['no_reference'])}")
+
+
+def _mean_std(stats: dict, digits: int) -> str:
+    if stats["mean"] is None or math.isnan(stats["mean"]):
+        return "n/a"
+    return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
 
 
 def cmd_demo(args) -> int:
@@ -34,8 +49,9 @@ def cmd_demo(args) -> int:
     start = time.monotonic()
     epochs = {"epochs": args.epochs} if args.epochs else {}
     result = run_demo(args.output, overrides=args.set, **epochs)
-    _print_dice(result)
+    _print_scores(result)
     print(f"demo finished in {time.monotonic() - start:.0f} s; results in {args.output}")
+    print(f"QC report: {result['report']}")
     return 0
 
 
@@ -209,17 +225,91 @@ class _CaseProgress:
 
 
 def cmd_evaluate(args) -> int:
-    from medseg.data.datasets import read_label_map
-    from medseg.evaluation.metrics import evaluate
+    from medseg.evaluation.folders import evaluate
 
-    out = args.out or Path(args.pred) / "metrics.csv"
-    labels = read_label_map(args.labels) if args.labels else None
-    result = evaluate(args.pred, args.ref, out=out, labels=labels)
-    _print_dice(result)
-    if result["missing_predictions"]:
-        print(f"no prediction for: {', '.join(result['missing_predictions'])}")
-    print(f"wrote {out} and {Path(out).with_suffix('.json')}")
-    return 0
+    out = Path(args.out) if args.out else Path(args.pred)
+    with _Counter("evaluate", args.quiet) as counter:
+        result = evaluate(
+            args.pred,
+            args.ref,
+            out=out,
+            labels=_label_map(args.labels),
+            tolerance=_tolerance(args.tolerance),
+            overwrite=args.overwrite,
+            on_case=counter,
+        )
+    _print_scores(result)
+    print(f"wrote {out / 'metrics.csv'} and {out / 'summary.json'}")
+    return 1 if result["errors"] or result["missing_predictions"] else 0
+
+
+def cmd_report(args) -> int:
+    from medseg.evaluation.report import qc_report
+
+    with _Counter("report", args.quiet) as counter:
+        result = qc_report(
+            args.pred,
+            args.out,
+            images=args.images,
+            ref_dir=args.ref,
+            labels=_label_map(args.labels),
+            tolerance=_tolerance(args.tolerance),
+            overwrite=args.overwrite,
+            on_case=counter,
+        )
+    evaluation = result.get("evaluation")
+    if evaluation:
+        _print_scores(evaluation)
+    print(f"QC report: {result['index']}")
+    problems = evaluation and (evaluation["errors"] or evaluation["missing_predictions"])
+    return 1 if problems or result["problems"] else 0
+
+
+def _label_map(path: str | None) -> dict[int, str] | None:
+    from medseg.data.datasets import read_label_map
+
+    return read_label_map(path) if path else None
+
+
+def _tolerance(values: list[str]) -> float | dict:
+    """``--tolerance 2`` (every class), ``--tolerance RV=3`` (one class), or both."""
+    from medseg.evaluation.metrics import DEFAULT_TOLERANCE_MM
+
+    found: dict[str, float] = {}
+    for text in values or []:
+        name, _, number = text.rpartition("=")
+        try:
+            found[name or "*"] = float(number)
+        except ValueError:
+            raise ConfigError("--tolerance", f"{text!r} is not MM or CLASS=MM") from None
+        if found[name or "*"] < 0:
+            raise ConfigError("--tolerance", f"{text!r}: a tolerance is a distance, 0 or more")
+    if set(found) <= {"*"}:
+        return found.get("*", DEFAULT_TOLERANCE_MM)
+    return found
+
+
+class _Counter:
+    """Cases done, on a terminal; nothing otherwise (the summary follows)."""
+
+    def __init__(self, what: str, quiet: bool):
+        self.what, self.bar = what, None
+        self.interactive = sys.stderr.isatty() and not quiet
+
+    def __enter__(self):
+        return self
+
+    def __call__(self, case: str, status: str) -> None:
+        from tqdm.auto import tqdm
+
+        if self.interactive and self.bar is None:
+            self.bar = tqdm(desc=self.what, unit="case")
+        if self.bar:
+            self.bar.update()
+
+    def __exit__(self, *exc) -> None:
+        if self.bar:
+            self.bar.close()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -357,16 +447,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="print only errors, warnings and the summary")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("evaluate", help="Dice per case and class of predicted masks against references")
-    p.add_argument("--pred", required=True, help="folder of predicted masks")
-    p.add_argument("--ref", required=True, help="folder of reference masks (matched by file name)")
-    p.add_argument("--out", help="CSV to write (a .json summary goes beside it; default: PRED/metrics.csv)")
+    p = sub.add_parser(
+        "evaluate", help="Dice, IoU, HD95, ASSD and surface Dice per case and class against references"
+    )
+    p.add_argument("--pred", required=True, help="folder of predicted masks (sub-folders included)")
+    p.add_argument("--ref", required=True, help="folder of reference masks (matched by case name)")
+    p.add_argument("--out", help="folder for metrics.csv and summary.json (default: PRED)")
+    _scoring_arguments(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("report", help="QC report: a picture per case and index.html, worst case first")
+    p.add_argument("--pred", required=True, help="folder of predicted masks (sub-folders included)")
+    p.add_argument("--images", help="folder of the scans the masks were predicted from (matched by name)")
+    p.add_argument("--ref", help="folder of reference masks: score the cases and draw both contours")
+    p.add_argument("--out", required=True, help="folder for index.html, the pictures and the metrics")
+    _scoring_arguments(p)
+    p.set_defaults(func=cmd_report)
+    return parser
+
+
+def _scoring_arguments(p: argparse.ArgumentParser) -> None:
+    """The options evaluate and report share."""
     p.add_argument(
         "--labels",
         help="JSON with class names (a dataset.json, or a map); default: PRED/labels.json from predict",
     )
-    p.set_defaults(func=cmd_evaluate)
-    return parser
+    p.add_argument(
+        "--tolerance",
+        action="append",
+        metavar="[CLASS=]MM",
+        help="surface-Dice tolerance in mm, for every class or one (repeatable; default: 2)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace earlier results in the output folder")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
 def _run_arguments(p: argparse.ArgumentParser, overrides: dict, data_help: str) -> None:

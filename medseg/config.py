@@ -151,6 +151,9 @@ class TrainConfig:
         ema_decay: keep an exponential moving average of the weights with this decay (e.g.
             0.999) and validate and save it; null: off.
         val_every: validate every this many epochs (and always at the end).
+        val_pictures: at each validation, draw this many validation cases (prediction and
+            reference contours) to ``<output_dir>/validation/CASE.png``, to watch the model
+            learn; 0: none.
         seed: random seed for splits, sampling and initialisation.
         deterministic: use deterministic algorithms only, so a resumed run ends with the same
             weights as an uninterrupted one (needs ``max_time: null``: time is never repeatable).
@@ -184,6 +187,7 @@ class TrainConfig:
     grad_clip: float | None = 12.0
     ema_decay: float | None = None
     val_every: int = 2
+    val_pictures: int = 2
     seed: int = 0
     deterministic: bool = False
     device: str = "auto"

@@ -1,4 +1,4 @@
-"""The demo: sample data -> train briefly -> predict the test cases -> evaluate."""
+"""The demo: sample data -> train briefly -> predict the test cases -> score them in a QC report."""
 
 from __future__ import annotations
 
@@ -6,13 +6,10 @@ import shutil
 from pathlib import Path
 
 from medseg.config import load_config
-from medseg.data.datasets import list_volumes
 from medseg.data.phantom import make_dataset
-from medseg.evaluation.metrics import evaluate
-from medseg.evaluation.report import overlay_png
+from medseg.evaluation.report import qc_report
 from medseg.inference.batch import predict_many
 from medseg.inference.predictor import Predictor
-from medseg.io import case_id, read_volume
 from medseg.training.trainer import Trainer
 
 __all__ = ["SAMPLE_DATA", "DEMO_EPOCHS", "run_demo"]
@@ -26,9 +23,9 @@ DEMO_EPOCHS = 20
 def run_demo(output: str | Path = "medseg_demo", epochs: int = DEMO_EPOCHS, overrides=None) -> dict:
     """Train on the sample heart data, segment its test cases and score them.
 
-    Writes ``run/`` (checkpoints, ``metrics.csv``, ``curves.png``), ``predictions/``,
-    ``metrics.csv``/``.json`` and ``overlays/*.png`` inside ``output``, replacing its own
-    earlier results there.
+    Writes ``run/`` (checkpoints, ``metrics.csv``, ``curves.png``), ``predictions/`` and
+    ``report/`` (``index.html``, a picture per case, ``metrics.csv``, ``summary.json``) inside
+    ``output``, replacing its own earlier results there.
 
     Uses the repository's ``sample_data/heart`` when present and otherwise generates the same
     phantoms into ``output/data``.
@@ -39,7 +36,8 @@ def run_demo(output: str | Path = "medseg_demo", epochs: int = DEMO_EPOCHS, over
         overrides: extra ``key=value`` config overrides.
 
     Returns:
-        The evaluation result (see ``medseg.evaluate``) plus ``"train"`` (the training summary).
+        The evaluation (see ``medseg.evaluate``) plus ``"train"`` (the training summary) and
+        ``"report"`` (the page's path).
     """
     output = Path(output)
     data = SAMPLE_DATA
@@ -56,13 +54,15 @@ def run_demo(output: str | Path = "medseg_demo", epochs: int = DEMO_EPOCHS, over
     shutil.rmtree(predictions, ignore_errors=True)
     predictor = Predictor(summary["best"], device=config.train.device)
     predict_many(predictor, data / "imagesTs", predictions)
-    result = evaluate(predictions, data / "labelsTs", out=output / "metrics.csv", labels=trainer.labels)
-    for mask in list_volumes(predictions):
-        overlay_png(
-            read_volume(data / "imagesTs" / mask.name),
-            read_volume(mask),
-            output / "overlays" / f"{case_id(mask)}.png",
-            case_id(mask),
-        )
+    report = qc_report(
+        predictions,
+        output / "report",
+        images=data / "imagesTs",
+        ref_dir=data / "labelsTs",
+        labels=trainer.labels,
+        overwrite=True,
+    )
+    result = report["evaluation"]
+    result["report"] = report["index"]
     result["train"] = summary
     return result

@@ -40,6 +40,7 @@ __all__ = [
     "remove_stale_temp",
     "write_text_atomic",
     "grid_mismatch",
+    "safe_name",
     "channel_files",
     "check_voxel_values",
 ]
@@ -67,6 +68,12 @@ def case_id(path: str | Path) -> str:
     name = Path(path).name
     suffix = _suffix(path)
     return name[: -len(suffix)] if suffix else Path(path).stem
+
+
+def safe_name(raw: str) -> str:
+    """A name from input (a list's ``id``, a case name) as a bare file name: no folders, no dots
+    at the start, nothing but letters, digits, ``.``, ``_`` and ``-``."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", raw).strip("._") or "case"
 
 
 def split_channel(path: str | Path) -> tuple[str, int | None]:

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark import make_phantoms  # noqa: E402
 
 from medseg.config import load_config  # noqa: E402
-from medseg.evaluation.metrics import evaluate  # noqa: E402
+from medseg.evaluation.folders import evaluate  # noqa: E402
 from medseg.inference.batch import predict_many  # noqa: E402
 from medseg.inference.predictor import Predictor  # noqa: E402
 from medseg.training.pretrain import Pretrainer  # noqa: E402
@@ -91,7 +91,7 @@ def finetune(
     masks = run / "masks"
     shutil.rmtree(masks, ignore_errors=True)
     predict_many(Predictor(summary["best"], device="cpu"), data / "imagesTs", masks)
-    scores = evaluate(masks, data / "labelsTs", out=run / "test_metrics.csv")  # beside training's
+    scores = evaluate(masks, data / "labelsTs", out=run / "test", overwrite=True)
     return {"dice": scores["mean_foreground"], "per_class": scores["mean"], "seconds": seconds}
 
 

@@ -20,7 +20,7 @@ import SimpleITK as sitk
 
 from medseg.data.phantom import make_phantom
 from medseg.errors import InputError
-from medseg.evaluation.metrics import evaluate
+from medseg.evaluation.folders import evaluate
 from medseg.inference.batch import predict_many, process_shard
 from medseg.inference.cases import discover, parse_shard
 from medseg.inference.predictor import Predictor
@@ -251,7 +251,7 @@ def test_nnunet_channel_suffix_is_dropped_so_evaluate_pairs_them(predictor, tiny
         (images / path.name.replace(".nii.gz", "_0000.nii.gz")).write_bytes(path.read_bytes())
     result = predict_many(predictor, images, tmp_path / "out")
     assert sorted(Path(p).name for p in result.written) == ["heart_003.nii.gz", "heart_004.nii.gz"]
-    scores = evaluate(tmp_path / "out", tiny_dataset / "labelsTs", out=tmp_path / "m.csv")
+    scores = evaluate(tmp_path / "out", tiny_dataset / "labelsTs", out=tmp_path / "scores")
     assert [c["id"] for c in scores["cases"]] == ["heart_003", "heart_004"]
     assert scores["missing_predictions"] == []
 

@@ -1,5 +1,8 @@
 """The command line end to end on tiny volumes, and its one-line errors."""
 
+import csv
+import json
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -39,16 +42,19 @@ def test_train_predict_evaluate(tiny_dataset, tmp_path, capsys):
     assert "0 written, 2 skipped" in capsys.readouterr().out
 
     evaluate = ["evaluate", "--pred", str(preds), "--ref", str(tiny_dataset / "labelsTs")]
-    assert main([*evaluate, "--out", str(tmp_path / "m.csv")]) == 0
+    assert main([*evaluate, "--out", str(tmp_path / "scores")]) == 0
     out = capsys.readouterr().out
-    assert "mean foreground Dice" in out
+    assert "mean foreground Dice" in out and "surface Dice" in out
     # Class names come from the labels.json that predict wrote beside the masks.
-    assert (tmp_path / "m.csv").read_text().startswith("id,LV,myocardium,RV\n")
+    rows = list(csv.DictReader((tmp_path / "scores" / "metrics.csv").open()))
+    assert [r["class"] for r in rows] == ["LV", "myocardium", "RV"] * 2
     (preds / "labels.json").unlink()
     names = tmp_path / "names.json"
     names.write_text('{"labels": {"0": "bg", "1": "pool", "2": "wall", "3": "right"}}')
-    assert main([*evaluate, "--labels", str(names)]) == 0
-    assert (preds / "metrics.csv").read_text().startswith("id,pool,wall,right\n")
+    assert main([*evaluate, "--labels", str(names), "--tolerance", "1", "--tolerance", "wall=3"]) == 0
+    summary = json.loads((preds / "summary.json").read_text())
+    assert list(summary["classes"]) == ["pool", "wall", "right"]
+    assert [summary["classes"][n]["tolerance_mm"] for n in ("pool", "wall", "right")] == [1, 3, 1]
 
 
 def _assert_one_line_error(proc, *fragments, code=2):

@@ -12,7 +12,7 @@ import torch
 from medseg.config import load_config
 from medseg.data.datasets import find_cases
 from medseg.errors import InputError
-from medseg.evaluation.metrics import evaluate
+from medseg.evaluation.folders import evaluate
 from medseg.inference.batch import predict_many
 from medseg.inference.predictor import Predictor
 from medseg.io import ras_affine, read_channels, read_volume, to_array
@@ -110,10 +110,14 @@ def test_2d_masks_evaluate(png_dataset, tmp_path):
     sitk.WriteImage(
         sitk.GetImageFromArray(np.ascontiguousarray(shifted.T)), str(tmp_path / "pred" / "slice_0.png")
     )
-    scores = evaluate(tmp_path / "pred", png_dataset / "labels", tmp_path / "dice.csv")
+    scores = evaluate(tmp_path / "pred", png_dataset / "labels", tmp_path / "scores")
     a, b = shifted == 1, ref == 1
     assert scores["cases"][0]["class_1"] == pytest.approx(2 * (a & b).sum() / (a.sum() + b.sum()))
-    assert (tmp_path / "dice.csv").is_file()
+    assert (tmp_path / "scores" / "metrics.csv").is_file()
+    # a 2D image's "volume" is its area in cm^2, from the pixel spacing
+    spacing = read_volume(png_dataset / "labels" / "slice_0.png").GetSpacing()
+    row = scores["rows"][0]
+    assert row["ref_ml"] == pytest.approx(b.sum() * spacing[0] * spacing[1] / 100)
 
 
 # -- MSD 4D multi-modal NIfTI ---------------------------------------------------------------

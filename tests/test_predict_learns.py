@@ -6,7 +6,7 @@ cases, the weakest class 0.873; the floors below sit well under that, and far ab
 all-background, transposed or shuffled mask scores.
 """
 
-from medseg.evaluation.metrics import evaluate
+from medseg.evaluation.folders import evaluate
 from medseg.inference.batch import predict_many
 from medseg.inference.predictor import Predictor
 from medseg.io import read_volume, to_array

@@ -1,128 +1,202 @@
-"""Overlap metrics per case and class, and folder-against-folder evaluation."""
+"""Segmentation metrics of one prediction against its reference, per class.
+
+Overlap (Dice, IoU, TP/FP/FN voxels, volumes in mL) and surface distances (HD95, ASSD, surface
+Dice at a tolerance in mm), all in the image's spacing. Surfaces and distances are MONAI's
+(``get_mask_edges``: mask voxels with a neighbour outside the mask; ``get_surface_distance``:
+Euclidean, scaled by the spacing), so the figures match ``monai.metrics``.
+
+Empty masks follow Metrics Reloaded (docs/metrics.md): both empty is a perfect score; one empty
+is Dice 0 with undefined (NaN) distances and a status saying which; a missing prediction scores
+0 and is flagged. No case drops out of the Dice mean.
+"""
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import math
 from pathlib import Path
 
 import numpy as np
+import SimpleITK as sitk
 
-from medseg.data.datasets import list_volumes, read_label_map
 from medseg.errors import InputError
-from medseg.io import case_id, grid_mismatch, read_volume, to_array, write_text_atomic
+from medseg.io import grid_mismatch, read_volume, to_array
 
-__all__ = ["LABELS_FILE", "dice", "dice_per_class", "evaluate"]
+__all__ = [
+    "OK",
+    "BOTH_EMPTY",
+    "PREDICTION_EMPTY",
+    "REFERENCE_EMPTY",
+    "MISSING",
+    "DEFAULT_TOLERANCE_MM",
+    "METRICS",
+    "dice",
+    "dice_per_class",
+    "surface_distances",
+    "class_metrics",
+    "missing_metrics",
+    "evaluate_pair",
+    "pair_arrays",
+    "tolerance_for",
+]
 
-LABELS_FILE = "labels.json"  # written by predict beside its masks: class index -> name
+OK, BOTH_EMPTY, PREDICTION_EMPTY, REFERENCE_EMPTY = "ok", "both empty", "prediction empty", "reference empty"
+MISSING = "missing prediction"
+DEFAULT_TOLERANCE_MM = 2.0
+HD_PERCENTILE = 95
+METRICS = ("dice", "iou", "hd95", "assd", "nsd")  # the scores that have means; counts are summed
 
 
-def dice(pred: np.ndarray, ref: np.ndarray) -> float:
-    """Dice of two boolean masks: 2|A∩B| / (|A|+|B|); NaN when both are empty."""
+def dice(pred: np.ndarray, ref: np.ndarray, both_empty: float = 1.0) -> float:
+    """Dice of two boolean masks: 2|A∩B| / (|A|+|B|); ``both_empty`` when neither has a voxel."""
     pred, ref = np.asarray(pred, bool), np.asarray(ref, bool)
     total = int(pred.sum()) + int(ref.sum())
     if total == 0:
-        return math.nan
+        return both_empty
     return 2.0 * int(np.logical_and(pred, ref).sum()) / total
 
 
-def dice_per_class(pred: np.ndarray, ref: np.ndarray, classes) -> dict[int, float]:
+def dice_per_class(pred: np.ndarray, ref: np.ndarray, classes, both_empty: float = 1.0) -> dict[int, float]:
     """Dice for each class index in ``classes`` between two label maps."""
     if pred.shape != ref.shape:
         raise ValueError(f"shapes differ: {pred.shape} vs {ref.shape}")
-    return {int(c): dice(pred == c, ref == c) for c in classes}
+    return {int(c): dice(pred == c, ref == c, both_empty) for c in classes}
 
 
-def evaluate(
-    pred_dir: str | Path,
-    ref_dir: str | Path,
-    out: str | Path | None = None,
-    labels: dict[int, str] | None = None,
+def surface_distances(pred: np.ndarray, ref: np.ndarray, spacing) -> tuple[np.ndarray, np.ndarray]:
+    """Distances (mm) from each surface voxel of ``pred`` to ``ref``'s surface, and back.
+
+    Both masks must have a voxel. ``spacing`` is in the arrays' axis order.
+    """
+    from monai.metrics.utils import get_mask_edges, get_surface_distance
+
+    edges_pred, edges_ref = get_mask_edges(np.asarray(pred, bool), np.asarray(ref, bool))
+    spacing = [float(s) for s in spacing]
+    return (
+        np.asarray(get_surface_distance(edges_pred, edges_ref, spacing=spacing), dtype=np.float64),
+        np.asarray(get_surface_distance(edges_ref, edges_pred, spacing=spacing), dtype=np.float64),
+    )
+
+
+def class_metrics(
+    pred: np.ndarray, ref: np.ndarray, spacing, tolerance: float = DEFAULT_TOLERANCE_MM
 ) -> dict:
-    """Dice per case and class of the masks in ``pred_dir`` against those in ``ref_dir``.
-
-    Cases are matched by file name (without suffix). Writes ``out`` (CSV) and the same path
-    with ``.json`` when given.
-
-    Args:
-        pred_dir: predicted masks.
-        ref_dir: reference masks.
-        out: CSV path for the per-case table (a JSON with the summary goes beside it).
-        labels: class index -> name; by default the ``labels.json`` that ``predict`` writes
-            beside its masks, else every non-zero value found, named ``class_N``.
+    """Every metric of one class: two boolean masks on one grid, ``spacing`` in their axis order.
 
     Returns:
-        ``{"cases": [{"id", "<class>": dice, ...}], "mean": {"<class>": dice}, "mean_foreground"}``.
+        ``status``, ``dice``, ``iou``, ``hd95``, ``assd`` (mm), ``nsd`` (surface Dice at
+        ``tolerance`` mm), ``tp``, ``fp``, ``fn`` (voxels), ``pred_ml``, ``ref_ml``.
     """
-    pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
-    for folder in (pred_dir, ref_dir):
-        if not folder.is_dir():
-            raise InputError(folder, "no such folder")
-    refs = {case_id(p): p for p in list_volumes(ref_dir)}
-    preds = {case_id(p): p for p in list_volumes(pred_dir)}
-    common = sorted(set(refs) & set(preds))
-    if not common:
-        raise InputError(pred_dir, f"no file here has a namesake in {ref_dir}")
-    pairs = []
-    for cid in common:
-        pred_img, ref_img = read_volume(preds[cid]), read_volume(refs[cid])
-        mismatch = grid_mismatch(pred_img, ref_img)
-        if mismatch:
-            raise InputError(preds[cid], f"{mismatch} of the reference {refs[cid]}")
-        pairs.append((cid, to_array(pred_img), to_array(ref_img)))
-    if labels is None and (pred_dir / LABELS_FILE).is_file():
-        labels = read_label_map(pred_dir / LABELS_FILE)
-    if labels is None:
-        found = sorted({int(v) for _, p, r in pairs for v in np.union1d(np.unique(p), np.unique(r))} - {0})
-        labels = {c: f"class_{c}" for c in found}
-    names = {int(c): n for c, n in labels.items() if int(c) != 0}
-
-    cases = []
-    for cid, pred, ref in pairs:
-        scores = dice_per_class(pred, ref, names)
-        cases.append({"id": cid, **{names[c]: s for c, s in scores.items()}})
-    mean = {n: _nanmean([c[n] for c in cases]) for n in names.values()}
-    result = {
-        "cases": cases,
-        "mean": mean,
-        "mean_foreground": _nanmean(list(mean.values())),
-        "missing_predictions": sorted(set(refs) - set(preds)),
+    pred, ref = np.asarray(pred, bool), np.asarray(ref, bool)
+    if pred.shape != ref.shape:
+        raise ValueError(f"shapes differ: {pred.shape} vs {ref.shape}")
+    tp = int(np.count_nonzero(pred & ref))
+    n_pred, n_ref = int(np.count_nonzero(pred)), int(np.count_nonzero(ref))
+    row = {"tp": tp, "fp": n_pred - tp, "fn": n_ref - tp, **_volumes(n_pred, n_ref, spacing)}
+    if n_pred == 0 and n_ref == 0:
+        return {"status": BOTH_EMPTY, "dice": 1.0, "iou": 1.0, "hd95": 0.0, "assd": 0.0, "nsd": 1.0, **row}
+    if n_pred == 0 or n_ref == 0:
+        status = PREDICTION_EMPTY if n_pred == 0 else REFERENCE_EMPTY
+        return {
+            "status": status,
+            "dice": 0.0,
+            "iou": 0.0,
+            "hd95": math.nan,
+            "assd": math.nan,
+            "nsd": 0.0,
+            **row,
+        }
+    to_ref, to_pred = surface_distances(pred, ref, spacing)
+    both = np.concatenate([to_ref, to_pred])
+    return {
+        "status": OK,
+        "dice": 2.0 * tp / (n_pred + n_ref),
+        "iou": tp / (n_pred + n_ref - tp),
+        "hd95": float(max(np.percentile(to_ref, HD_PERCENTILE), np.percentile(to_pred, HD_PERCENTILE))),
+        "assd": float(both.mean()),
+        "nsd": float(np.count_nonzero(both <= tolerance) / both.size),
+        **row,
     }
-    if out is not None:
-        _write_results(result, list(names.values()), Path(out))
-    return result
 
 
-def _nanmean(values) -> float:
-    values = [v for v in values if not math.isnan(v)]
-    return float(np.mean(values)) if values else math.nan
+def missing_metrics(ref: np.ndarray, spacing) -> dict:
+    """One class of a case whose prediction is missing: it scores 0, distances undefined."""
+    n_ref = int(np.count_nonzero(ref))
+    row = {"tp": 0, "fp": 0, "fn": n_ref, **_volumes(0, n_ref, spacing)}
+    return {"status": MISSING, "dice": 0.0, "iou": 0.0, "hd95": math.nan, "assd": math.nan, "nsd": 0.0, **row}
 
 
-def _write_results(result: dict, columns: list[str], out: Path) -> None:
-    rows = result["cases"] + [{"id": "mean", **result["mean"]}]
-    table = io.StringIO()
-    writer = csv.DictWriter(table, fieldnames=["id", *columns])
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: _cell(v) for k, v in row.items()})
-    write_text_atomic(out, table.getvalue())
-    write_text_atomic(out.with_suffix(".json"), json.dumps(_nan_to_none(result), indent=2))
+def _volumes(n_pred: int, n_ref: int, spacing) -> dict:
+    # mm^3 -> mL for volumes; a 2D image's "volume" is its area in cm^2 (mm^2 / 100)
+    unit = 1000.0 if len(spacing) == 3 else 100.0
+    voxel = float(np.prod([float(s) for s in spacing])) / unit
+    return {"pred_ml": n_pred * voxel, "ref_ml": n_ref * voxel}
 
 
-def _cell(value) -> str:
-    if isinstance(value, float):
-        return "" if math.isnan(value) else f"{value:.4f}"
-    return str(value)
+def evaluate_pair(
+    pred,
+    ref,
+    spacing=None,
+    labels: dict[int, str] | None = None,
+    tolerance: float | dict = DEFAULT_TOLERANCE_MM,
+) -> list[dict]:
+    """Every metric, per class, of one predicted label map against its reference.
+
+    Args:
+        pred: the prediction: a file (any format medseg reads), a SimpleITK image or an array.
+        ref: the reference, in the same form.
+        spacing: voxel spacing in mm in the arrays' axis order, for arrays (default 1 mm);
+            images and files carry their own.
+        labels: class index -> name; by default every non-zero value in either map, named
+            ``class_N``. Index 0 (background) is never scored.
+        tolerance: surface-Dice tolerance in mm, one for all classes or a dict by class name
+            (or index); classes not in the dict get its ``"*"`` entry, else
+            ``DEFAULT_TOLERANCE_MM``.
+
+    Returns:
+        A row per class: ``label`` (index), ``class`` (name) and the fields of ``class_metrics``.
+
+    Raises:
+        InputError: the two are on different grids (size, spacing, origin, direction), or a
+            file cannot be read.
+    """
+    pred_array, ref_array, spacing = pair_arrays(pred, ref, spacing)
+    if labels is None:
+        found = np.union1d(np.unique(pred_array), np.unique(ref_array))
+        labels = {int(c): f"class_{int(c)}" for c in found if c != 0}
+    rows = []
+    for index, name in sorted((int(c), n) for c, n in labels.items() if int(c) != 0):
+        scores = class_metrics(
+            pred_array == index, ref_array == index, spacing, tolerance_for(tolerance, index, name)
+        )
+        rows.append({"label": index, "class": name, **scores})
+    return rows
 
 
-def _nan_to_none(value):
-    """Strict JSON has no NaN: an undefined Dice (both masks empty) is written as null."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _nan_to_none(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_nan_to_none(v) for v in value]
-    return value
+def tolerance_for(tolerance: float | dict, index: int, name: str) -> float:
+    """The surface-Dice tolerance (mm) of one class."""
+    if not isinstance(tolerance, dict):
+        return float(tolerance)
+    for key in (name, index, str(index), "*"):
+        if key in tolerance:
+            return float(tolerance[key])
+    return DEFAULT_TOLERANCE_MM
+
+
+def pair_arrays(pred, ref, spacing=None) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+    """Both label maps as arrays in (i, j[, k]) order, and their spacing, checked to share a grid."""
+    if isinstance(pred, np.ndarray) and isinstance(ref, np.ndarray):
+        if pred.shape != ref.shape:
+            raise InputError("prediction", f"shape {pred.shape} differs from the reference's {ref.shape}")
+        spacing = tuple(float(s) for s in (spacing if spacing is not None else [1.0] * pred.ndim))
+        if len(spacing) != pred.ndim:
+            raise InputError("spacing", f"has {len(spacing)} values for {pred.ndim}D arrays")
+        return pred, ref, spacing
+    images = [read_volume(x) if isinstance(x, (str, Path)) else x for x in (pred, ref)]
+    if not all(isinstance(x, sitk.Image) for x in images):
+        raise TypeError("pass two arrays, or two images or files")
+    mismatch = grid_mismatch(images[0], images[1])
+    if mismatch:
+        raise InputError(
+            pred if isinstance(pred, (str, Path)) else "prediction", f"{mismatch} of the reference"
+        )
+    return to_array(images[0]), to_array(images[1]), tuple(images[0].GetSpacing())

@@ -23,10 +23,10 @@ import SimpleITK as sitk
 
 from medseg import __version__
 from medseg.errors import InputError, find_medseg_error
-from medseg.evaluation.metrics import LABELS_FILE
 from medseg.inference.batch_report import BatchReport, PreviousMask, previous_masks
 from medseg.inference.cases import (
     EXTRAS,
+    LABELS_FILE,
     BatchCase,
     check_output_folder,
     discover,
@@ -310,12 +310,12 @@ class _Runner:
         return out
 
     def _draw(self, mask: np.ndarray, loaded: LoadedCase, case: BatchCase) -> None:
-        from medseg.evaluation.report import overlay_png
+        from medseg.evaluation.pictures import case_figure
 
         image = sitk.GetImageFromArray(np.ascontiguousarray(mask.transpose()))
         image.CopyInformation(loaded.reference)
         target = self.output_dir / "previews" / f"{case.mask}.png"
-        overlay_png(loaded.reference, image, target, Path(case.mask).name)
+        case_figure(image, target, loaded.reference, names=self.predictor.labels, title=Path(case.mask).name)
 
 
 def _per_label(mask: np.ndarray, length: int, weights: np.ndarray | None = None) -> np.ndarray:

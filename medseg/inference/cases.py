@@ -16,7 +16,7 @@ from pathlib import Path, PurePosixPath
 
 from medseg.dicom import DicomSeries, scan_dicom
 from medseg.errors import ConfigError, InputError
-from medseg.io import VOLUME_SUFFIXES, case_id, is_volume_file, split_channel
+from medseg.io import VOLUME_SUFFIXES, case_id, is_volume_file, safe_name, split_channel
 
 __all__ = [
     "FORMATS",
@@ -25,6 +25,7 @@ __all__ = [
     "discover",
     "mask_name",
     "EXTRAS",
+    "LABELS_FILE",
     "extra_name",
     "refuse_collisions",
     "parse_shard",
@@ -35,6 +36,7 @@ __all__ = [
 FORMATS = {"same": "", "nifti": ".nii.gz", "nrrd": ".nrrd", "mha": ".mha", "dicom-seg": ".dcm"}
 LIST_SUFFIXES = (".csv", ".txt")
 EXTRAS = ("probabilities", "uncertainty")  # maps written beside a mask on request
+LABELS_FILE = "labels.json"  # written beside the masks: class index -> name
 _FLOAT_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")  # formats that hold floats
 
 
@@ -205,7 +207,7 @@ def _from_list(path: Path, fmt: str) -> list[BatchCase]:
     cases = []
     for entry, case in entries:
         item = (path.parent / entry).resolve()
-        stem = _safe_name(case) if case else None
+        stem = safe_name(case) if case else None
         if not item.exists():
             cases.append(BatchCase(item, "", "failed", f"listed in {path.name} but missing"))
         elif item.is_dir():
@@ -216,11 +218,6 @@ def _from_list(path: Path, fmt: str) -> list[BatchCase]:
         else:
             cases.append(_case(item, "", fmt, stem))
     return cases
-
-
-def _safe_name(raw: str) -> str:
-    """A list's ``id`` as a bare file name: no folders, no dots at the start."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", raw).strip("._") or "case"
 
 
 def refuse_collisions(cases: list[BatchCase], extras: tuple[str, ...] = ()) -> None:

@@ -168,7 +168,7 @@ def draw_denoising(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from medseg.evaluation.report import save_figure
+    from medseg.evaluation.pictures import save_figure
 
     x0 = x0.float()
     device = x0.device

@@ -34,10 +34,10 @@ from medseg.data.transforms import eval_transforms, train_transforms
 from medseg.device import autocast_dtype, channels_last_format, use_channels_last, windows_per_forward
 from medseg.errors import CheckpointError, ConfigError, InputError
 from medseg.evaluation.metrics import dice_per_class
-from medseg.evaluation.report import plot_curves, write_metrics
+from medseg.evaluation.pictures import case_figure
 from medseg.inference.postprocess import keep_largest_component
 from medseg.inference.predictor import sliding_window_probs
-from medseg.io import write_text_atomic
+from medseg.io import image_from_ras, safe_name, write_text_atomic
 from medseg.training.callbacks import Callback, TensorBoardLogger, tensorboard_available
 from medseg.training.checkpoint import (
     load_checkpoint,
@@ -47,6 +47,7 @@ from medseg.training.checkpoint import (
     set_rng_state,
 )
 from medseg.training.distributed import setup_distributed
+from medseg.training.history import plot_curves, write_metrics
 from medseg.training.optim import default_lr, lr_factor, make_ema, make_optimizer
 from medseg.training.sampling import SeededSamples, StepSampler
 from medseg.training.transfer import load_matching, network_of
@@ -385,7 +386,7 @@ class Trainer:
         classes = [c for c in self.labels if c != 0]
         windows = windows_per_forward(self.config.infer.sw_batch_size, self.device, self.amp_dtype)
         scores, largest = [], []
-        for item in self._val_dataset() or []:
+        for number, item in enumerate(self._val_dataset() or []):
             probs = sliding_window_probs(
                 model,
                 item["image"],
@@ -397,8 +398,12 @@ class Trainer:
             )
             ref = np.asarray(item["label"][0]).astype(np.int64)
             labels = probs.argmax(0).numpy().astype(np.uint8)
-            scores.append(dice_per_class(labels, ref, classes))
-            largest.append(dice_per_class(keep_largest_component(labels, classes), ref, classes))
+            # a label absent from both is no evidence for choosing a checkpoint: nan, not 1
+            scores.append(dice_per_class(labels, ref, classes, both_empty=math.nan))
+            cleaned = keep_largest_component(labels, classes)
+            largest.append(dice_per_class(cleaned, ref, classes, both_empty=math.nan))
+            if self.dist.is_main and number < self.config.train.val_pictures:
+                self._draw_validation(item, labels, ref, scores[-1])
         scores = [s for rank in self.dist.gather(scores) for s in rank]
         largest = [s for rank in self.dist.gather(largest) for s in rank]
         result = {f"dice_{self.labels[c]}": _mean([s[c] for s in scores]) for c in classes}
@@ -410,6 +415,17 @@ class Trainer:
         result["val_cases"] = len(scores)
         self.on_validation_end(result)
         return result
+
+    def _draw_validation(self, item: dict, labels: np.ndarray, ref: np.ndarray, scores: dict) -> None:
+        """A picture of one validation case in the preprocessed space (RAS axes at the plan's
+        spacing), replaced at each validation."""
+        affine = np.diag([*self.plan.spacing, 1.0])
+        image = image_from_ras(np.asarray(item["image"][0], dtype=np.float32), affine)
+        pred, truth = (image_from_ras(np.ascontiguousarray(a, dtype=np.uint8), affine) for a in (labels, ref))
+        dice = _mean(list(scores.values()))
+        title = f"{item['id']}   epoch {self.epoch}, step {self.step}: mean Dice {dice:.3f}"
+        target = self.output_dir / "validation" / f"{safe_name(str(item['id']))}.png"
+        case_figure(pred, target, image, truth, self.labels, title)
 
     # -- bookkeeping ------------------------------------------------------------------------
 

@@ -1,0 +1,337 @@
+"""Score a folder of predicted masks against a folder of references, one case at a time.
+
+Cases are matched by name. A case that cannot be scored (unreadable, another grid) is reported
+by name and the rest carry on; a reference without a prediction scores 0 and is flagged.
+Writes ``metrics.csv`` (a row per case and class) and ``summary.json`` (mean, std and median
+per class and metric).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from medseg.data.datasets import read_label_map
+from medseg.errors import InputError, MedsegError
+from medseg.evaluation.metrics import (
+    BOTH_EMPTY,
+    DEFAULT_TOLERANCE_MM,
+    HD_PERCENTILE,
+    METRICS,
+    MISSING,
+    OK,
+    evaluate_pair,
+    missing_metrics,
+    pair_arrays,
+    tolerance_for,
+)
+from medseg.inference.cases import EXTRAS, LABELS_FILE
+from medseg.io import case_id, is_volume_file, read_volume, to_array, write_text_atomic
+
+__all__ = [
+    "ERROR",
+    "evaluate",
+    "find_masks",
+    "match_cases",
+    "score_case",
+    "finish",
+    "write_results",
+]
+
+ERROR = "error"
+TABLE, SUMMARY = "metrics.csv", "summary.json"
+_COUNTS = ("tp", "fp", "fn", "pred_ml", "ref_ml")
+COLUMNS = ["case", "label", "class", "status", *METRICS, *_COUNTS, "reason"]
+# medseg's own outputs that sit among masks but are not masks
+_NOT_MASKS = tuple(f"_{kind}" for kind in EXTRAS)
+
+
+def find_masks(folder: str | Path) -> dict[str, Path]:
+    """Case name -> mask file, for every mask in ``folder`` and its sub-folders (a case in a
+    sub-folder is named ``sub/case``, as ``predict`` mirrors its input's folders)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(folder, "no such folder")
+    found = {}
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(
+            d
+            for d in dirs
+            if not d.startswith(".") and d != "previews" and not (Path(root) / d / "index.html").exists()
+        )  # predict's previews and QC reports hold pictures, not masks
+        for name in sorted(files):
+            path = Path(root) / name
+            if name.startswith(".") or not is_volume_file(path) or case_id(name).endswith(_NOT_MASKS):
+                continue
+            found[(path.parent.relative_to(folder) / case_id(name)).as_posix()] = path
+    return found
+
+
+def match_cases(preds: dict[str, Path], refs: dict[str, Path]) -> list[tuple[str, Path | None, Path | None]]:
+    """Pairs ``(case, prediction, reference)`` by case name, sorted; either side may be None.
+
+    A name that has no namesake at the same depth is matched on its last part when that is
+    unique on both sides (masks in ``out/site1/a`` against references in ``labels/a``).
+    """
+    preds, refs = dict(preds), dict(refs)
+    pairs = [(k, preds.pop(k), refs.pop(k)) for k in sorted(set(preds) & set(refs))]
+
+    def by_leaf(cases: dict[str, Path]) -> dict[str, str]:
+        leaves: dict[str, list[str]] = {}
+        for key in cases:
+            leaves.setdefault(key.rsplit("/", 1)[-1], []).append(key)
+        return {leaf: keys[0] for leaf, keys in leaves.items() if len(keys) == 1}
+
+    pred_leaves, ref_leaves = by_leaf(preds), by_leaf(refs)
+    for leaf in sorted(set(pred_leaves) & set(ref_leaves)):
+        key = pred_leaves[leaf]
+        pairs.append((key, preds.pop(key), refs.pop(ref_leaves[leaf])))
+    pairs += [(k, p, None) for k, p in preds.items()] + [(k, None, r) for k, r in refs.items()]
+    return sorted(pairs, key=lambda pair: pair[0])
+
+
+def score_case(
+    case: str,
+    pred: Path | sitk.Image | None,
+    ref: Path | sitk.Image,
+    labels: dict[int, str],
+    tolerance: float | dict,
+    discover: bool = True,
+) -> list[dict]:
+    """The rows of one case: a row per class of ``labels`` or one ``error`` row naming the
+    problem. ``pred`` and ``ref`` are files or images. With ``discover``, classes the masks hold
+    that ``labels`` lacks are added to it."""
+    try:
+        if pred is None:
+            ref_image = ref if isinstance(ref, sitk.Image) else read_volume(ref)
+            ref_array, spacing = to_array(ref_image), ref_image.GetSpacing()
+            if discover:
+                _add_found(labels, ref_array)
+            return [
+                {"case": case, "label": c, "class": n, **missing_metrics(ref_array == c, spacing)}
+                for c, n in _foreground(labels)
+            ]
+        pred_array, ref_array, spacing = pair_arrays(pred, ref)
+        if discover:
+            _add_found(labels, pred_array)
+            _add_found(labels, ref_array)
+        rows = evaluate_pair(pred_array, ref_array, spacing, dict(_foreground(labels)), tolerance)
+    except MedsegError as err:
+        return [{"case": case, "status": ERROR, "reason": str(err)}]
+    return [{"case": case, **row} for row in rows]
+
+
+def _foreground(labels: dict[int, str]) -> list[tuple[int, str]]:
+    return sorted((int(c), n) for c, n in labels.items() if int(c) != 0)
+
+
+def _add_found(labels: dict[int, str], array: np.ndarray) -> None:
+    for value in np.unique(array):
+        if int(value) != 0 and int(value) not in labels:
+            labels[int(value)] = f"class_{int(value)}"
+
+
+def evaluate(
+    pred_dir: str | Path,
+    ref_dir: str | Path,
+    out: str | Path | None = None,
+    labels: dict[int, str] | None = None,
+    tolerance: float | dict = DEFAULT_TOLERANCE_MM,
+    overwrite: bool = False,
+    on_case: Callable[[str, str], None] | None = None,
+) -> dict:
+    """Every metric per case and class of the masks in ``pred_dir`` against ``ref_dir``.
+
+    Cases are matched by name, read a pair at a time and scored with ``evaluate_pair``. A case
+    that cannot be scored is reported (``errors``) and left out of the means; a reference
+    without a prediction scores Dice 0 (``missing_predictions``); a prediction without a
+    reference is listed (``no_reference``).
+
+    Args:
+        pred_dir: predicted masks (sub-folders included).
+        ref_dir: reference masks.
+        out: folder for ``metrics.csv`` and ``summary.json``; None writes nothing.
+        labels: class index -> name; by default the ``labels.json`` that ``predict`` writes
+            beside its masks, else every non-zero value found, named ``class_N``.
+        tolerance: surface-Dice tolerance in mm, one value or a dict by class name.
+        overwrite: replace an earlier ``metrics.csv``/``summary.json`` in ``out``.
+        on_case: called with (case, status) as each case is done, for progress.
+
+    Returns:
+        ``rows`` (as in metrics.csv), ``summary`` (as in summary.json), ``cases``
+        (``{"id", "status", <class>: Dice}`` per case), ``mean`` (Dice per class),
+        ``mean_foreground``, ``missing_predictions``, ``no_reference`` and ``errors``.
+
+    Raises:
+        InputError: a folder is missing, no prediction has a reference, or ``out`` already
+            holds results and ``overwrite`` is off.
+    """
+    pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
+    pairs = match_cases(find_masks(pred_dir), find_masks(ref_dir))
+    if not any(p and r for _, p, r in pairs):
+        raise InputError(pred_dir, f"no mask here has a namesake in {ref_dir}")
+    if out is not None:
+        refuse_overwrite(Path(out), (TABLE, SUMMARY), overwrite)
+    if labels is None and (pred_dir / LABELS_FILE).is_file():
+        labels = read_label_map(pred_dir / LABELS_FILE)
+    discover = not labels
+    labels = {int(c): n for c, n in (labels or {}).items()}
+    rows = []
+    for case, pred, ref in pairs:
+        if ref is None:
+            continue
+        found = score_case(case, pred, ref, labels, tolerance, discover)
+        rows += found
+        if on_case:
+            on_case(case, found[0]["status"] if found[0]["status"] in (ERROR, MISSING) else OK)
+    result = finish(rows, labels, tolerance, pairs)
+    if out is not None:
+        write_results(result, Path(out))
+    return result
+
+
+def refuse_overwrite(folder: Path, names: tuple[str, ...], overwrite: bool) -> None:
+    """Refuse to replace earlier results in ``folder`` unless asked."""
+    earlier = [n for n in names if (folder / n).exists()]
+    if earlier and not overwrite:
+        raise InputError(
+            folder / earlier[0], "already exists; pass --overwrite (overwrite=True) to replace it"
+        )
+
+
+def fill_absent(rows: list[dict], labels: dict[int, str]) -> list[dict]:
+    """Add the rows of classes found only in later cases: absent from both masks of an earlier
+    case, they are ``both empty`` there (or 0 for a missing prediction)."""
+    by_case: dict[str, list[dict]] = {}
+    for row in rows:
+        by_case.setdefault(row["case"], []).append(row)
+    filled = []
+    for case, mine in by_case.items():
+        if mine[0]["status"] == ERROR:
+            filled += mine
+            continue
+        have = {r["label"]: r for r in mine}
+        missing = mine[0]["status"] == MISSING
+        for index, name in _foreground(labels):
+            filled.append(
+                have.get(index) or {"case": case, "label": index, "class": name, **_absent(missing)}
+            )
+    return filled
+
+
+def _absent(missing: bool) -> dict:
+    scores = (0.0, 0.0, math.nan, math.nan, 0.0) if missing else (1.0, 1.0, 0.0, 0.0, 1.0)
+    return {
+        "status": MISSING if missing else BOTH_EMPTY,
+        **dict(zip(METRICS, scores)),
+        **dict.fromkeys(_COUNTS, 0),
+    }
+
+
+def finish(rows: list[dict], labels: dict[int, str], tolerance, pairs: list[tuple]) -> dict:
+    """The evaluation of scored ``rows``: classes found late filled in, summarised, and the
+    predictions of ``pairs`` that had no reference listed."""
+    result = summarise(fill_absent(rows, labels), labels, tolerance)
+    result["no_reference"] = result["summary"]["no_reference"] = [c for c, _, ref in pairs if ref is None]
+    return result
+
+
+def summarise(rows: list[dict], labels: dict[int, str], tolerance) -> dict:
+    """Means, standard deviations and medians per class and metric, and the per-case view."""
+    scored = [r for r in rows if r["status"] != ERROR]
+    classes = {}
+    for index, name in _foreground(labels):
+        mine = [r for r in scored if r["label"] == index]
+        classes[name] = {
+            "label": index,
+            "tolerance_mm": tolerance_for(tolerance, index, name),
+            **{metric: _stats([r[metric] for r in mine]) for metric in METRICS},
+            "statuses": {s: sum(r["status"] == s for r in mine) for s in sorted({r["status"] for r in mine})},
+        }
+    mean = {name: stats["dice"]["mean"] for name, stats in classes.items()}
+    cases, errors = {}, {}
+    for row in rows:
+        if row["status"] == ERROR:
+            errors[row["case"]] = row["reason"]
+            continue
+        entry = cases.setdefault(row["case"], {"id": row["case"], "status": OK})
+        if row["status"] == MISSING:
+            entry["status"] = MISSING
+        entry[row["class"]] = row["dice"]
+    foreground = _mean_of(list(mean.values()))
+    summary = {
+        "cases_scored": len(cases),
+        "mean_foreground_dice": foreground,
+        "classes": classes,
+        "missing_predictions": sorted(c for c, e in cases.items() if e["status"] == MISSING),
+        "errors": errors,
+        "hd_percentile": HD_PERCENTILE,
+        "empty_mask_policy": "Metrics Reloaded: both empty -> Dice 1, distances 0; one empty -> Dice 0, "
+        "distances NaN (left out of their means, counted in 'statuses'); missing prediction -> Dice 0",
+    }
+    return {
+        "rows": rows,
+        "summary": summary,
+        "cases": list(cases.values()),
+        "mean": mean,
+        "mean_foreground": foreground,
+        "missing_predictions": summary["missing_predictions"],
+        "errors": errors,
+    }
+
+
+def _stats(values: list[float]) -> dict:
+    defined = np.asarray([v for v in values if not math.isnan(v)], dtype=float)
+    if defined.size == 0:
+        return {"mean": math.nan, "std": math.nan, "median": math.nan, "n": 0, "undefined": len(values)}
+    return {
+        "mean": float(defined.mean()),
+        "std": float(defined.std()),
+        "median": float(np.median(defined)),
+        "n": int(defined.size),
+        "undefined": len(values) - int(defined.size),
+    }
+
+
+def _mean_of(values: list[float]) -> float:
+    values = [v for v in values if not math.isnan(v)]
+    return float(np.mean(values)) if values else math.nan
+
+
+def write_results(result: dict, folder: Path) -> None:
+    """``metrics.csv`` and ``summary.json`` in ``folder``, each written atomically."""
+    folder.mkdir(parents=True, exist_ok=True)
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    for row in result["rows"]:
+        writer.writerow({k: _cell(k, v) for k, v in row.items()})
+    write_text_atomic(folder / TABLE, table.getvalue())
+    write_text_atomic(folder / SUMMARY, json.dumps(nan_to_none(result["summary"]), indent=2))
+
+
+def _cell(key: str, value) -> str:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return ""
+        return f"{value:.4f}" if key in ("dice", "iou", "nsd") else f"{value:.3f}"
+    return str(value)
+
+
+def nan_to_none(value):
+    """Strict JSON has no NaN: an undefined value is written as null."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [nan_to_none(v) for v in value]
+    return value
