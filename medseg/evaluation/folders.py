@@ -274,8 +274,8 @@ def summarise(rows: list[dict], labels: dict[int, str], tolerance) -> dict:
         "missing_predictions": sorted(c for c, e in cases.items() if e["status"] == MISSING),
         "errors": errors,
         "hd_percentile": HD_PERCENTILE,
-        "empty_mask_policy": "Metrics Reloaded: both empty -> Dice 1, distances 0; one empty -> Dice 0, "
-        "distances NaN (left out of their means, counted in 'statuses'); missing prediction -> Dice 0",
+        "empty_mask_policy": "Metrics Reloaded: both empty → Dice 1, distances 0; one empty → Dice 0, "
+        "distances undefined (left out of their means, counted in 'statuses'); missing prediction → Dice 0",
     }
     return {
         "rows": rows,

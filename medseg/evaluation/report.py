@@ -267,8 +267,9 @@ def _summary_table(evaluation: dict, classes) -> str:
         stats = summary["classes"].get(name)
         if not stats:
             continue
+        digits = {"hd95": 2, "assd": 2}  # mm to 0.01; scores to 0.001
         cells = [
-            f"{_num(stats[m]['mean'])} ± {_num(stats[m]['std'])}"
+            f"{_num(stats[m]['mean'], digits.get(m, 3))} ± {_num(stats[m]['std'], digits.get(m, 3))}"
             for m in ("dice", "iou", "hd95", "assd", "nsd")
         ]
         rows.append(
