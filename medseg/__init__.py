@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.1.0"
+from medseg._version import __version__  # noqa: F401  (medseg.__version__)
 
 # public name -> the module that defines it
 _WHERE = {
@@ -30,6 +30,8 @@ _WHERE = {
     "read_volume": "medseg.io",
     "write_volume": "medseg.io",
     "build_model": "medseg.models",
+    "Checkpoint": "medseg.checkpoint",
+    "checkpoint_of": "medseg.models.factory",
     "Trainer": "medseg.training.trainer",
     "Callback": "medseg.training.trainer",
     "Pretrainer": "medseg.training.pretrain",

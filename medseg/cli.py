@@ -316,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medseg", description="Medical-image segmentation: train U-Nets, write masks, score them."
     )
-    from medseg import __version__
+    from medseg._version import __version__
 
     parser.add_argument("--version", action="version", version=f"medseg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -15,8 +15,8 @@ from typing import Any
 
 import yaml
 
+from medseg.atomic import write_text_atomic
 from medseg.errors import ConfigError
-from medseg.io import write_text_atomic
 
 __all__ = [
     "Config",

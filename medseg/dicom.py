@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from medseg.atomic import atomic_path
 from medseg.errors import InputError
-from medseg.io import atomic_path, is_volume_file
+from medseg.files import is_volume_file
 
 __all__ = [
     "DicomSeries",
@@ -279,7 +280,7 @@ def write_dicom_seg(
         from pydicom.sr.codedict import codes
     except ImportError:
         raise InputError(path, "DICOM-SEG output needs highdicom: pip install 'medseg[dicom]'") from None
-    from medseg import __version__
+    from medseg._version import __version__
 
     path = Path(path)
     if path.exists() and not overwrite:

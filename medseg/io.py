@@ -7,27 +7,19 @@ frame of an affine is RAS, as in MONAI. SimpleITK's own frame is LPS; ``ras_affi
 
 from __future__ import annotations
 
-import os
-import re
-import shutil
-import socket
-import tempfile
 import zlib
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
+from medseg.atomic import atomic_path
+from medseg.dicom import read_series
 from medseg.errors import InputError
+from medseg.files import VOLUME_SUFFIXES, is_volume_file, volume_suffix
 
 __all__ = [
-    "VOLUME_SUFFIXES",
-    "is_volume_file",
-    "case_id",
-    "split_channel",
     "read_header",
     "channel_count",
     "read_volume",
@@ -36,50 +28,12 @@ __all__ = [
     "to_array",
     "ras_affine",
     "image_from_ras",
-    "atomic_path",
-    "remove_stale_temp",
-    "write_text_atomic",
     "grid_mismatch",
-    "safe_name",
     "channel_files",
     "check_voxel_values",
 ]
 
-VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".tif", ".tiff")
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
-_CHANNEL = re.compile(r"_(\d{4})$")
-
-
-def _suffix(path: str | Path) -> str:
-    name = Path(path).name.lower()
-    return next((s for s in VOLUME_SUFFIXES if name.endswith(s)), "")
-
-
-def is_volume_file(path: str | Path) -> bool:
-    """True if the file name ends in an image format medseg reads (3D volumes or 2D images)."""
-    return bool(_suffix(path))
-
-
-def case_id(path: str | Path) -> str:
-    """The case name of a file: its name without the format suffix (``ab.nii.gz`` -> ``ab``); the
-    name of a folder (a DICOM series) as it is."""
-    if Path(path).is_dir():
-        return Path(path).name
-    name = Path(path).name
-    suffix = _suffix(path)
-    return name[: -len(suffix)] if suffix else Path(path).stem
-
-
-def safe_name(raw: str) -> str:
-    """A name from input (a list's ``id``, a case name) as a bare file name: no folders, no dots
-    at the start, nothing but letters, digits, ``.``, ``_`` and ``-``."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", raw).strip("._") or "case"
-
-
-def split_channel(path: str | Path) -> tuple[str, int | None]:
-    """nnU-Net's channel naming: ``CASE_0001.nii.gz`` -> ``("CASE", 1)``; other names -> ``(id, None)``."""
-    match = _CHANNEL.search(case_id(path))
-    return (case_id(path)[: match.start()], int(match.group(1))) if match else (case_id(path), None)
 
 
 def read_volume(
@@ -103,8 +57,6 @@ def read_volume(
     if not path.exists():
         raise InputError(path, "no such file")
     if path.is_dir():
-        from medseg.dicom import read_series  # here, as medseg.dicom builds on this module
-
         image = read_series(path, series_uid)
     else:
         image = _read_file(path)
@@ -184,7 +136,7 @@ def _read_file(path: Path) -> sitk.Image:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
         raise InputError(path, f"cannot read: {_first_reason(exc)}") from None
-    if _suffix(path) in (".nii", ".nii.gz"):
+    if volume_suffix(path) in (".nii", ".nii.gz"):
         image = _check_nifti_data(path, image)
     return image
 
@@ -305,7 +257,7 @@ def write_vectors(
             path, f"array shape {values.shape[:-1]} does not match the grid {reference.GetSize()}"
         )
     with atomic_path(path) as tmp:
-        if dims == 3 and _suffix(path) in (".nii", ".nii.gz"):
+        if dims == 3 and volume_suffix(path) in (".nii", ".nii.gz"):
             nifti = nib.Nifti1Image(values[:, :, :, None, :], ras_affine(reference))
             nifti.header.set_intent("vector")
             nifti.header.set_xyzt_units("mm")
@@ -316,80 +268,6 @@ def write_vectors(
             image.CopyInformation(reference)
             sitk.WriteImage(image, str(tmp), useCompression=True)
     return path
-
-
-_TEMP_PREFIX = ".medseg-tmp-"
-
-
-def _temp_prefix() -> str:
-    # Host and process in the name: a later run can tell its own crashed temp folders from
-    # those of a live process (another shard may be writing into the same output folder).
-    return f"{_TEMP_PREFIX}{socket.gethostname()}-{os.getpid()}-"
-
-
-@contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a path with ``path``'s own name inside a private temp folder beside it; once the
-    writer is done, move what it wrote onto ``path``.
-
-    A crash mid-write leaves the old file (or none) in place, never a half-written one. The
-    writer sees the final file name, so a format that writes a header plus a data file
-    (``.mhd`` + ``.zraw``, ``.nhdr`` + ``.raw.gz``) names its data file after the final name; the
-    data files move first and the header last. Files are flushed to disk (fsync) before the
-    move, and are created by the writer itself, so they get the umask's permissions.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix=_temp_prefix(), dir=path.parent))
-    try:
-        yield folder / path.name
-        written = sorted(folder.iterdir(), key=lambda p: p.name == path.name)  # the main file last
-        if path.name not in {p.name for p in written}:
-            raise OSError(f"{path}: the writer created no file")
-        for item in written:
-            _fsync(item)
-        for item in written:
-            os.replace(item, path.parent / item.name)
-        _fsync(path.parent)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def remove_stale_temp(folder: str | Path) -> int:
-    """Delete temp folders that crashed (killed) medseg processes of this host left under
-    ``folder``; returns how many. Those of live processes and other hosts are left alone."""
-    removed = 0
-    host = f"{_TEMP_PREFIX}{socket.gethostname()}-"
-    for temp in Path(folder).rglob(f"{_TEMP_PREFIX}*"):
-        pid = temp.name[len(host) :].split("-")[0] if temp.name.startswith(host) else ""
-        if temp.is_dir() and pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(temp, ignore_errors=True)
-            removed += 1
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's live process
-    return pid != 0
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write a text file atomically."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
 
 
 def to_array(image: sitk.Image) -> np.ndarray:

@@ -98,12 +98,12 @@ def _monai_loop(checkpoint: str, images: str, out: str) -> None:
     from monai.data import DataLoader, Dataset, decollate_batch
     from monai.inferers import sliding_window_inference
 
-    from medseg.data.plan import Plan
-    from medseg.training.checkpoint import load_checkpoint, model_from_checkpoint
+    from medseg.checkpoint import Checkpoint
+    from medseg.models.factory import model_from_checkpoint
 
-    payload = load_checkpoint(checkpoint)
-    plan = Plan.from_dict(payload["plan"])
-    net = model_from_checkpoint(payload)
+    found = Checkpoint.load(checkpoint)
+    plan = found.preprocessing()
+    net = model_from_checkpoint(found)
     pre = mt.Compose(
         [
             mt.LoadImaged("image"),

@@ -63,7 +63,7 @@ def test_output_that_is_the_input_is_refused(predictor, tmp_path):
 
 
 def test_a_different_checkpoint_is_not_treated_as_done(predictor, tiny_dataset, tmp_path):
-    from medseg.training.checkpoint import load_checkpoint, save_checkpoint
+    from medseg.checkpoint import Checkpoint
 
     scans = _scans(tmp_path / "scans", ["a.nii.gz", "b.nii.gz"])
     out = tmp_path / "out"
@@ -71,11 +71,11 @@ def test_a_different_checkpoint_is_not_treated_as_done(predictor, tiny_dataset, 
     assert len(first.written) == 2
 
     # Same weights, nudged: another checkpoint file with another hash.
-    payload = load_checkpoint(predictor.checkpoint)
-    for value in payload["model"].values():
+    checkpoint = Checkpoint.load(predictor.checkpoint)
+    for value in checkpoint.weights.values():
         if value.is_floating_point():
             value.add_(0.01)
-    other = Predictor(save_checkpoint(tmp_path / "other.pt", payload), device="cpu")
+    other = Predictor(checkpoint.save(tmp_path / "other.pt"), device="cpu")
     assert other.sha256 != predictor.sha256
     with pytest.raises(InputError) as info:
         predict_many(other, scans, out)

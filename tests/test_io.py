@@ -6,7 +6,8 @@ import SimpleITK as sitk
 
 from medseg.data.phantom import make_phantom
 from medseg.errors import InputError
-from medseg.io import case_id, image_from_ras, ras_affine, read_volume, to_array, write_vectors, write_volume
+from medseg.files import case_id
+from medseg.io import image_from_ras, ras_affine, read_volume, to_array, write_vectors, write_volume
 
 
 @pytest.fixture

@@ -174,3 +174,28 @@ def test_output_formats(learned, tmp_path):
     }
     with pytest.raises(ConfigError, match="unknown output format 'png'"):
         predict_many(predictor, tmp_path / "in", tmp_path / "png", fmt="png")
+
+
+def test_a_network_made_in_python_is_saved_and_predicted_with(learned, tmp_path):
+    from medseg.checkpoint import Checkpoint
+    from medseg.models.factory import checkpoint_of, model_from_checkpoint
+
+    trained = Checkpoint.load(learned.checkpoint)
+    net, plan, config = model_from_checkpoint(trained), trained.preprocessing(), trained.settings()
+    saved = checkpoint_of(net, plan, trained.labels, config).save(tmp_path / "mine.pt")
+    image, _ = learned_phantom(7)
+    ours = Predictor(saved, device="cpu").predict(image)
+    np.testing.assert_array_equal(ours, learned.predict(image))
+
+    class Custom(torch.nn.Module):  # no config describes it
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv3d(1, 4, 1)
+
+        def forward(self, x):
+            return self.conv(x)
+
+    custom = checkpoint_of(Custom(), plan, trained.labels, config)
+    assert custom.custom_model
+    with pytest.raises(CheckpointError, match="was trained with a custom model"):
+        Predictor(custom.save(tmp_path / "custom.pt"), device="cpu")

@@ -9,11 +9,11 @@ import shutil
 import pytest
 import torch
 
+from medseg.checkpoint import PRETRAIN, Checkpoint
 from medseg.config import load_config
 from medseg.data.datasets import find_cases
 from medseg.errors import CheckpointError
 from medseg.models import build_model
-from medseg.training.checkpoint import save_checkpoint
 from medseg.training.pretrain import (
     Pretrainer,
     add_noise,
@@ -84,8 +84,8 @@ def _checkpoint(tmp_path, model, name="unet"):
         None, [f"model.name={name}", "model.channels=[8, 16]", "model.time_conditioning=true"]
     )
     plan = {"spacing": [1.0, 1.0, 1.0], "patch_size": [16, 16, 8], "strides": [[2, 2, 2]], "channels": 1}
-    payload = {"model": model.state_dict(), "config": config.to_dict(), "labels": {0: "bg"}, "plan": plan}
-    return save_checkpoint(tmp_path / "pre.pt", {**payload, "kind": "pretrain"})
+    checkpoint = Checkpoint(model.state_dict(), config.to_dict(), {0: "bg"}, plan, kind=PRETRAIN)
+    return checkpoint.save(tmp_path / "pre.pt")
 
 
 def test_transfer_loads_matching_weights_and_skips_the_head(tmp_path):

@@ -52,7 +52,7 @@ def _hash_file(path: Path, digest) -> None:
 
 def plan_key(plan: Plan) -> str:
     """A short key for everything that shapes the preprocessed volumes."""
-    from medseg import __version__
+    from medseg._version import __version__
 
     text = json.dumps({"plan": plan.to_dict(), "version": __version__}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]

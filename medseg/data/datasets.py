@@ -16,15 +16,8 @@ import SimpleITK as sitk
 from tqdm.auto import tqdm
 
 from medseg.errors import ConfigError, InputError
-from medseg.io import (
-    case_id,
-    channel_files,
-    grid_mismatch,
-    is_volume_file,
-    read_channels,
-    read_volume,
-    split_channel,
-)
+from medseg.files import case_id, is_volume_file, split_channel
+from medseg.io import channel_files, grid_mismatch, read_channels, read_volume
 
 __all__ = [
     "Dataset",

@@ -14,18 +14,11 @@ import numpy as np
 import yaml
 from tqdm.auto import tqdm
 
+from medseg.atomic import write_text_atomic
 from medseg.config import Config
 from medseg.data.datasets import Dataset
 from medseg.errors import ConfigError, InputError
-from medseg.io import (
-    channel_count,
-    channel_files,
-    read_channels,
-    read_header,
-    read_volume,
-    to_array,
-    write_text_atomic,
-)
+from medseg.io import channel_count, channel_files, read_channels, read_header, read_volume, to_array
 
 __all__ = ["Fingerprint", "Plan", "fingerprint", "make_plan", "load_plan", "plan_for_config", "apply_plan"]
 

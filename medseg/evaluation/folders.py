@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from medseg.atomic import write_text_atomic
 from medseg.data.datasets import read_label_map
 from medseg.errors import InputError, MedsegError
 from medseg.evaluation.metrics import (
@@ -33,8 +34,8 @@ from medseg.evaluation.metrics import (
     pair_arrays,
     tolerance_for,
 )
-from medseg.inference.cases import EXTRAS, LABELS_FILE
-from medseg.io import case_id, is_volume_file, read_volume, to_array, write_text_atomic
+from medseg.files import EXTRAS, LABELS_FILE, case_id, is_volume_file
+from medseg.io import read_volume, to_array
 
 __all__ = [
     "ERROR",

@@ -14,7 +14,7 @@ import numpy as np  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
-from medseg.io import atomic_path  # noqa: E402
+from medseg.atomic import atomic_path  # noqa: E402
 
 __all__ = [
     "PREDICTION_COLOUR",

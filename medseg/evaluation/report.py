@@ -11,6 +11,7 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
+from medseg.atomic import write_text_atomic
 from medseg.errors import MedsegError
 from medseg.evaluation.folders import (
     ERROR,
@@ -25,8 +26,8 @@ from medseg.evaluation.folders import (
 )
 from medseg.evaluation.metrics import BOTH_EMPTY, DEFAULT_TOLERANCE_MM, MISSING, OK
 from medseg.evaluation.pictures import case_figure
-from medseg.inference.cases import LABELS_FILE
-from medseg.io import case_id, is_volume_file, read_volume, safe_name, split_channel, write_text_atomic
+from medseg.files import LABELS_FILE, case_id, is_volume_file, safe_name, split_channel
+from medseg.io import read_volume
 
 __all__ = ["qc_report", "INDEX"]
 
@@ -228,7 +229,7 @@ img { max-width: 100%; height: auto; display: block; }
 
 
 def _page(entries, labels, evaluation, pred_dir, ref_dir) -> str:
-    from medseg import __version__
+    from medseg._version import __version__
 
     classes = [(c, n) for c, n in sorted(labels.items()) if c != 0]
     if evaluation:

@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from medseg import __version__
+from medseg._version import __version__
+from medseg.atomic import remove_stale_temp, write_text_atomic
 from medseg.errors import InputError, find_medseg_error
+from medseg.files import EXTRAS, LABELS_FILE
 from medseg.inference.batch_report import BatchReport, PreviousMask, previous_masks
 from medseg.inference.cases import (
-    EXTRAS,
-    LABELS_FILE,
     BatchCase,
     check_output_folder,
     discover,
@@ -35,7 +35,7 @@ from medseg.inference.cases import (
     take_shard,
 )
 from medseg.inference.predictor import LoadedCase, Predictor, Segmentation
-from medseg.io import remove_stale_temp, write_image, write_text_atomic, write_vectors
+from medseg.io import write_image, write_vectors
 
 __all__ = ["BatchResult", "predict_many", "process_shard"]
 

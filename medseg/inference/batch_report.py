@@ -19,8 +19,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from medseg.atomic import write_text_atomic
 from medseg.errors import InputError
-from medseg.io import write_text_atomic
 
 __all__ = ["BatchReport", "PreviousMask", "previous_masks", "report_names"]
 

@@ -16,7 +16,7 @@ from pathlib import Path, PurePosixPath
 
 from medseg.dicom import DicomSeries, scan_dicom
 from medseg.errors import ConfigError, InputError
-from medseg.io import VOLUME_SUFFIXES, case_id, is_volume_file, safe_name, split_channel
+from medseg.files import VOLUME_SUFFIXES, case_id, is_volume_file, safe_name, split_channel
 
 __all__ = [
     "FORMATS",
@@ -24,8 +24,6 @@ __all__ = [
     "BatchCase",
     "discover",
     "mask_name",
-    "EXTRAS",
-    "LABELS_FILE",
     "extra_name",
     "refuse_collisions",
     "parse_shard",
@@ -35,8 +33,6 @@ __all__ = [
 
 FORMATS = {"same": "", "nifti": ".nii.gz", "nrrd": ".nrrd", "mha": ".mha", "dicom-seg": ".dcm"}
 LIST_SUFFIXES = (".csv", ".txt")
-EXTRAS = ("probabilities", "uncertainty")  # maps written beside a mask on request
-LABELS_FILE = "labels.json"  # written beside the masks: class index -> name
 _FLOAT_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")  # formats that hold floats
 
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 import torch
-from monai.inferers import sliding_window_inference
 from torch import nn
 
+from medseg.checkpoint import Checkpoint, checkpoint_files, file_sha256, weights_sha256
 from medseg.config import Config
 from medseg.data.plan import Plan
 from medseg.data.transforms import infer_transforms, mirrored_axes
@@ -30,54 +30,12 @@ from medseg.errors import CheckpointError, ConfigError, InputError
 from medseg.inference.cases import ChannelFiles
 from medseg.inference.grid import onto_network_grid, resample_onto, to_input_grid
 from medseg.inference.postprocess import keep_largest_component, keep_largest_labels
+from medseg.inference.sliding import sliding_window_probs
 from medseg.inference.tta import ProbabilityMean, flip_passes
 from medseg.io import channel_files, check_voxel_values, read_channels, write_volume
-from medseg.training.checkpoint import (
-    checkpoint_files,
-    file_sha256,
-    load_checkpoint,
-    model_from_checkpoint,
-    weights_sha256,
-)
+from medseg.models.factory import model_from_checkpoint
 
-__all__ = ["sliding_window_probs", "Predictor", "LoadedCase", "Segmentation", "Member"]
-
-
-@torch.inference_mode()
-def sliding_window_probs(
-    model: nn.Module,
-    image: torch.Tensor,
-    roi_size,
-    overlap: float = 0.5,
-    sw_batch_size: int = 2,
-    amp_dtype: torch.dtype | None = None,
-    channels_last: bool = False,
-) -> torch.Tensor:
-    """Class probabilities (C, *spatial) of one channel-first image, windows blended by a Gaussian.
-
-    On a GPU the image goes to it once, the windows are cut and stitched there, and only the
-    probabilities come back to the CPU.
-    """
-    device = next(model.parameters()).device
-    on_gpu = device.type == "cuda"
-
-    def run(window: torch.Tensor) -> torch.Tensor:
-        if channels_last:
-            window = window.contiguous(memory_format=channels_last_format(window.ndim - 2))
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            return model(window).float()
-
-    logits = sliding_window_inference(
-        torch.as_tensor(image)[None].float().to(device if on_gpu else "cpu"),
-        roi_size=list(roi_size),
-        sw_batch_size=sw_batch_size,
-        predictor=run,
-        overlap=overlap,
-        mode="gaussian",
-        sw_device=device,
-        device=device if on_gpu else "cpu",
-    )
-    return torch.softmax(torch.as_tensor(logits)[0], dim=0).cpu()
+__all__ = ["Predictor", "LoadedCase", "Segmentation", "Member"]
 
 
 @dataclass
@@ -170,19 +128,12 @@ class Predictor:
         paths = checkpoint_files(checkpoint)
         members, labels, config, decided = [], None, None, None
         for path in paths:
-            payload = load_checkpoint(path)
-            if payload.get("kind") == "pretrain":
-                raise CheckpointError(
-                    path,
-                    "is a pretraining checkpoint (it predicts noise, not labels): fine-tune it first "
-                    "with medseg train --init",
-                )
-            plan = Plan.from_dict(payload["plan"], source=str(path))
-            members.append(Member(model_from_checkpoint(payload), plan, file_sha256(path)))
-            labels = _same_labels(labels, payload["labels"], path)
+            found = Checkpoint.load(path)
+            members.append(Member(model_from_checkpoint(found), found.preprocessing(), file_sha256(path)))
+            labels = _same_labels(labels, found.labels, path)
             if config is None:
-                config = Config.from_dict(payload["config"], source=str(path))
-                decided = payload.get("keep_largest")  # what training chose for "auto"
+                config = found.settings()
+                decided = found.keep_largest  # what training chose for "auto"
         self._setup(members, labels, config, device, tta, keep_largest, decided)
         self.checkpoints = [str(p) for p in paths]
         self.checkpoint = self.checkpoints[0] if len(paths) == 1 else ";".join(self.checkpoints)

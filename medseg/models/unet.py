@@ -433,7 +433,13 @@ MODELS = {"unet": UNet, "residual_unet": ResidualUNet, "attention_unet": Attenti
 
 
 def model_options(name: str) -> set[str]:
-    """The option names a model takes besides spatial_dims and channel counts."""
+    """The option names a model takes besides spatial_dims and channel counts.
+
+    Raises:
+        ValueError: no model has that name (the one place names are checked).
+    """
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
     names = set(inspect.signature(MODELS[name].__init__).parameters)
     return names - {"self", "spatial_dims", "in_channels", "out_channels"}
 
@@ -453,8 +459,6 @@ def build_model(name: str, spatial_dims: int, in_channels: int, out_channels: in
     Example:
         >>> net = build_model("attention_unet", 3, in_channels=1, out_channels=4, channels=(16, 32, 64))
     """
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
     unknown = set(options) - model_options(name)
     if unknown:
         raise ValueError(f"{name} takes no option {', '.join(sorted(unknown))}")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from medseg.atomic import atomic_path
 from medseg.evaluation.pictures import plt, save_figure
-from medseg.io import atomic_path
 
 __all__ = ["write_metrics", "plot_curves"]
 

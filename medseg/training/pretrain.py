@@ -16,12 +16,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from medseg.checkpoint import PRETRAIN
 from medseg.config import Config
 from medseg.data.datasets import Dataset as Cases
 from medseg.data.datasets import find_cases, given_cases
 from medseg.data.transforms import pretrain_transforms
 from medseg.errors import ConfigError, InputError
-from medseg.training.checkpoint import model_from_config
+from medseg.models.factory import model_for_plan
 from medseg.training.trainer import Trainer
 
 __all__ = [
@@ -105,7 +106,7 @@ class Pretrainer(Trainer):
         >>> summary = Pretrainer(cfg).fit()  # then: train.init=summary["best"]
     """
 
-    kind = "pretrain"
+    kind = PRETRAIN
 
     def __init__(self, config: Config, **kwargs):
         config = Config.from_dict(config.to_dict())
@@ -133,10 +134,7 @@ class Pretrainer(Trainer):
 
     def _build_model(self) -> nn.Module:
         """A noise-prediction network: one output channel per image channel."""
-        plan = self.plan
-        return model_from_config(
-            self.config, plan.channels, plan.channels, plan.spatial_dims, plan.stem_stride
-        )
+        return model_for_plan(self.config, self.plan, self.plan.channels)
 
     def _train_transform(self):
         """Images alone, preprocessed as for segmentation, in random patches."""

@@ -4,16 +4,19 @@ Which case a sample comes from, and the random state of every random transform t
 augments its patch, follow from the seed and the sample's global index alone. So a run resumed
 from a checkpoint draws exactly the patches an uninterrupted run would, whatever the number of
 loader workers, and the ranks of a distributed run draw disjoint samples without coordination.
+``rng_state`` and ``set_rng_state`` carry the global generators across a resume.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 
 import numpy as np
+import torch
 from torch.utils.data import Dataset, Sampler
 
-__all__ = ["SeededSamples", "StepSampler"]
+__all__ = ["SeededSamples", "StepSampler", "rng_state", "set_rng_state"]
 
 
 class SeededSamples(Dataset):
@@ -61,3 +64,36 @@ class StepSampler(Sampler):
             first = (step * self.world + self.rank) * self.batch_size
             yield from range(first, first + self.batch_size)
             step += 1
+
+
+def rng_state() -> dict:
+    """Every random generator's state, as tensors and numbers (so ``weights_only`` loads them)."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": pos,
+            "has_gauss": has_gauss,
+            "gauss": gauss,
+        },
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what ``rng_state`` saved (generators it does not name are left alone)."""
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        n = state["numpy"]
+        keys = n["keys"].numpy().astype(np.uint32)
+        np.random.set_state(("MT19937", keys, n["pos"], n["has_gauss"], n["gauss"]))
+    if "python" in state:
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

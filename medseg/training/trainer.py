@@ -19,6 +19,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from medseg.atomic import write_text_atomic
+from medseg.checkpoint import SEGMENT, Checkpoint
 from medseg.config import Config, save_config
 from medseg.data.cache import cached_dataset
 from medseg.data.datasets import Dataset as Cases
@@ -35,21 +37,16 @@ from medseg.device import autocast_dtype, channels_last_format, use_channels_las
 from medseg.errors import CheckpointError, ConfigError, InputError
 from medseg.evaluation.metrics import dice_per_class
 from medseg.evaluation.pictures import case_figure
+from medseg.files import safe_name
 from medseg.inference.postprocess import keep_largest_component
-from medseg.inference.predictor import sliding_window_probs
-from medseg.io import image_from_ras, safe_name, write_text_atomic
+from medseg.inference.sliding import sliding_window_probs
+from medseg.io import image_from_ras
+from medseg.models.factory import model_for_plan
 from medseg.training.callbacks import Callback, TensorBoardLogger, tensorboard_available
-from medseg.training.checkpoint import (
-    load_checkpoint,
-    model_from_config,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
 from medseg.training.distributed import setup_distributed
 from medseg.training.history import plot_curves, write_metrics
 from medseg.training.optim import default_lr, lr_factor, make_ema, make_optimizer
-from medseg.training.sampling import SeededSamples, StepSampler
+from medseg.training.sampling import SeededSamples, StepSampler, rng_state, set_rng_state
 from medseg.training.transfer import load_matching, network_of
 
 __all__ = ["Trainer", "Callback"]
@@ -82,7 +79,7 @@ class Trainer:
         >>> summary = Trainer.resume("runs/heart").fit()  # after an interruption
     """
 
-    kind = "segmentation"  # recorded in checkpoints; Pretrainer's are "pretrain"
+    kind = SEGMENT  # recorded in checkpoints; a Pretrainer's networks predict noise (PRETRAIN)
 
     def __init__(
         self,
@@ -154,10 +151,7 @@ class Trainer:
 
     def _build_model(self) -> nn.Module:
         """The network the config names, for the plan's channels and the dataset's classes."""
-        plan = self.plan
-        return model_from_config(
-            self.config, len(self.labels), plan.channels, plan.spatial_dims, plan.stem_stride
-        )
+        return model_for_plan(self.config, self.plan, len(self.labels))
 
     def _load_init(self) -> None:
         """Start from ``train.init``'s weights (a fresh run only; a resumed one has its own)."""
@@ -178,14 +172,13 @@ class Trainer:
         passed again).
         """
         run_dir = Path(run_dir)
-        payload = load_checkpoint(run_dir / "last.pt")
-        config = Config.from_dict(payload["config"], source=str(run_dir / "last.pt"))
-        config = config.override(list(overrides))
+        checkpoint = Checkpoint.load(run_dir / "last.pt")
+        config = checkpoint.settings().override(list(overrides))
         config.train.output_dir = str(run_dir)
-        if payload.get("custom_model") and "model" not in kwargs:
+        if checkpoint.custom_model and "model" not in kwargs:
             raise CheckpointError(run_dir / "last.pt", "was trained with a custom model: pass it as model=")
-        trainer = cls(config, plan=Plan.from_dict(payload["plan"], str(run_dir)), **kwargs)
-        trainer.load_state(payload)
+        trainer = cls(config, plan=checkpoint.preprocessing(), **kwargs)
+        trainer.load_state(checkpoint)
         return trainer
 
     # -- data -------------------------------------------------------------------------------
@@ -482,54 +475,58 @@ class Trainer:
             self.best_dice = dice
         if self.dist.is_main:
             write_metrics(self.history, self._metric_columns(), self.output_dir / "metrics.csv")
-            payload = self._checkpoint_payload()
+            checkpoint = self.checkpoint()
             # best before last: a kill between the two leaves last.pt older, and the resumed
             # run repeats the epoch and writes the same best.pt again.
             if improved or not self.val_cases:
-                save_checkpoint(self.output_dir / "best.pt", payload)
-            save_checkpoint(self.output_dir / "last.pt", payload)
+                checkpoint.save(self.output_dir / "best.pt")
+            checkpoint.save(self.output_dir / "last.pt")
             shown = ", ".join(f"{k}={v:.3f}" for k, v in row.items() if k.startswith("dice") or k == "loss")
             tqdm.write(f"epoch {row['epoch']}: {shown}")
 
-    def _checkpoint_payload(self) -> dict:
-        payload = {
-            "model": _cpu_state(self.eval_model),
+    def checkpoint(self) -> Checkpoint:
+        """The run as it stands: the weights to predict with, and the state to resume."""
+        training = {
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "config": self.config.to_dict(),
-            "labels": dict(self.labels),
-            "plan": self.plan.to_dict(),
-            "custom_model": self.custom_model,
-            "kind": self.kind,
             "epoch": self.epoch,
             "step": self.step,
             "elapsed": self.elapsed,
             "world_size": self.dist.world,
             "best_dice": self.best_dice,
-            "keep_largest": self.keep_largest,
             "history": self.history,
             "rng": rng_state(),
         }
         if self.ema is not None:
-            payload["train_model"] = _cpu_state(self.model)
-            payload["ema_updates"] = int(self.ema.n_averaged)
-        return payload
+            training["train_model"] = _cpu_state(self.model)
+            training["ema_updates"] = int(self.ema.n_averaged)
+        return Checkpoint(
+            weights=_cpu_state(self.eval_model),
+            config=self.config.to_dict(),
+            labels=dict(self.labels),
+            plan=self.plan.to_dict(),
+            kind=self.kind,
+            custom_model=self.custom_model,
+            keep_largest=self.keep_largest,
+            training=training,
+        )
 
-    def load_state(self, payload: dict) -> None:
-        """Continue from a checkpoint dict written by this trainer (see ``Trainer.resume``)."""
-        self.model.load_state_dict(payload.get("train_model", payload["model"]))
+    def load_state(self, checkpoint: Checkpoint) -> None:
+        """Continue from a checkpoint this trainer wrote (see ``Trainer.resume``)."""
+        state = checkpoint.training
+        self.model.load_state_dict(state.get("train_model", checkpoint.weights))
         if self.ema is not None:
-            self.ema.module.load_state_dict(payload["model"])
-            self.ema.n_averaged.fill_(payload.get("ema_updates", 0))
-        self.optimizer.load_state_dict(payload["optimizer"])
-        if "scaler" in payload:
-            self.scaler.load_state_dict(payload["scaler"])
-        self.epoch, self.step = int(payload["epoch"]), int(payload["step"])
-        self.elapsed = float(payload.get("elapsed", 0.0))
-        self.best_dice = float(payload.get("best_dice", -math.inf))
-        self.keep_largest = payload.get("keep_largest")
-        self.history = list(payload.get("history", []))
-        set_rng_state(payload.get("rng", {}))
+            self.ema.module.load_state_dict(checkpoint.weights)
+            self.ema.n_averaged.fill_(state.get("ema_updates", 0))
+        self.optimizer.load_state_dict(state["optimizer"])
+        if "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.elapsed = float(state.get("elapsed", 0.0))
+        self.best_dice = float(state.get("best_dice", -math.inf))
+        self.keep_largest = checkpoint.keep_largest
+        self.history = list(state.get("history", []))
+        set_rng_state(state.get("rng", {}))
         self.resumed = True
 
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 from torch import nn
 
+from medseg.checkpoint import Checkpoint
 from medseg.config import Config
 from medseg.errors import CheckpointError, ConfigError
-from medseg.training.checkpoint import load_checkpoint
 
 __all__ = ["PARTS", "Transfer", "network_of", "load_matching"]
 
@@ -54,10 +54,10 @@ def network_of(path: str | Path, config: Config) -> tuple[Config, dict]:
         CheckpointError: not a medseg checkpoint.
         ConfigError: the config fixes a plan of its own (``data.plan``).
     """
-    payload = load_checkpoint(path)
+    checkpoint = Checkpoint.load(path)
     if config.data.plan:
         raise ConfigError("data.plan", f"train.init takes the plan of {path}; leave data.plan unset")
-    theirs = payload["config"]["model"]
+    theirs = checkpoint.config["model"]
     resolved = Config.from_dict(config.to_dict())
     changed = []
     for key in (*_SHAPING, "time_conditioning"):
@@ -66,7 +66,7 @@ def network_of(path: str | Path, config: Config) -> tuple[Config, dict]:
             setattr(resolved.model, key, theirs.get(key))
     if changed:
         log.info("train.init: the network of %s: %s", path, ", ".join(changed))
-    return resolved, payload["plan"]
+    return resolved, checkpoint.plan
 
 
 def load_matching(model: nn.Module, path: str | Path, parts: str = "encoder") -> Transfer:
@@ -79,7 +79,7 @@ def load_matching(model: nn.Module, path: str | Path, parts: str = "encoder") ->
     """
     if parts not in PARTS:
         raise ConfigError("train.init_parts", f"must be one of {', '.join(PARTS)}, not {parts!r}")
-    source = load_checkpoint(path)["model"]
+    source = Checkpoint.load(path).weights
     own = model.state_dict()
     result = Transfer()
     for name, tensor in own.items():

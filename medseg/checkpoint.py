@@ -1,0 +1,212 @@
+"""Checkpoints: one file with a network's weights and all it takes to use them (config, labels,
+preprocessing plan), and from a training run the state to resume it. ``Checkpoint`` is the one
+reader and writer of the file's layout; nothing else indexes its dict.
+
+The file is a flat dict of plain containers, numbers, strings and tensors, so it loads with
+``torch.load(..., weights_only=True)``: opening one runs no code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from medseg.atomic import atomic_path
+from medseg.config import Config
+from medseg.data.plan import Plan
+from medseg.errors import CheckpointError
+
+__all__ = [
+    "FORMAT",
+    "SEGMENT",
+    "PRETRAIN",
+    "Checkpoint",
+    "checkpoint_file",
+    "checkpoint_files",
+    "file_sha256",
+    "weights_sha256",
+]
+
+FORMAT = "medseg-checkpoint/1"
+SEGMENT, PRETRAIN = "segmentation", "pretrain"  # what the network's output means: classes, or noise
+_FIELDS = ("format", "model", "config", "labels", "plan", "kind", "custom_model", "keep_largest")
+
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint file holds.
+
+    Args:
+        weights: the network's state dict (the one to predict with: the weight average, when
+            training keeps one).
+        config: the run's full config, as a dict.
+        labels: class index -> name, background included.
+        plan: the preprocessing plan, as a dict.
+        kind: ``segmentation`` (the network predicts classes) or ``pretrain`` (noise).
+        custom_model: the network was not built from ``config.model`` (a model passed in
+            Python), so only its own code can rebuild it.
+        keep_largest: the labels training's validation chose to keep the largest piece of
+            (``infer.keep_largest: auto``); None without a validation.
+        training: the state a resumed run needs (optimizer, step, random states, ...), written
+            beside the fields above.
+    """
+
+    weights: dict
+    config: dict
+    labels: dict
+    plan: dict
+    kind: str = SEGMENT
+    custom_model: bool = False
+    keep_largest: list[int] | None = None
+    training: dict = field(default_factory=dict)
+    source: str = field(default="checkpoint", compare=False)
+
+    # -- the file ------------------------------------------------------------------------
+
+    def to_payload(self) -> dict:
+        return {
+            "format": FORMAT,
+            "model": self.weights,
+            "config": self.config,
+            "labels": self.labels,
+            "plan": self.plan,
+            "kind": self.kind,
+            "custom_model": self.custom_model,
+            "keep_largest": self.keep_largest,
+            **self.training,
+        }
+
+    @classmethod
+    def from_payload(cls, payload, source: str = "checkpoint") -> Checkpoint:
+        """Check a loaded dict and read it.
+
+        Raises:
+            CheckpointError: not a medseg checkpoint, or one that lacks a field.
+        """
+        if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+            raise CheckpointError(source, f"not a medseg checkpoint (expected format {FORMAT})")
+        missing = {"model", "config", "labels", "plan"} - set(payload)
+        if missing:
+            raise CheckpointError(source, f"checkpoint lacks {', '.join(sorted(missing))}")
+        return cls(
+            weights=payload["model"],
+            config=payload["config"],
+            labels={int(k): v for k, v in payload["labels"].items()},
+            plan=payload["plan"],
+            kind=payload.get("kind") or SEGMENT,
+            custom_model=bool(payload.get("custom_model")),
+            keep_largest=payload.get("keep_largest"),
+            training={k: v for k, v in payload.items() if k not in _FIELDS},
+            source=source,
+        )
+
+    def save(self, path: str | Path) -> Path:
+        """Write the file atomically (temp file, then rename)."""
+        path = Path(path)
+        with atomic_path(path) as tmp:
+            torch.save(self.to_payload(), tmp)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
+        """Read a checkpoint file (or a run folder's ``best.pt``) safely, with ``weights_only``.
+
+        Raises:
+            CheckpointError: missing, unreadable, or not a medseg checkpoint.
+        """
+        path = checkpoint_file(path)
+        try:
+            payload = torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as exc:  # torch raises several types for corrupt or unsafe files
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(path, f"cannot load checkpoint ({reason[:120]})") from None
+        return cls.from_payload(payload, str(path))
+
+    # -- what it says --------------------------------------------------------------------
+
+    def settings(self) -> Config:
+        """The run's config."""
+        return Config.from_dict(self.config, source=f"{self.source} config")
+
+    def preprocessing(self) -> Plan:
+        """The run's plan."""
+        return Plan.from_dict(self.plan, source=self.source)
+
+    def check_segments(self) -> None:
+        """Refuse a checkpoint whose network does not predict classes.
+
+        Raises:
+            CheckpointError: a pretraining checkpoint.
+        """
+        if self.kind == PRETRAIN:
+            raise CheckpointError(
+                self.source,
+                "is a pretraining checkpoint (it predicts noise, not labels): fine-tune it first "
+                "with medseg train --init",
+            )
+
+
+def checkpoint_file(path: str | Path) -> Path:
+    """The checkpoint file a path names: the file itself, or a run folder's ``best.pt``.
+
+    Raises:
+        CheckpointError: there is no such file.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "best.pt"
+    if not path.is_file():
+        raise CheckpointError(path, "no such checkpoint")
+    return path
+
+
+def checkpoint_files(paths: str | Path | list) -> list[Path]:
+    """The checkpoint files of a model or an ensemble.
+
+    Each path is a checkpoint file, a run folder (its ``best.pt``), or a cross-validation
+    folder (``medseg train --fold K`` writes ``fold_K/``), which stands for every fold's
+    ``best.pt``.
+
+    Raises:
+        CheckpointError: a path names no checkpoint, or a fold has no ``best.pt`` yet.
+    """
+    files: list[Path] = []
+    for item in [paths] if isinstance(paths, (str, Path)) else list(paths):
+        item = Path(item)
+        folds = [] if (item / "best.pt").exists() else _fold_folders(item)
+        for fold in folds:
+            if not (fold / "best.pt").is_file():
+                raise CheckpointError(fold, "has no best.pt (is that fold still training?)")
+        files += [fold / "best.pt" for fold in folds] or [checkpoint_file(item)]
+    if not files:
+        raise CheckpointError("--model", "no checkpoint given")
+    return files
+
+
+def _fold_folders(folder: Path) -> list[Path]:
+    found = (
+        [p for p in folder.glob("fold_*") if p.is_dir() and p.name[5:].isdigit()] if folder.is_dir() else []
+    )
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file, as ``sha256sum`` prints it."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """A SHA-256 of a model's weights (names, shapes and values), for models not from a file."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
