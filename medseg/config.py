@@ -307,7 +307,21 @@ def _build(cls, data: Any, prefix: str, source: str):
             values[name] = _build(kind, data[name], f"{prefix}{name}.", source)
         else:
             values[name] = _coerce(data[name], kind, prefix + name, source)
+            if prefix + name in _POSITIVE and values[name] is not None and values[name] <= 0:
+                raise ConfigError(source, f"'{prefix}{name}' must be more than 0, got {values[name]!r}")
     return cls(**values)
+
+
+# Counts and budgets where 0 or less is a mistake (``train.epochs=-3`` would "train" no step).
+_POSITIVE = {
+    "train.epochs",
+    "train.iters_per_epoch",
+    "train.max_time",
+    "train.batch_size",
+    "train.val_every",
+    "train.lr",
+    "data.samples_per_volume",
+}
 
 
 def _coerce(value: Any, kind: Any, key: str, source: str) -> Any:

@@ -36,8 +36,13 @@ def test_disk_cache_survives_runs_and_notices_changes(tiny_dataset, tmp_path, mo
     before = content_hash(cases[0])
     shutil.copy(root / "labelsTr" / "heart_002.nii.gz", cases[0]["label"])
     assert content_hash(cases[0]) != before
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError) as info:  # MONAI wraps what the transform raised
         cached_dataset(cases, eval_transforms(plan), plan, "disk", tmp_path / "c")[0]
+    chain, error = [], info.value
+    while error is not None:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    assert any("read a source file although it was cached" in str(e) for e in chain)  # it re-read
 
 
 def test_plan_changes_the_key(tiny_dataset):

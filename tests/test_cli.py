@@ -147,3 +147,11 @@ def test_plan_prints_and_saves(tiny_dataset, tmp_path, capsys):
     assert out.is_file()
     assert main(["plan", "--data", str(tiny_dataset), "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_negative_epochs_end_with_one_line(tiny_dataset, tmp_path):
+    proc = run_cli(
+        "train", "--data", str(tiny_dataset), "--output", str(tmp_path / "r"), "--set", "train.epochs=-3"
+    )
+    _assert_one_line_error(proc, "'train.epochs' must be more than 0, got -3")
+    assert not (tmp_path / "r").exists()

@@ -45,6 +45,10 @@ def test_yaml_round_trip(tmp_path):
         ("train.epochs=five", "'train.epochs' must be int, got 'five'"),
         ("model.channels=16", "'model.channels' must be a list, got 16"),
         ("train.epochs", "expected key=value"),
+        ("train.epochs=-3", "'train.epochs' must be more than 0, got -3"),
+        ("train.epochs=0", "'train.epochs' must be more than 0, got 0"),
+        ("train.max_time=0", "'train.max_time' must be more than 0, got 0.0"),
+        ("train.iters_per_epoch=-1", "'train.iters_per_epoch' must be more than 0"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):

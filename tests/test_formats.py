@@ -187,5 +187,6 @@ def test_training_reads_dicom_series_folders(tiny_dataset, tmp_path):
         root, tmp_path, TINY_OVERRIDES + ["data.cache=disk", f"data.cache_dir={tmp_path}/c"]
     )
     expected = np.median([read_volume(c["image"]).GetSpacing() for c in dataset.training], axis=0)
-    assert sorted(trainer.plan.spacing) == pytest.approx(sorted(expected), abs=1e-3)
+    # in axis order: a swapped axis must not pass (the phantoms' axes stay x, y, z under RAS)
+    assert trainer.plan.spacing == pytest.approx(list(expected), abs=1e-3)
     assert summary["steps"] == 2

@@ -5,16 +5,16 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from monai import transforms as mt
 
 from medseg.data.phantom import make_phantom
-from medseg.data.transforms import LoadVolumed
+from medseg.data.plan import Plan
+from medseg.data.transforms import infer_transforms
 from medseg.errors import CheckpointError, ConfigError, InputError
 from medseg.evaluation.metrics import dice
 from medseg.inference.batch import predict_many
 from medseg.inference.grid import to_input_grid
 from medseg.inference.predictor import Predictor
-from medseg.io import read_volume, to_array
+from medseg.io import image_from_ras, read_volume, to_array
 from tests.conftest import learned_phantom, mean_dice, write_dicom_series
 
 
@@ -49,15 +49,14 @@ def test_results_map_back_to_the_right_voxels(tmp_path, orientation):
     """One-hot probabilities of the true label, made on the network's grid (RAS, other spacing),
     must land back on the true label on the input grid. A flipped grid must not."""
     image, label = make_phantom(4, shape=(72, 72, 18), spacing=(2.4, 2.4, 6.0), orientation=orientation)
-    sitk.WriteImage(label, str(tmp_path / "label.nii.gz"))
-    to_network_grid = mt.Compose(
-        [
-            LoadVolumed("label"),
-            mt.Orientationd("label", axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
-            mt.Spacingd("label", pixdim=(2.0, 2.0, 5.0), mode="nearest"),
-        ]
-    )
-    resampled = to_network_grid({"label": str(tmp_path / "label.nii.gz")})["label"]
+    sitk.WriteImage(image, str(tmp_path / "image.nii.gz"))
+    # The network grid as prediction makes it; the true label put on it by SimpleITK (nearest).
+    plan = Plan(spacing=[2.0, 2.0, 5.0], patch_size=[32, 32, 8], strides=[[2, 2, 1]])
+    network = infer_transforms(plan)({"image": str(tmp_path / "image.nii.gz")})["image"]
+    grid = image_from_ras(np.zeros(network.shape[1:], np.uint8), network.affine.numpy())
+    on_grid = sitk.Resample(label, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    resampled = torch.as_tensor(to_array(on_grid).astype(np.int64))[None]
+    resampled.affine = network.affine
     assert resampled.shape[1:] != label.GetSize()  # the grids really differ
     probs = torch.nn.functional.one_hot(resampled[0].long(), 4).permute(3, 0, 1, 2).float()
     truth = to_array(label)

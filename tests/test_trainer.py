@@ -1,4 +1,5 @@
 import csv
+from pathlib import Path
 
 import pytest
 import torch
@@ -50,12 +51,14 @@ def test_time_budget_stops_training(tiny_dataset, tmp_path):
     assert (tmp_path / "run" / "best.pt").is_file()
 
 
-def test_refuses_to_overwrite_a_run(tiny_run):
+def test_refuses_to_overwrite_a_run(tiny_run, tiny_dataset):
+    run = Path(tiny_run["best"]).parent
+    before = (run / "last.pt").read_bytes()
     config = load_config(None, TINY_OVERRIDES)
-    config.data.root = str(tiny_run["best"].rsplit("/", 2)[0])
-    config.train.output_dir = tiny_run["best"].rsplit("/", 1)[0]
-    with pytest.raises((InputError, ConfigError)):
+    config.data.root, config.train.output_dir = str(tiny_dataset), str(run)
+    with pytest.raises(InputError, match="already holds a training run"):
         Trainer(config).fit()
+    assert (run / "last.pt").read_bytes() == before
 
 
 def test_needs_a_dataset():

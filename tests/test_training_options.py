@@ -3,6 +3,7 @@ TensorBoard, cross-validation folds and cases passed in directly."""
 
 import csv
 import json
+import math
 import shutil
 
 import pytest
@@ -13,7 +14,7 @@ from medseg.config import load_config
 from medseg.data.datasets import find_cases, fold_splits
 from medseg.errors import ConfigError, InputError
 from medseg.inference.predictor import Predictor
-from medseg.training.optim import lr_factor
+from medseg.training.optim import ema_decay_at, lr_factor, make_ema
 from medseg.training.trainer import Trainer
 from tests.conftest import TINY_OVERRIDES
 
@@ -55,23 +56,71 @@ def test_sgd_poly_with_fp16_gradient_scaling(tiny_dataset, tmp_path):
     )
     assert isinstance(trainer.optimizer, torch.optim.SGD) and trainer.optimizer.defaults["nesterov"]
     assert trainer.scaler.is_enabled()
+    start = {k: v.clone() for k, v in trainer.model.state_dict().items() if v.is_floating_point()}
     summary = trainer.fit()
     payload = torch.load(summary["last"], weights_only=True)
-    assert payload["scaler"]["scale"] > 0
+    # the scaler ran (a disabled one saves no state) and its scale is a power of two it backed
+    # off to or grew to from 2**16
+    assert math.log2(payload["scaler"]["scale"]) in range(0, 33)
+    # and it let steps through: the weights moved (a step skipped on inf gradients leaves them)
+    assert any(
+        not torch.equal(start[k], v)
+        for k, v in payload["train_model" if "train_model" in payload else "model"].items()
+        if k in start
+    )
     rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
     lrs = [float(r["lr"]) for r in rows]
-    assert lrs[1] < lrs[0] and all(float(r["loss"]) == float(r["loss"]) for r in rows)  # finite
+    assert lrs[1] < lrs[0] and all(math.isfinite(float(r["loss"])) for r in rows)
     assert all(0.0 <= float(r["data_wait"]) <= 1.0 for r in rows)
 
 
+def test_ema_is_the_warmed_up_average_of_the_weights():
+    model = torch.nn.Linear(1, 1, bias=False)
+    ema = make_ema(model, 0.9)
+    for value in (1.0, 3.0, 5.0):
+        model.weight.data.fill_(value)
+        ema.update_parameters(model)
+    # the first update copies; then decays min(0.9, 2/11) and min(0.9, 3/12)
+    first = 2 / 11 * 1.0 + 9 / 11 * 3.0
+    assert ema.module.weight.item() == pytest.approx(0.25 * first + 0.75 * 5.0)
+    assert [ema_decay_at(0.999, n) for n in (0, 990, 10000)] == [0.1, 0.991, 0.999]
+    # 200 steps at a new weight: the average has moved there, not stayed with the first step
+    slow = make_ema(model, 0.999)
+    model.weight.data.fill_(0.0)
+    slow.update_parameters(model)
+    model.weight.data.fill_(1.0)
+    for _ in range(200):
+        slow.update_parameters(model)
+    assert slow.module.weight.item() > 0.95  # a fixed 0.999 would give 1 - 0.999**200 = 0.18
+
+
+class _Recording(Trainer):
+    """Keeps the weights after every step, to recompute the average the run saved."""
+
+    def train_step(self, batch):
+        loss = super().train_step(batch)
+        self.seen = [
+            *getattr(self, "seen", []),
+            {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+        ]
+        return loss
+
+
 def test_ema_weights_are_validated_and_saved(tiny_dataset, tmp_path):
-    trainer = _trainer(tiny_dataset, tmp_path, "train.ema_decay=0.5")
+    config = load_config(None, [*TINY_OVERRIDES, "train.ema_decay=0.5", "train.iters_per_epoch=3"])
+    config.data.root, config.train.output_dir = str(tiny_dataset), str(tmp_path / "run")
+    trainer = _Recording(config)
     summary = trainer.fit()
     payload = torch.load(summary["best"], weights_only=True)
-    assert payload["ema_updates"] == 2
-    name = next(k for k, v in payload["model"].items() if v.is_floating_point())
-    assert not torch.equal(payload["model"][name], payload["train_model"][name])
-    torch.testing.assert_close(payload["model"][name], trainer.ema.module.state_dict()[name].cpu())
+    assert payload["ema_updates"] == 3
+    name = next(k for k, v in payload["model"].items() if v.is_floating_point() and v.ndim > 1)
+    steps = [weights[name] for weights in trainer.seen]
+    expected = steps[0]
+    for n, weights in enumerate(steps[1:], start=1):
+        decay = ema_decay_at(0.5, n)
+        expected = decay * expected + (1 - decay) * weights
+    torch.testing.assert_close(payload["model"][name], expected)  # the saved weights are the average
+    torch.testing.assert_close(payload["train_model"][name], steps[-1])  # and the raw ones beside
     with pytest.raises(ConfigError, match="ema_decay"):
         _trainer(tiny_dataset, tmp_path, "train.ema_decay=1.5")
 

@@ -6,12 +6,12 @@ import math
 
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from medseg.config import TrainConfig
 from medseg.errors import ConfigError
 
-__all__ = ["DEFAULT_LR", "default_lr", "make_optimizer", "lr_factor", "make_ema"]
+__all__ = ["DEFAULT_LR", "default_lr", "make_optimizer", "lr_factor", "make_ema", "ema_decay_at"]
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "poly")
@@ -53,9 +53,32 @@ def lr_factor(progress: float, schedule: str = "cosine", warmup: float = 0.03) -
 
 
 def make_ema(model: nn.Module, decay: float | None) -> AveragedModel | None:
-    """An exponential moving average of ``model``'s weights (and norm statistics), or None."""
+    """An exponential moving average of ``model``'s weights (and norm statistics), or None.
+
+    The decay warms up: after ``n`` updates it is ``min(decay, (1 + n) / (10 + n))``. With a
+    fixed 0.999 and a few hundred steps, most of the "average" would still be the first step's
+    weights; with the warm-up it follows the weights early and settles to ``decay`` later.
+    """
     if decay is None:
         return None
     if not 0.0 < decay < 1.0:
         raise ConfigError("train.ema_decay", f"must lie between 0 and 1, not {decay}")
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    return AveragedModel(model, multi_avg_fn=_warming_ema(decay), use_buffers=True)
+
+
+def ema_decay_at(decay: float, updates: int) -> float:
+    """The decay of the update after ``updates`` earlier ones (see ``make_ema``)."""
+    return min(decay, (1 + updates) / (10 + updates))
+
+
+def _warming_ema(decay: float):
+    @torch.no_grad()
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged) -> None:
+        weight = 1.0 - ema_decay_at(decay, int(num_averaged))
+        for mine, theirs in zip(averaged, current):
+            if mine.is_floating_point():
+                mine.lerp_(theirs, weight)
+            else:  # counters (batch norm's num_batches_tracked): the current count
+                mine.copy_(theirs)
+
+    return update
