@@ -135,9 +135,16 @@ def test_callbacks_hooks_and_a_custom_loss(tiny_dataset, tmp_path):
     config = load_config(None, [*TINY_OVERRIDES, "train.epochs=2", "train.val_every=1"])
     config.data.root, config.train.output_dir = str(tiny_dataset), str(tmp_path / "run")
     recorder = _Recorder()
-    Trainer(config, callbacks=[recorder], loss_fn=loss_fn).fit()
+
+    class Overriding(Trainer):
+        def on_validation_end(self, metrics):  # no super(): the callbacks must still hear of it
+            self.heard = [*getattr(self, "heard", []), metrics["dice_mean"]]
+
+    trainer = Overriding(config, callbacks=[recorder], loss_fn=loss_fn)
+    trainer.fit()
     dice_keys = "['dice_LV', 'dice_RV', 'dice_mean', 'dice_mean_largest', 'dice_myocardium', 'val_cases']"
     assert recorder.calls == ["start", "epoch 1", f"val {dice_keys}", "epoch 2", f"val {dice_keys}", "end 4"]
+    assert len(trainer.heard) == 2  # the override ran too
     assert len(losses) == 4
 
 

@@ -248,10 +248,10 @@ class Trainer:
                 f"the run in {self.output_dir} already finished (epoch {self.epoch}); "
                 "raise train.epochs or train.max_time to train on"
             )
-        self.on_train_start()
+        self._notify("on_train_start")
         while self.epoch < cfg.epochs and self._progress(clock, total_steps) < 1.0:
             self.epoch += 1
-            self.on_epoch_start(self.epoch)
+            self._notify("on_epoch_start", self.epoch)
             self.net.train()
             losses, waited, began = [], 0.0, time.monotonic()
             bar = tqdm(
@@ -296,12 +296,15 @@ class Trainer:
             "best": str(self.output_dir / "best.pt"),
             "last": str(self.output_dir / "last.pt"),
         }
-        self.on_train_end(summary)
+        self._notify("on_train_end", summary)
         return summary
 
-    # -- hooks: override in a subclass (calling super()) or pass callbacks ----------------
+    # -- hooks: override them in a subclass, or pass callbacks --------------------------------
+    # The trainer calls each hook, then every callback's method of that name, separately: a
+    # subclass that overrides a hook without calling super() does not switch the callbacks off.
 
-    def _call(self, hook: str, *args) -> None:
+    def _notify(self, hook: str, *args) -> None:
+        getattr(self, hook)(*args)
         for callback in self.callbacks:
             method = getattr(callback, hook, None)
             if method is not None:
@@ -309,23 +312,18 @@ class Trainer:
 
     def on_train_start(self) -> None:
         """Before the first step (data are loaded, the run folder exists)."""
-        self._call("on_train_start")
 
     def on_epoch_start(self, epoch: int) -> None:
         """Before each epoch's first step; ``epoch`` counts from 1."""
-        self._call("on_epoch_start", epoch)
 
     def on_validation_end(self, metrics: dict[str, float]) -> None:
         """After each validation, with Dice per class and ``dice_mean`` (all ranks agree)."""
-        self._call("on_validation_end", metrics)
 
     def on_epoch_end(self, row: dict) -> None:
         """After each epoch, with its ``metrics.csv`` row, before the checkpoints are written."""
-        self._call("on_epoch_end", row)
 
     def on_train_end(self, summary: dict) -> None:
         """After training, with the summary ``fit`` returns."""
-        self._call("on_train_end", summary)
 
     def train_step(self, batch: dict) -> float:
         """One optimiser step on a batch; returns the loss."""
@@ -406,7 +404,7 @@ class Trainer:
         # nan (a label absent from every validation case) compares False: no evidence, no change
         self.keep_largest = [c for c in classes if cleaned[c] >= result[f"dice_{self.labels[c]}"]]
         result["val_cases"] = len(scores)
-        self.on_validation_end(result)
+        self._notify("on_validation_end", result)
         return result
 
     def _draw_validation(self, item: dict, labels: np.ndarray, ref: np.ndarray, scores: dict) -> None:
@@ -468,7 +466,7 @@ class Trainer:
 
     def _end_epoch(self, row: dict) -> None:
         self.history.append(row)
-        self.on_epoch_end(row)
+        self._notify("on_epoch_end", row)
         dice = row.get("dice_mean")
         improved = dice is not None and dice > self.best_dice
         if improved:
