@@ -492,18 +492,25 @@ def _run_arguments(p: argparse.ArgumentParser, overrides: dict, data_help: str) 
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last.pt")
 
 
-class _WarningLines(logging.Handler):
-    """The library's log messages as ``warning: ...`` lines on the current stderr."""
+class _LogLines(logging.Handler):
+    """The library's log as lines around the progress bars: information (epoch lines) on
+    stdout, ``warning: ...`` and ``error: ...`` on stderr."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        print(f"{record.levelname.lower()}: {record.getMessage()}", file=sys.stderr)
+        from tqdm.auto import tqdm
+
+        if record.levelno >= logging.WARNING:
+            tqdm.write(f"{record.levelname.lower()}: {record.getMessage()}", file=sys.stderr)
+        else:
+            tqdm.write(record.getMessage(), file=sys.stdout)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logger = logging.getLogger("medseg")
-    if not any(isinstance(h, _WarningLines) for h in logger.handlers):
-        logger.addHandler(_WarningLines(logging.WARNING))
+    logger.setLevel(logging.INFO)
+    if not any(isinstance(h, _LogLines) for h in logger.handlers):
+        logger.addHandler(_LogLines())
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -176,3 +176,16 @@ def test_research_example_runs(tiny_dataset, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "validations, best Dice" in proc.stdout
     assert (tmp_path / "r" / "best.pt").is_file()
+
+
+def test_training_logs_and_does_not_print(tiny_dataset, tmp_path, caplog, capsys):
+    # Research code can capture or silence the library's messages; only the CLI prints.
+    config = load_config(None, TINY_OVERRIDES)
+    config.data.root, config.train.output_dir = str(tiny_dataset), str(tmp_path / "run")
+    with caplog.at_level("INFO", logger="medseg"):
+        Trainer(config).fit()
+    assert any(
+        r.name == "medseg.training.trainer" and r.getMessage().startswith("epoch 1: loss=")
+        for r in caplog.records
+    )
+    assert "epoch 1" not in capsys.readouterr().out

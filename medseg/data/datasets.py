@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import random
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +33,8 @@ __all__ = [
     "read_label_map",
     "check_cases",
 ]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -334,11 +336,11 @@ def check_cases(cases: list[dict], labels: dict[int, str]) -> list[tuple[str, st
 
 
 def refuse_bad_cases(cases: list[dict], labels: dict[int, str], source, quiet: bool = False) -> None:
-    """Print every unusable case as its own ``error:`` line (unless ``quiet``: the other ranks of
-    a distributed run), then raise if there were any, so all problems are named at once, before
+    """Log every unusable case as its own error (unless ``quiet``: the other ranks of a
+    distributed run), then raise if there were any, so all problems are named at once, before
     any time goes into training."""
     problems = check_cases(cases, labels)
     for path, problem in [] if quiet else problems:
-        tqdm.write(f"error: {path}: {problem}", file=sys.stderr)
+        log.error("%s: %s", path, problem)
     if problems:
         raise InputError(source, f"{len(problems)} training case(s) cannot be used (listed above)")

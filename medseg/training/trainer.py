@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -50,6 +51,8 @@ from medseg.training.sampling import SeededSamples, StepSampler, rng_state, set_
 from medseg.training.transfer import load_matching, network_of
 
 __all__ = ["Trainer", "Callback"]
+
+log = logging.getLogger(__name__)  # epoch lines (info) and warnings; the CLI shows them
 
 
 class Trainer:
@@ -159,7 +162,7 @@ class Trainer:
         transfer = load_matching(self.model, cfg.init, cfg.init_parts)
         self.ema = make_ema(self.model, cfg.ema_decay)  # the average starts from the loaded weights
         if self.dist.is_main:
-            tqdm.write(f"started from {cfg.init}: {transfer.summary()}")
+            log.info("started from %s: %s", cfg.init, transfer.summary())
 
     @classmethod
     def resume(cls, run_dir: str | Path, overrides: Sequence[str] = (), **kwargs) -> Trainer:
@@ -244,9 +247,10 @@ class Trainer:
         total_steps = cfg.epochs * cfg.iters_per_epoch
         clock = time.monotonic() - self.elapsed
         if self.resumed and (self.epoch >= cfg.epochs or self._progress(clock, total_steps) >= 1.0):
-            tqdm.write(
-                f"the run in {self.output_dir} already finished (epoch {self.epoch}); "
-                "raise train.epochs or train.max_time to train on"
+            log.warning(
+                "the run in %s already finished (epoch %d); raise train.epochs or train.max_time to train on",
+                self.output_dir,
+                self.epoch,
             )
         self._notify("on_train_start")
         while self.epoch < cfg.epochs and self._progress(clock, total_steps) < 1.0:
@@ -480,7 +484,7 @@ class Trainer:
                 checkpoint.save(self.output_dir / "best.pt")
             checkpoint.save(self.output_dir / "last.pt")
             shown = ", ".join(f"{k}={v:.3f}" for k, v in row.items() if k.startswith("dice") or k == "loss")
-            tqdm.write(f"epoch {row['epoch']}: {shown}")
+            log.info("epoch %d: %s", row["epoch"], shown)
 
     def checkpoint(self) -> Checkpoint:
         """The run as it stands: the weights to predict with, and the state to resume."""
