@@ -52,6 +52,7 @@ class _UNetBase(nn.Module):
 
     def __init__(
         self,
+        *,
         spatial_dims,
         out_channels,
         channels,
@@ -177,7 +178,13 @@ class UNet(_UNetBase):
         stem_stride=None,
     ):
         super().__init__(
-            spatial_dims, out_channels, channels, strides, time_conditioning, deep_supervision, stem_stride
+            spatial_dims=spatial_dims,
+            out_channels=out_channels,
+            channels=channels,
+            strides=strides,
+            time_conditioning=time_conditioning,
+            deep_supervision=deep_supervision,
+            stem_stride=stem_stride,
         )
         norm = norm or ("batch" if spatial_dims == 3 else "instance")
         pool = (nn.MaxPool2d, nn.MaxPool3d)[spatial_dims - 2]
@@ -229,6 +236,7 @@ class _ResidualFamily(_UNetBase):
 
     def __init__(
         self,
+        *,  # the subclasses pass everything by name: reordering cannot mis-wire them
         spatial_dims: int,
         in_channels: int,
         out_channels: int,
@@ -245,7 +253,13 @@ class _ResidualFamily(_UNetBase):
         stem_stride=None,
     ):
         super().__init__(
-            spatial_dims, out_channels, channels, strides, time_conditioning, deep_supervision, stem_stride
+            spatial_dims=spatial_dims,
+            out_channels=out_channels,
+            channels=channels,
+            strides=strides,
+            time_conditioning=time_conditioning,
+            deep_supervision=deep_supervision,
+            stem_stride=stem_stride,
         )
         if 0 in attention_levels:
             raise ValueError("self-attention at full resolution (level 0) is too costly; use levels >= 1")
