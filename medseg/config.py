@@ -358,7 +358,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         overrides: strings like ``"train.epochs=5"``.
 
     Example:
-        >>> cfg = load_config(None, ["train.epochs=5"])
+        >>> config = load_config(None, ["train.epochs=5"])
     """
     config = Config()
     if path is not None:

@@ -11,17 +11,18 @@ class MedsegError(Exception):
     """Base class for expected failures: bad input, bad config, bad checkpoint.
 
     Args:
-        path: the file or setting the problem is about (may be None).
+        where: what the problem is about: a file, or a setting such as ``model.name`` or
+            ``--tolerance`` (may be None).
         message: what is wrong, in one line.
     """
 
-    def __init__(self, path: str | Path | None, message: str):
-        self.path = None if path is None else str(path)
+    def __init__(self, where: str | Path | None, message: str):
+        self.where = None if where is None else str(where)
         self.message = message
         super().__init__(str(self))
 
     def __str__(self) -> str:
-        return f"{self.path}: {self.message}" if self.path else self.message
+        return f"{self.where}: {self.message}" if self.where else self.message
 
 
 class InputError(MedsegError):

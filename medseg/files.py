@@ -13,7 +13,7 @@ __all__ = [
     "is_volume_file",
     "case_id",
     "safe_name",
-    "split_channel",
+    "split_channel_suffix",
     "volume_suffix",
 ]
 
@@ -50,7 +50,7 @@ def safe_name(raw: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", raw).strip("._") or "case"
 
 
-def split_channel(path: str | Path) -> tuple[str, int | None]:
+def split_channel_suffix(path: str | Path) -> tuple[str, int | None]:
     """nnU-Net's channel naming: ``CASE_0001.nii.gz`` -> ``("CASE", 1)``; other names -> ``(id, None)``."""
     match = _CHANNEL.search(case_id(path))
     return (case_id(path)[: match.start()], int(match.group(1))) if match else (case_id(path), None)

@@ -21,7 +21,7 @@ from medseg.files import VOLUME_SUFFIXES, is_volume_file, volume_suffix
 
 __all__ = [
     "read_header",
-    "channel_count",
+    "channels_in_header",
     "read_volume",
     "read_channels",
     "write_volume",
@@ -29,7 +29,7 @@ __all__ = [
     "ras_affine",
     "image_from_ras",
     "grid_mismatch",
-    "channel_files",
+    "image_files",
     "check_voxel_values",
 ]
 
@@ -119,7 +119,7 @@ def read_header(path: str | Path):
     return reader
 
 
-def channel_count(header) -> int:
+def channels_in_header(header) -> int:
     """Channels per voxel of a header from ``read_header`` (or of an image): 1 unless the pixels
     have several components (RGB). A 4D file's channel axis is not counted here."""
     if isinstance(header, sitk.Image):
@@ -327,6 +327,6 @@ def grid_mismatch(image: sitk.Image, other: sitk.Image) -> str:
     return ""
 
 
-def channel_files(image) -> list[str]:
+def image_files(image) -> list[str]:
     """The files of a case's image: one path, or an iterable of paths (one per channel)."""
     return [str(image)] if isinstance(image, (str, Path)) else [str(p) for p in image]

@@ -62,7 +62,7 @@ def test_unknown_key_in_yaml_names_the_file(tmp_path):
     path.write_text("train:\n  epochs: 3\n  learning_rate: 0.1\n")
     with pytest.raises(ConfigError) as info:
         load_config(path)
-    assert info.value.path == str(path)
+    assert info.value.where == str(path)
     assert "unknown key 'train.learning_rate'" in info.value.message
 
 

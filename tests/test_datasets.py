@@ -37,7 +37,7 @@ def test_missing_listed_file_is_named(tiny_dataset, tmp_path):
     (root / "dataset.json").write_text(json.dumps(meta))
     with pytest.raises(InputError) as info:
         find_cases(root)
-    assert info.value.path.endswith("gone.nii.gz")
+    assert info.value.where.endswith("gone.nii.gz")
 
 
 def test_not_a_dataset(tmp_path):

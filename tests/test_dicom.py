@@ -24,7 +24,7 @@ def test_missing_slice_is_reported(tmp_path):
     folder = write_dicom_series(image, tmp_path / "gap", skip=(4,))
     with pytest.raises(InputError) as info:
         read_volume(folder)
-    assert info.value.path == str(folder)
+    assert info.value.where == str(folder)
     assert (
         "misses 1 slice(s): a 16.00 mm gap after slice 4 of 7 where the spacing is 8.00 mm"
         in info.value.message

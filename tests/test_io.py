@@ -87,7 +87,7 @@ def test_bad_files_give_one_line_errors(tmp_path, oblique_image):
     for path, reason in cases.items():
         with pytest.raises(InputError) as info:
             read_volume(path)
-        assert info.value.path == str(path)
+        assert info.value.where == str(path)
         assert reason in info.value.message
         assert "\n" not in str(info.value)
     (tmp_path / "scan.txt").write_text("x")

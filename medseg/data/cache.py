@@ -19,7 +19,7 @@ from monai.transforms import Compose, Randomizable
 
 from medseg.data.plan import Plan
 from medseg.errors import ConfigError
-from medseg.io import channel_files
+from medseg.io import image_files
 
 __all__ = ["CACHE_KINDS", "default_cache_dir", "content_hash", "plan_key", "cached_dataset"]
 
@@ -35,7 +35,7 @@ def content_hash(case: dict) -> bytes:
     """A key for one case from the bytes of its image and label files (every file of a DICOM folder)."""
     digest = hashlib.sha256()
     for key in ("image", "label"):
-        for source in channel_files(case[key]) if case.get(key) else []:
+        for source in image_files(case[key]) if case.get(key) else []:
             digest.update(key.encode())
             source = Path(source)
             files = sorted(p for p in source.rglob("*") if p.is_file()) if source.is_dir() else [source]

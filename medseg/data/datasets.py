@@ -16,11 +16,11 @@ import SimpleITK as sitk
 from tqdm.auto import tqdm
 
 from medseg.errors import ConfigError, InputError
-from medseg.files import case_id, is_volume_file, split_channel
-from medseg.io import channel_files, grid_mismatch, read_channels, read_volume
+from medseg.files import case_id, is_volume_file, split_channel_suffix
+from medseg.io import grid_mismatch, image_files, read_channels, read_volume
 
 __all__ = [
-    "Dataset",
+    "Cases",
     "find_cases",
     "list_volumes",
     "split_cases",
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class Dataset:
+class Cases:
     """The cases of one dataset.
 
     Args:
@@ -68,7 +68,7 @@ def list_volumes(folder: str | Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if is_volume_file(p) and not p.name.startswith("."))
 
 
-def find_cases(root: str | Path, need_labels: bool = True) -> Dataset:
+def find_cases(root: str | Path, need_labels: bool = True) -> Cases:
     """Read a dataset in any layout medseg knows.
 
     - an MSD folder: ``dataset.json`` listing ``training`` (and ``test``) cases;
@@ -112,9 +112,9 @@ def find_cases(root: str | Path, need_labels: bool = True) -> Dataset:
             if not training and need_labels:
                 raise InputError(root / images, "holds no images")
             test = _pair(root / test_images, root / test_labels, need_labels=False) if test_images else []
-            return Dataset(training, test, labels, _modality(meta), unlabeled)
+            return Cases(training, test, labels, _modality(meta), unlabeled)
     if unlabeled and not need_labels:
-        return Dataset([], [], labels, _modality(meta), unlabeled)
+        return Cases([], [], labels, _modality(meta), unlabeled)
     raise InputError(root, "no dataset.json, imagesTr/ or images/ here: not a dataset layout medseg knows")
 
 
@@ -132,7 +132,7 @@ def _read_json(path: Path):
         raise InputError(path, f"not valid JSON ({exc})") from None
 
 
-def _from_msd_json(path: Path, meta: dict, need_labels: bool = True) -> Dataset:
+def _from_msd_json(path: Path, meta: dict, need_labels: bool = True) -> Cases:
     labels = parse_label_map(meta.get("labels", {}), path)
 
     def case(entry) -> dict:
@@ -151,7 +151,7 @@ def _from_msd_json(path: Path, meta: dict, need_labels: bool = True) -> Dataset:
         raise InputError(missing[0], "training case has no label")
     test = [case(e) for e in meta.get("test", [])]
     unlabeled = [dict(case(e), label=None) for e in meta.get("unlabeled", [])]
-    return Dataset(training, test, labels, _modality(meta), unlabeled)
+    return Cases(training, test, labels, _modality(meta), unlabeled)
 
 
 def parse_label_map(raw: dict, source: str | Path) -> dict[int, str]:
@@ -184,7 +184,7 @@ def _pair(images: Path, labels: Path, need_labels: bool) -> list[dict]:
     label_files = {case_id(p): p for p in list_volumes(labels)} if labels.is_dir() else {}
     groups: dict[str, list[Path]] = {}
     for image in list_volumes(images):
-        groups.setdefault(split_channel(image)[0], []).append(image)
+        groups.setdefault(split_channel_suffix(image)[0], []).append(image)
     for folder in _series_folders(images):
         if folder.name in groups:
             raise InputError(folder, f"case {folder.name} is both a file and a DICOM folder")
@@ -201,7 +201,7 @@ def _pair(images: Path, labels: Path, need_labels: bool) -> list[dict]:
         cases.append({"image": image, "label": str(label) if label else None, "id": cid})
     if label_files:
         raise InputError(next(iter(label_files.values())), "label has no matching image")
-    counts = {len(channel_files(c["image"])) for c in cases}
+    counts = {len(image_files(c["image"])) for c in cases}
     if len(counts) > 1:
         raise InputError(images, f"cases have different numbers of channels: {sorted(counts)}")
     return cases
@@ -212,7 +212,7 @@ def _series_folders(images: Path) -> list[Path]:
     return sorted(p for p in images.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _from_csv(path: Path, need_labels: bool = True) -> Dataset:
+def _from_csv(path: Path, need_labels: bool = True) -> Cases:
     with path.open(newline="", encoding="utf-8-sig") as handle:
         rows = list(csv.DictReader(handle))
     if not rows or "image" not in rows[0]:
@@ -225,7 +225,7 @@ def _from_csv(path: Path, need_labels: bool = True) -> Dataset:
         (training if label else test).append(case)
     if not training and need_labels:
         raise InputError(path, "lists no case with a label")
-    return Dataset(training, test, {})
+    return Cases(training, test, {})
 
 
 def given_cases(cases, need_labels: bool = True) -> list[dict]:
@@ -236,7 +236,7 @@ def given_cases(cases, need_labels: bool = True) -> list[dict]:
     for case in cases:
         if not isinstance(case, dict) or not case.get("image") or (need_labels and not case.get("label")):
             raise InputError(str(case)[:120], "a training case needs an 'image' and a 'label'")
-        out.append({"id": case_id(channel_files(case["image"])[0]), **case})
+        out.append({"id": case_id(image_files(case["image"])[0]), **case})
     ids = [c["id"] for c in out]
     twice = sorted({i for i in ids if ids.count(i) > 1})
     if twice:
@@ -281,7 +281,7 @@ def split_for_run(cases: list[dict], data, seed: int) -> tuple[list, list, list 
     return train, [c for c in cases if c["id"] in val_ids], folds
 
 
-def label_names(dataset: Dataset) -> dict[int, str]:
+def label_names(dataset: Cases) -> dict[int, str]:
     """Class index -> name: the dataset's own map, or ``class_N`` up to the largest label found."""
     if dataset.labels:
         return dict(sorted(dataset.labels.items()))
@@ -309,12 +309,12 @@ def check_cases(cases: list[dict], labels: dict[int, str]) -> list[tuple[str, st
     """
     problems = []
     for case in tqdm(cases, desc="checking cases", unit="case", disable=None, leave=False):
-        files = channel_files(case["image"])
+        files = image_files(case["image"])
         try:
             channels = [read_channels(f)[0] for f in files]
             label = read_volume(case["label"]) if case.get("label") else None
         except InputError as exc:
-            problems.append((exc.path, exc.message))
+            problems.append((exc.where, exc.message))
             continue
         image = channels[0]
         off_grid = [(f, grid_mismatch(c, image)) for f, c in zip(files[1:], channels[1:])]

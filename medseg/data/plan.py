@@ -16,9 +16,9 @@ from tqdm.auto import tqdm
 
 from medseg.atomic import write_text_atomic
 from medseg.config import Config
-from medseg.data.datasets import Dataset
+from medseg.data.datasets import Cases
 from medseg.errors import ConfigError, InputError
-from medseg.io import channel_count, channel_files, read_channels, read_header, read_volume, to_array
+from medseg.io import channels_in_header, image_files, read_channels, read_header, read_volume, to_array
 
 __all__ = ["Fingerprint", "Plan", "fingerprint", "make_plan", "load_plan", "plan_for_config", "apply_plan"]
 
@@ -137,11 +137,11 @@ def _case_geometry(case: dict) -> tuple[np.ndarray, np.ndarray, int]:
     """Spacing and size of a case along R, A, S (3D) or its pixel axes (2D), and its channels."""
     spacing = size = None
     channels = 0
-    for path in channel_files(case["image"]):
+    for path in image_files(case["image"]):
         header = read_header(path)
         dims = header.GetDimension()
         spatial = 2 if dims == 2 else 3  # a 4D file holds 3D channels
-        channels += header.GetSize()[3] if dims == 4 else channel_count(header)
+        channels += header.GetSize()[3] if dims == 4 else channels_in_header(header)
         if spacing is None:
             spacing = np.asarray(header.GetSpacing()[:spatial], dtype=float)
             size = np.asarray(header.GetSize()[:spatial], dtype=float)
@@ -154,7 +154,7 @@ def _case_geometry(case: dict) -> tuple[np.ndarray, np.ndarray, int]:
     return spacing, size, channels
 
 
-def fingerprint(dataset: Dataset, modality: str = "MRI", samples_per_case: int = 20000) -> Fingerprint:
+def fingerprint(dataset: Cases, modality: str = "MRI", samples_per_case: int = 20000) -> Fingerprint:
     """Spacings and shapes (from headers) and, for CT, foreground intensities (sampled)."""
     spacings, shapes, channels, foreground = [], [], [], []
     rng = np.random.default_rng(0)
@@ -166,12 +166,12 @@ def fingerprint(dataset: Dataset, modality: str = "MRI", samples_per_case: int =
         channels.append(count)
         if count != channels[0] or len(spacing) != len(spacings[0]):
             raise InputError(
-                channel_files(case["image"])[0],
+                image_files(case["image"])[0],
                 f"has {count} channel(s) in {len(spacing)}D; the first case "
-                f"{channel_files(dataset.training[0]['image'])[0]} has {channels[0]} in {len(spacings[0])}D",
+                f"{image_files(dataset.training[0]['image'])[0]} has {channels[0]} in {len(spacings[0])}D",
             )
         if is_ct and case.get("label"):
-            image = read_channels(channel_files(case["image"])[0])[0]
+            image = read_channels(image_files(case["image"])[0])[0]
             values = to_array(image)[to_array(read_volume(case["label"])) > 0]
             if values.size:
                 foreground.append(rng.choice(values, min(samples_per_case, values.size), replace=False))
@@ -290,7 +290,7 @@ def _pooling(spacing: np.ndarray, patch: np.ndarray, count: int) -> list[list[in
     return strides
 
 
-def plan_for_config(config: Config, dataset: Dataset) -> Plan:
+def plan_for_config(config: Config, dataset: Cases) -> Plan:
     """The plan a run uses: a saved one (``data.plan``) or a new one from the training cases.
 
     Values set in the config (``data.spacing``, ``data.patch_size``, ``model.strides``) win

@@ -26,7 +26,7 @@ from medseg.evaluation.folders import (
 )
 from medseg.evaluation.metrics import BOTH_EMPTY, DEFAULT_TOLERANCE_MM, MISSING, OK
 from medseg.evaluation.pictures import case_figure
-from medseg.files import LABELS_FILE, case_id, is_volume_file, safe_name, split_channel
+from medseg.files import LABELS_FILE, case_id, is_volume_file, safe_name, split_channel_suffix
 from medseg.io import read_volume
 
 __all__ = ["qc_report", "INDEX"]
@@ -154,7 +154,7 @@ def _scans(folder: Path) -> dict[str, Path]:
     for path in sorted(folder.rglob("*")):
         if path.name.startswith(".") or not path.is_file() or not is_volume_file(path):
             continue
-        case, channel = split_channel(path)
+        case, channel = split_channel_suffix(path)
         if channel in (None, 0):
             found[
                 (path.parent.relative_to(folder) / (case if channel == 0 else case_id(path))).as_posix()

@@ -16,7 +16,7 @@ from pathlib import Path, PurePosixPath
 
 from medseg.dicom import DicomSeries, scan_dicom
 from medseg.errors import ConfigError, InputError
-from medseg.files import VOLUME_SUFFIXES, case_id, is_volume_file, safe_name, split_channel
+from medseg.files import VOLUME_SUFFIXES, case_id, is_volume_file, safe_name, split_channel_suffix
 
 __all__ = [
     "FORMATS",
@@ -99,7 +99,7 @@ def mask_name(source: Source, fmt: str = "same") -> str:
     name = Path(source).name
     stem = case_id(name)
     suffix = FORMATS[fmt] or name[len(stem) :]
-    case, channel = split_channel(name)
+    case, channel = split_channel_suffix(name)
     return f"{case if channel == 0 else stem}{suffix}"
 
 
@@ -117,7 +117,7 @@ def _group_channels(files: list[Path]) -> list[Path | ChannelFiles]:
     """Files of one folder named ``CASE_0000``, ``CASE_0001``, ... become one case."""
     groups: dict[str, list[Path]] = {}
     for path in files:
-        case, channel = split_channel(path)
+        case, channel = split_channel_suffix(path)
         groups.setdefault(case if channel is not None else str(path), []).append(path)
     return [ChannelFiles(key, tuple(paths)) if len(paths) > 1 else paths[0] for key, paths in groups.items()]
 

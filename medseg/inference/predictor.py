@@ -32,7 +32,7 @@ from medseg.inference.grid import onto_network_grid, resample_onto, to_input_gri
 from medseg.inference.postprocess import keep_largest_component, keep_largest_labels
 from medseg.inference.sliding import sliding_window_probs
 from medseg.inference.tta import ProbabilityMean, flip_passes
-from medseg.io import channel_files, check_voxel_values, read_channels, write_volume
+from medseg.io import check_voxel_values, image_files, read_channels, write_volume
 from medseg.models.factory import model_from_checkpoint
 
 __all__ = ["Predictor", "LoadedCase", "Segmentation", "Member"]
@@ -262,7 +262,7 @@ class Predictor:
         elif isinstance(source, (list, tuple)) and all(isinstance(c, sitk.Image) for c in source):
             channels = list(source)
         else:
-            channels = [c for f in channel_files(source) for c in read_channels(f, spatial_dims=dims)]
+            channels = [c for f in image_files(source) for c in read_channels(f, spatial_dims=dims)]
         where = _where(source)
         if len(channels) != self.plan.channels:
             raise InputError(where, f"has {len(channels)} channel(s); this model needs {self.plan.channels}")
@@ -401,7 +401,7 @@ def _where(source) -> str | None:
     if isinstance(source, DicomSeries):
         return str(source.folder)
     if isinstance(source, (str, Path, ChannelFiles)):
-        return channel_files(source)[0]
+        return image_files(source)[0]
     if isinstance(source, (list, tuple)) and source and isinstance(source[0], (str, Path)):
         return str(source[0])
     return None

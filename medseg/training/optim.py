@@ -26,15 +26,15 @@ def default_lr(model_name: str) -> float:
     return DEFAULT_LR.get(model_name, DEFAULT_LR["unet"])
 
 
-def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW, or SGD with Nesterov momentum (nnU-Net's choice), at ``cfg.lr``."""
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "sgd":
+def make_optimizer(params, train: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW, or SGD with Nesterov momentum (nnU-Net's choice), at ``train.lr``."""
+    if train.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+    if train.optimizer == "sgd":
         return torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay
+            params, lr=train.lr, momentum=train.momentum, nesterov=True, weight_decay=train.weight_decay
         )
-    raise ConfigError("train.optimizer", f"must be one of {', '.join(OPTIMIZERS)}, not {cfg.optimizer!r}")
+    raise ConfigError("train.optimizer", f"must be one of {', '.join(OPTIMIZERS)}, not {train.optimizer!r}")
 
 
 def lr_factor(progress: float, schedule: str = "cosine", warmup: float = 0.03) -> float:

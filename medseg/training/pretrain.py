@@ -18,8 +18,7 @@ from torch.nn import functional as F
 
 from medseg.checkpoint import PRETRAIN
 from medseg.config import Config
-from medseg.data.datasets import Dataset as Cases
-from medseg.data.datasets import find_cases, given_cases
+from medseg.data.datasets import Cases, find_cases, given_cases
 from medseg.data.transforms import pretrain_transforms
 from medseg.errors import ConfigError, InputError
 from medseg.models.factory import model_for_plan
@@ -82,11 +81,11 @@ def denoising_loss(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, abar: to
 
 def schedule(config: Config) -> torch.Tensor:
     """alpha-bar of the configured schedule."""
-    cfg = config.pretrain
+    noise = config.pretrain
     makers = {"linear": linear_betas, "cosine": cosine_betas}
-    if cfg.schedule not in makers:
-        raise ConfigError("pretrain.schedule", f"must be linear or cosine, not {cfg.schedule!r}")
-    return alphas_cumprod(makers[cfg.schedule](cfg.steps))
+    if noise.schedule not in makers:
+        raise ConfigError("pretrain.schedule", f"must be linear or cosine, not {noise.schedule!r}")
+    return alphas_cumprod(makers[noise.schedule](noise.steps))
 
 
 def pretrain_cases(dataset: Cases) -> list[dict]:
@@ -102,8 +101,8 @@ class Pretrainer(Trainer):
     validation: ``best.pt`` is the latest weights, and ``denoising.png`` shows what it learned.
 
     Example:
-        >>> cfg = load_config(None, ["data.root=sample_data/heart", "train.epochs=20"])
-        >>> summary = Pretrainer(cfg).fit()  # then: train.init=summary["best"]
+        >>> config = load_config(None, ["data.root=sample_data/heart", "train.epochs=20"])
+        >>> summary = Pretrainer(config).fit()  # then: train.init=summary["best"]
     """
 
     kind = PRETRAIN
@@ -144,8 +143,8 @@ class Pretrainer(Trainer):
         """The denoising loss of a batch of images at random timesteps."""
         image = self.to_device(batch["image"])
         self.last_patch = image[:1].detach()  # for the picture at the end
-        cfg = self.config.pretrain
-        t = sample_timesteps(image.shape[0], cfg.steps, cfg.timesteps).to(self.device)
+        noise = self.config.pretrain
+        t = sample_timesteps(image.shape[0], noise.steps, noise.timesteps).to(self.device)
         with self.autocast():
             return denoising_loss(self.net, image, t, self.abar)
 

@@ -24,8 +24,8 @@ from medseg.atomic import write_text_atomic
 from medseg.checkpoint import SEGMENT, Checkpoint
 from medseg.config import Config, save_config
 from medseg.data.cache import cached_dataset
-from medseg.data.datasets import Dataset as Cases
 from medseg.data.datasets import (
+    Cases,
     find_cases,
     given_cases,
     label_names,
@@ -77,8 +77,8 @@ class Trainer:
 
     Example:
         >>> from medseg import Trainer, load_config
-        >>> cfg = load_config(None, ["data.root=sample_data/heart", "train.max_time=60"])
-        >>> summary = Trainer(cfg).fit()
+        >>> config = load_config(None, ["data.root=sample_data/heart", "train.max_time=60"])
+        >>> summary = Trainer(config).fit()
         >>> summary = Trainer.resume("runs/heart").fit()  # after an interruption
     """
 
@@ -114,23 +114,23 @@ class Trainer:
         # The saved config holds the planned spacing, patch and pooling: a run is reproducible
         # from its config.yaml alone.
         self.config = config = apply_plan(config, self.plan)
-        cfg = config.train
-        if cfg.lr is None:  # resolved here, so the saved config says which rate was used
-            cfg.lr = default_lr(config.model.name)
-        _seed_everything(cfg.seed, cfg.deterministic)
+        train = config.train
+        if train.lr is None:  # resolved here, so the saved config says which rate was used
+            train.lr = default_lr(config.model.name)
+        _seed_everything(train.seed, train.deterministic)
         self.callbacks = list(callbacks)
         self.custom_model = model is not None
         self.model = (model or self._build_model()).to(self.device)
-        self.channels_last = use_channels_last(cfg.channels_last, self.device, self.amp_dtype, self.model)
+        self.channels_last = use_channels_last(train.channels_last, self.device, self.amp_dtype, self.model)
         if self.channels_last:
             self.model = self.model.to(memory_format=channels_last_format(self.plan.spatial_dims))
-        self.ema = make_ema(self.model, cfg.ema_decay)
+        self.ema = make_ema(self.model, train.ema_decay)
         # What the training step calls: the network, wrapped for DDP and compiled if asked.
         self.net: nn.Module = self.model
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = DistributedDataParallel(self.model, device_ids=ids)
-        if cfg.compile:
+        if train.compile:
             if self.device.type == "cpu" and not (shutil.which("c++") or shutil.which("g++")):
                 raise ConfigError("train.compile", "needs a C++ compiler (c++ or g++) on the PATH for CPUs")
             self.net = torch.compile(self.net)
@@ -138,9 +138,10 @@ class Trainer:
         if config.model.deep_supervision:
             # Coarse outputs weigh 1/2, 1/4, ... of the full-resolution one.
             self.loss_fn = DeepSupervisionLoss(self.loss_fn, weight_mode="exp")
-        self.optimizer = make_optimizer(self.model.parameters(), cfg)
+        self.optimizer = make_optimizer(self.model.parameters(), train)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        if self.dist.is_main and (cfg.tensorboard or (cfg.tensorboard is None and tensorboard_available())):
+        wants_tensorboard = train.tensorboard or (train.tensorboard is None and tensorboard_available())
+        if self.dist.is_main and wants_tensorboard:
             self.callbacks.append(TensorBoardLogger(self.output_dir / "tensorboard"))
         self.epoch = 0
         self.step = 0
@@ -158,11 +159,11 @@ class Trainer:
 
     def _load_init(self) -> None:
         """Start from ``train.init``'s weights (a fresh run only; a resumed one has its own)."""
-        cfg = self.config.train
-        transfer = load_matching(self.model, cfg.init, cfg.init_parts)
-        self.ema = make_ema(self.model, cfg.ema_decay)  # the average starts from the loaded weights
+        train = self.config.train
+        transfer = load_matching(self.model, train.init, train.init_parts)
+        self.ema = make_ema(self.model, train.ema_decay)  # the average starts from the loaded weights
         if self.dist.is_main:
-            log.info("started from %s: %s", cfg.init, transfer.summary())
+            log.info("started from %s: %s", train.init, transfer.summary())
 
     @classmethod
     def resume(cls, run_dir: str | Path, overrides: Sequence[str] = (), **kwargs) -> Trainer:
@@ -208,15 +209,15 @@ class Trainer:
         return train_transforms(self.config, self.plan, num_classes=len(self.labels))
 
     def _train_loader(self) -> DataLoader:
-        cfg = self.config
+        data, train = self.config.data, self.config.train
         transform = self._train_transform()
-        cases = cached_dataset(self.train_cases, transform, self.plan, cfg.data.cache, cfg.data.cache_dir)
-        batch = cfg.train.batch_size
+        cases = cached_dataset(self.train_cases, transform, self.plan, data.cache, data.cache_dir)
+        batch = train.batch_size
         return DataLoader(
-            SeededSamples(cases, cfg.train.seed),
+            SeededSamples(cases, train.seed),
             batch_size=batch,
             sampler=StepSampler(batch, start=self.step, rank=self.dist.rank, world=self.dist.world),
-            num_workers=cfg.data.num_workers,
+            num_workers=data.num_workers,
             collate_fn=list_data_collate,
             pin_memory=self.device.type == "cuda",
         )
@@ -239,28 +240,28 @@ class Trainer:
         Writes ``last.pt`` after every epoch, ``best.pt`` whenever validation Dice improves, a row
         of ``metrics.csv`` per epoch and ``curves.png`` at the end (rank 0 only under torchrun).
         """
-        cfg = self.config.train
+        train = self.config.train
         self._prepare_output_dir()
-        if cfg.init and not self.resumed and self.step == 0 and not self.custom_model:
+        if train.init and not self.resumed and self.step == 0 and not self.custom_model:
             self._load_init()
         batches = iter(self._train_loader())
-        total_steps = cfg.epochs * cfg.iters_per_epoch
+        total_steps = train.epochs * train.iters_per_epoch
         clock = time.monotonic() - self.elapsed
-        if self.resumed and (self.epoch >= cfg.epochs or self._progress(clock, total_steps) >= 1.0):
+        if self.resumed and (self.epoch >= train.epochs or self._progress(clock, total_steps) >= 1.0):
             log.warning(
                 "the run in %s already finished (epoch %d); raise train.epochs or train.max_time to train on",
                 self.output_dir,
                 self.epoch,
             )
         self._notify("on_train_start")
-        while self.epoch < cfg.epochs and self._progress(clock, total_steps) < 1.0:
+        while self.epoch < train.epochs and self._progress(clock, total_steps) < 1.0:
             self.epoch += 1
             self._notify("on_epoch_start", self.epoch)
             self.net.train()
             losses, waited, began = [], 0.0, time.monotonic()
             bar = tqdm(
-                range(cfg.iters_per_epoch),
-                desc=f"epoch {self.epoch}/{cfg.epochs}",
+                range(train.iters_per_epoch),
+                desc=f"epoch {self.epoch}/{train.epochs}",
                 leave=False,
                 disable=None if self.dist.is_main else True,
             )
@@ -278,7 +279,7 @@ class Trainer:
                 )
             bar.close()
             self.elapsed = time.monotonic() - clock
-            done = self.epoch >= cfg.epochs or self._progress(clock, total_steps) >= 1.0
+            done = self.epoch >= train.epochs or self._progress(clock, total_steps) >= 1.0
             row = {
                 "epoch": self.epoch,
                 "step": self.step,
@@ -287,7 +288,7 @@ class Trainer:
                 "data_wait": waited / max(time.monotonic() - began, 1e-9),
                 "time": self.elapsed,
             }
-            if self.val_cases and (done or self.epoch % cfg.val_every == 0):
+            if self.val_cases and (done or self.epoch % train.val_every == 0):
                 row.update(self.validate())
             self._end_epoch(row)
         if self.dist.is_main and self.history:
@@ -331,13 +332,13 @@ class Trainer:
 
     def train_step(self, batch: dict) -> float:
         """One optimiser step on a batch; returns the loss."""
-        cfg = self.config.train
+        train = self.config.train
         loss = self.compute_loss(batch)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        if cfg.grad_clip:
+        if train.grad_clip:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), train.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if self.ema is not None:
@@ -433,9 +434,9 @@ class Trainer:
         return progress
 
     def _set_lr(self, progress: float) -> None:
-        cfg = self.config.train
+        train = self.config.train
         for group in self.optimizer.param_groups:
-            group["lr"] = cfg.lr * lr_factor(progress, cfg.schedule, cfg.warmup)
+            group["lr"] = train.lr * lr_factor(progress, train.schedule, train.warmup)
 
     def _prepare_output_dir(self) -> None:
         """Refuse to overwrite an earlier run unless asked; write config, plan and splits."""
