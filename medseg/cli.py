@@ -507,10 +507,12 @@ class _LogLines(logging.Handler):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logger = logging.getLogger("medseg")
+    # The library's log is shown while the command runs, and only then: a program that calls
+    # main() keeps its own logging as it was.
+    logger, lines = logging.getLogger("medseg"), _LogLines()
+    level = logger.level
     logger.setLevel(logging.INFO)
-    if not any(isinstance(h, _LogLines) for h in logger.handlers):
-        logger.addHandler(_LogLines())
+    logger.addHandler(lines)
     try:
         return args.func(args)
     except KeyboardInterrupt:
@@ -522,6 +524,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {known}", file=sys.stderr)
         return 2
+    finally:
+        logger.removeHandler(lines)
+        logger.setLevel(level)
 
 
 if __name__ == "__main__":

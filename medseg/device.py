@@ -94,9 +94,8 @@ def channels_last_format(spatial_dims: int) -> torch.memory_format:
 def windows_per_forward(setting: int | None, device: torch.device, amp_dtype: torch.dtype | None) -> int:
     """How many sliding windows go through the network in one forward pass.
 
-    ``None`` (auto): 4 on GPUs. On CPUs, 1 under mixed precision, which predicted 20 % faster than
-    2 (scripts/bench_flops.py and docs/performance.md), and 2 in fp32, where torch sends small
-    single-sample 3D convolutions to its slow native kernel instead of oneDNN.
+    ``None`` (auto): 4 on GPUs. On CPUs, 1 under mixed precision and 2 in fp32, where torch
+    sends single-sample 3D convolutions to a slow native kernel (docs/performance.md).
     """
     if setting is not None:
         if setting < 1:

@@ -244,9 +244,8 @@ def write_vectors(
     ``reference``, atomically; the suffix of ``path`` picks the format.
 
     A 3D NIfTI is written by nibabel, as (x, y, z, 1, components) with the vector intent,
-    straight from ``values``: ITK would first copy all of it to reorder the components
-    (1.3 GB more for the four class probabilities of a 512 x 512 x 300 CT). Other formats
-    go through SimpleITK, which copies the array once.
+    straight from ``values`` (ITK would first copy all of it to reorder the components). Other
+    formats go through SimpleITK, which copies the array once.
     """
     path = Path(path)
     if path.exists() and not overwrite:

@@ -70,7 +70,7 @@ def test_2d_task_trains_and_predicts_on_the_input_grid(png_dataset, tmp_path):
     mixed.data.root = str(png_dataset)
     with pytest.raises(InputError, match="has 1 channel.*slice_0.png has 3") as error:
         Trainer(mixed)
-    assert error.value.path.endswith("slice_2.png")
+    assert error.value.where.endswith("slice_2.png")
 
     grey = tmp_path / "grey"
     for folder in ("images", "labels"):

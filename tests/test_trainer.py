@@ -4,10 +4,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from medseg.checkpoint import Checkpoint
 from medseg.config import load_config
 from medseg.data.plan import load_plan
 from medseg.errors import ConfigError, InputError
 from medseg.inference.predictor import Predictor
+from medseg.models.factory import model_from_checkpoint
 from medseg.training.trainer import Trainer
 from tests.conftest import TINY_OVERRIDES
 
@@ -35,11 +37,15 @@ def test_metrics_and_config_are_written(tiny_run):
     assert 0.0 <= float(rows[0]["dice_mean_largest"]) <= 1.0
     saved = load_config(f"{run}/config.yaml")
     assert saved.model.channels == [8, 16]
-    assert saved.data.patch_size == [32, 32, 8]  # the resolved values, not null
+    # config.yaml keeps what was asked for (a patch size; pooling null: planned), plan.yaml the
+    # answer, and the network was built from the plan's pooling
+    assert saved.data.patch_size == [32, 32, 8] and saved.model.strides is None
     plan = load_plan(f"{run}/plan.yaml")
     # 10 mm slices are not pooled by the stem; at 8.8 mm in-plane after it, they are.
     assert plan.stem_stride == [2, 2, 1]
-    assert saved.model.strides == plan.strides == [[2, 2, 2]]
+    assert plan.strides == [[2, 2, 2]]
+    net = model_from_checkpoint(Checkpoint.load(tiny_run["best"]))
+    assert [list(s) for s in net.strides] == plan.strides
 
 
 def test_time_budget_stops_training(tiny_dataset, tmp_path):

@@ -20,7 +20,7 @@ from medseg.data.datasets import Cases
 from medseg.errors import ConfigError, InputError
 from medseg.io import channels_in_header, image_files, read_channels, read_header, read_volume, to_array
 
-__all__ = ["Fingerprint", "Plan", "fingerprint", "make_plan", "load_plan", "plan_for_config", "apply_plan"]
+__all__ = ["Fingerprint", "Plan", "fingerprint", "make_plan", "load_plan", "plan_for_config"]
 
 ANISOTROPY = 3.0  # coarsest / finest median spacing above which the coarse axis is planned finer
 MAX_UPSAMPLING = 2.0  # the coarse axis of the median case is never resampled finer than this
@@ -343,12 +343,3 @@ def _wants_stem(config: Config) -> bool:
     if config.model.stem not in ("strided", "full"):
         raise ConfigError("model.stem", f"must be strided or full, not {config.model.stem!r}")
     return config.model.stem == "strided"
-
-
-def apply_plan(config: Config, plan: Plan) -> Config:
-    """A copy of the config with the plan's spacing, patch and pooling written in."""
-    resolved = Config.from_dict(config.to_dict())
-    resolved.data.spacing = list(plan.spacing)
-    resolved.data.patch_size = list(plan.patch_size)
-    resolved.model.strides = [list(s) for s in plan.strides]
-    return resolved

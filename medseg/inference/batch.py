@@ -101,8 +101,8 @@ def predict_many(
         uncertainty: also write where the passes disagree (``<case>_uncertainty``, 0..1; needs
             flip TTA or an ensemble), and record its mean inside the labels.
         prefetch: read and preprocess the next case in a second thread while the network works
-            on the current one. None: on GPUs only; on a CPU the network already uses every
-            core, and the second thread slowed a batch to 0.81x (``scripts/bench_predict.py``).
+            on the current one. None: on GPUs only (on a CPU the network already uses every
+            core; docs/performance.md).
         on_case: called with each finished case's record, its number and the total (progress).
 
     Raises:

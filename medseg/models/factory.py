@@ -14,10 +14,16 @@ __all__ = ["model_from_config", "model_for_plan", "model_from_checkpoint", "chec
 
 
 def model_from_config(
-    config: Config, out_channels: int, in_channels: int = 1, spatial_dims: int = 3, stem_stride=None
+    config: Config,
+    out_channels: int,
+    in_channels: int = 1,
+    spatial_dims: int = 3,
+    stem_stride=None,
+    strides=None,
 ) -> nn.Module:
     """The network a config describes, for ``in_channels`` image channels, ``out_channels``
-    classes and 2D or 3D images; ``stem_stride`` comes from the plan (``Plan.stem_stride``).
+    classes and 2D or 3D images; ``stem_stride`` and ``strides`` come from the plan (which
+    owns the geometry; ``model.strides`` is what the user asked the planner for).
 
     Raises:
         ConfigError: an unknown model name, or options the model cannot take.
@@ -29,6 +35,8 @@ def model_from_config(
     except ValueError as exc:
         raise ConfigError("model.name", str(exc)) from None
     settings["stem_stride"] = stem_stride
+    if strides is not None:
+        settings["strides"] = strides
     options = {k: v for k, v in settings.items() if k in wanted and v is not None}
     try:
         return build_model(
@@ -39,8 +47,10 @@ def model_from_config(
 
 
 def model_for_plan(config: Config, plan: Plan, classes: int) -> nn.Module:
-    """The network of ``config`` for a plan's images (channels, dimensions, stem)."""
-    return model_from_config(config, classes, plan.channels, plan.spatial_dims, plan.stem_stride)
+    """The network of ``config`` for a plan's images (channels, dimensions) and pooling."""
+    return model_from_config(
+        config, classes, plan.channels, plan.spatial_dims, plan.stem_stride, [list(s) for s in plan.strides]
+    )
 
 
 def model_from_checkpoint(checkpoint: Checkpoint) -> nn.Module:

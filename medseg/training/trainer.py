@@ -32,7 +32,7 @@ from medseg.data.datasets import (
     refuse_bad_cases,
     split_for_run,
 )
-from medseg.data.plan import Plan, apply_plan, fingerprint, plan_for_config
+from medseg.data.plan import Plan, fingerprint, plan_for_config
 from medseg.data.transforms import eval_transforms, train_transforms
 from medseg.device import autocast_dtype, channels_last_format, use_channels_last, windows_per_forward
 from medseg.errors import CheckpointError, ConfigError, InputError
@@ -110,10 +110,10 @@ class Trainer:
             config, init_plan = network_of(config.train.init, config)
             plan = plan or Plan.from_dict(init_plan, source=config.train.init)
             _check_channels(plan, dataset, config.train.init)
+        # The plan owns the geometry (spacing, patch, pooling); the config keeps what was asked
+        # for (null: planned). config.yaml and plan.yaml together reproduce the run.
         self.plan = plan or plan_for_config(config, dataset)
-        # The saved config holds the planned spacing, patch and pooling: a run is reproducible
-        # from its config.yaml alone.
-        self.config = config = apply_plan(config, self.plan)
+        self.config = config = Config.from_dict(config.to_dict())  # the caller's stays untouched
         train = config.train
         if train.lr is None:  # resolved here, so the saved config says which rate was used
             train.lr = default_lr(config.model.name)
@@ -386,7 +386,7 @@ class Trainer:
             probs = sliding_window_probs(
                 model,
                 item["image"],
-                self.config.data.patch_size,
+                self.plan.patch_size,
                 overlap=0.25,
                 sw_batch_size=windows,
                 amp_dtype=self.amp_dtype,
