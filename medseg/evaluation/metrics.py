@@ -43,7 +43,7 @@ OK, BOTH_EMPTY, PREDICTION_EMPTY, REFERENCE_EMPTY = "ok", "both empty", "predict
 MISSING = "missing prediction"
 DEFAULT_TOLERANCE_MM = 2.0
 HD_PERCENTILE = 95
-METRICS = ("dice", "iou", "hd95", "assd", "nsd")  # the scores that have means; counts are summed
+METRICS = ("dice", "iou", "hd95", "assd", "nsd")  # the scores summarised per class (mean, std, median)
 
 
 def dice(pred: np.ndarray, ref: np.ndarray, both_empty: float = 1.0) -> float:
