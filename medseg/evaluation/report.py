@@ -100,7 +100,7 @@ def qc_report(
             entry["volumes"] = _volumes(pred_image, labels, discover)
             scan = _scan_for(case, scans, entry)
             picture = out_dir / PICTURES / f"{names.take(case)}.png"
-            case_figure(pred_image, picture, scan, ref_image, labels, title=_title(case, entry.get("rows")))
+            case_figure(pred_image, picture, scan, ref_image, labels, title=_title(entry))
             entry["picture"] = picture.relative_to(out_dir).as_posix()
         except _Unscored as err:
             entry["problem"] = str(err)
@@ -199,11 +199,9 @@ def _volumes(mask: sitk.Image | None, labels: dict[int, str], discover: bool) ->
     return found
 
 
-def _title(case: str, rows: list[dict] | None) -> str:
-    if not rows:
-        return case
-    dice = [r["dice"] for r in rows if r["status"] != ERROR]
-    return f"{case}   mean Dice {sum(dice) / len(dice):.3f}" if dice else case
+def _title(entry: dict) -> str:
+    mean = _mean_dice(entry)
+    return entry["case"] if math.isnan(mean) else f"{entry['case']}   mean Dice {mean:.3f}"
 
 
 def _mean_dice(entry: dict) -> float:
