@@ -12,7 +12,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_path", "write_text_atomic", "remove_stale_temp"]
+from medseg.errors import InputError
+
+__all__ = ["atomic_path", "write_text_atomic", "remove_stale_temp", "refuse_existing"]
 
 
 _TEMP_PREFIX = ".medseg-tmp-"
@@ -87,3 +89,17 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     """Write a text file atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def refuse_existing(*paths: str | Path, overwrite: bool = False) -> None:
+    """Nothing is replaced unless asked: the first of ``paths`` that exists is an error, unless
+    ``overwrite``.
+
+    Raises:
+        InputError: naming that file.
+    """
+    for path in [] if overwrite else paths:
+        if Path(path).exists():
+            raise InputError(
+                path, "already exists; pass --overwrite (overwrite=True in Python) to replace it"
+            )

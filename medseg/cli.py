@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from medseg.errors import ConfigError, InputError, find_medseg_error
+from medseg.errors import ConfigError, find_medseg_error
 
 __all__ = ["main"]
 
@@ -105,6 +105,7 @@ def _trainer(kind, args):
 
 
 def cmd_plan(args) -> int:
+    from medseg.atomic import refuse_existing
     from medseg.config import load_config
     from medseg.data.datasets import find_cases
     from medseg.data.plan import plan_for_config
@@ -113,8 +114,7 @@ def cmd_plan(args) -> int:
     plan = plan_for_config(config, find_cases(args.data))
     print(plan.describe())
     if args.out:
-        if Path(args.out).exists() and not args.overwrite:
-            raise InputError(args.out, "already exists (pass --overwrite to replace it)")
+        refuse_existing(args.out, overwrite=args.overwrite)
         plan.save(args.out)
         print(f"wrote {args.out}; train with it: --set data.plan={args.out}")
     return 0

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from medseg.atomic import atomic_path
+from medseg.atomic import atomic_path, refuse_existing
 from medseg.errors import InputError
 from medseg.files import is_volume_file
 
@@ -283,8 +283,7 @@ def write_dicom_seg(
     from medseg._version import __version__
 
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise InputError(path, "already exists (pass overwrite to replace it)")
+    refuse_existing(path, overwrite=overwrite)
     sources = [pydicom.dcmread(f) for f in series.files]
     if mask.shape[2] != len(sources):
         raise InputError(series.folder, f"mask has {mask.shape[2]} slices but the series {len(sources)}")

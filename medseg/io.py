@@ -14,7 +14,7 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
-from medseg.atomic import atomic_path
+from medseg.atomic import atomic_path, refuse_existing
 from medseg.dicom import read_series
 from medseg.errors import InputError
 from medseg.files import VOLUME_SUFFIXES, is_volume_file, volume_suffix
@@ -214,8 +214,7 @@ def write_volume(array: np.ndarray, path: str | Path, reference: sitk.Image, ove
         The path written.
     """
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise InputError(path, "already exists (pass overwrite to replace it)")
+    refuse_existing(path, overwrite=overwrite)
     if tuple(array.shape) != tuple(reference.GetSize()):
         raise InputError(path, f"array shape {array.shape} does not match the grid {reference.GetSize()}")
     image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose()))
@@ -230,8 +229,7 @@ def write_image(image: sitk.Image, path: str | Path, overwrite: bool = False) ->
         InputError: the file exists and ``overwrite`` is not set.
     """
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise InputError(path, "already exists (pass overwrite to replace it)")
+    refuse_existing(path, overwrite=overwrite)
     with atomic_path(path) as tmp:
         sitk.WriteImage(image, str(tmp), useCompression=True)
     return path
@@ -248,8 +246,7 @@ def write_vectors(
     formats go through SimpleITK, which copies the array once.
     """
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise InputError(path, "already exists (pass overwrite to replace it)")
+    refuse_existing(path, overwrite=overwrite)
     dims = reference.GetDimension()
     if tuple(values.shape[:-1]) != tuple(reference.GetSize()):
         raise InputError(

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from medseg.atomic import write_text_atomic
+from medseg.atomic import refuse_existing, write_text_atomic
 from medseg.data.datasets import read_label_map
 from medseg.errors import InputError, MedsegError
 from medseg.evaluation.metrics import (
@@ -44,6 +44,7 @@ __all__ = [
     "match_cases",
     "score_case",
     "finish",
+    "class_names",
     "write_results",
 ]
 
@@ -180,11 +181,8 @@ def evaluate(
     if not any(p and r for _, p, r in pairs):
         raise InputError(pred_dir, f"no mask here has a namesake in {ref_dir}")
     if out is not None:
-        refuse_overwrite(Path(out), (TABLE, SUMMARY), overwrite)
-    if labels is None and (pred_dir / LABELS_FILE).is_file():
-        labels = read_label_map(pred_dir / LABELS_FILE)
-    discover = not labels
-    labels = {int(c): n for c, n in (labels or {}).items()}
+        refuse_existing(*(Path(out) / n for n in (TABLE, SUMMARY)), overwrite=overwrite)
+    labels, discover = class_names(pred_dir, labels)
     rows = []
     for case, pred, ref in pairs:
         if ref is None:
@@ -199,13 +197,13 @@ def evaluate(
     return result
 
 
-def refuse_overwrite(folder: Path, names: tuple[str, ...], overwrite: bool) -> None:
-    """Refuse to replace earlier results in ``folder`` unless asked."""
-    earlier = [n for n in names if (folder / n).exists()]
-    if earlier and not overwrite:
-        raise InputError(
-            folder / earlier[0], "already exists; pass --overwrite (overwrite=True) to replace it"
-        )
+def class_names(pred_dir: Path, labels: dict | None) -> tuple[dict[int, str], bool]:
+    """The class names to score by: ``labels``, else the ``labels.json`` predict wrote beside
+    the masks; and whether classes the masks hold beyond them are to be found and added (only
+    when neither named any)."""
+    if labels is None and (pred_dir / LABELS_FILE).is_file():
+        labels = read_label_map(pred_dir / LABELS_FILE)
+    return {int(c): n for c, n in (labels or {}).items()}, not labels
 
 
 def fill_absent(rows: list[dict], labels: dict[int, str]) -> list[dict]:

@@ -11,22 +11,22 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
-from medseg.atomic import write_text_atomic
+from medseg.atomic import refuse_existing, write_text_atomic
 from medseg.errors import MedsegError
 from medseg.evaluation.folders import (
     ERROR,
     SUMMARY,
     TABLE,
+    class_names,
     find_masks,
     finish,
     match_cases,
-    refuse_overwrite,
     score_case,
     write_results,
 )
 from medseg.evaluation.metrics import BOTH_EMPTY, DEFAULT_TOLERANCE_MM, MISSING, OK
 from medseg.evaluation.pictures import case_figure
-from medseg.files import LABELS_FILE, case_id, is_volume_file, safe_name, split_channel_suffix
+from medseg.files import case_id, is_volume_file, safe_name, split_channel_suffix
 from medseg.io import read_volume
 
 __all__ = ["qc_report", "INDEX"]
@@ -77,13 +77,8 @@ def qc_report(
         else [(c, p, None) for c, p in sorted(preds.items())]
     )
     scans = _scans(Path(images)) if images else {}
-    refuse_overwrite(out_dir, (INDEX, TABLE, SUMMARY), overwrite)
-    if labels is None and (pred_dir / LABELS_FILE).is_file():
-        from medseg.data.datasets import read_label_map
-
-        labels = read_label_map(pred_dir / LABELS_FILE)
-    discover = not labels
-    labels = {int(c): n for c, n in (labels or {}).items()}
+    refuse_existing(*(out_dir / n for n in (INDEX, TABLE, SUMMARY)), overwrite=overwrite)
+    labels, discover = class_names(pred_dir, labels)
     rows, entries, names = [], [], _Names()
     for case, pred, ref in pairs:
         entry = {"case": case, "pred": pred, "ref": ref, "picture": None, "problem": ""}
