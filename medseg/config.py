@@ -109,6 +109,9 @@ class ModelConfig:
         dropout: dropout probability in the conv blocks.
         deep_supervision: train coarse decoder outputs too (weights halve per level).
         time_conditioning: give every block a diffusion-timestep embedding (for pretraining).
+        timestep: the diffusion timestep a time-conditioned network segments at. ``medseg
+            pretrain`` records it and ``train.init`` takes it from there: 0 (a clean image), or
+            the fixed noise level a ``pretrain.timesteps: fixed`` run trained at.
         blocks_per_level: residual blocks per level (residual and attention U-Nets). One fits
             the CPU demo budget; ``build_model`` itself defaults to two.
         attention_levels: levels with self-attention (attention U-Net; null: the deepest).
@@ -123,6 +126,7 @@ class ModelConfig:
     dropout: float = 0.0
     deep_supervision: bool = False
     time_conditioning: bool = False
+    timestep: int = 0
     blocks_per_level: int = 1
     attention_levels: list[int] | None = None
     heads: int = 4
@@ -235,8 +239,9 @@ class PretrainConfig:
     Args:
         schedule: ``linear`` (beta 1e-4 to 0.02, DDPM) or ``cosine`` noise schedule.
         steps: diffusion steps T.
-        timesteps: how training draws t: ``uniform`` over [0, T), or ``low``: t = T u^2, biased
-            toward low and middle noise (median T/4).
+        timesteps: how training draws t: ``uniform`` over [0, T); ``low``: t = T u^2, biased
+            toward low and middle noise (median T/4); or ``fixed``: always ``model.timestep``,
+            one noise level as in DDeP (Brempong et al. 2022), at which segmentation then runs.
     """
 
     schedule: str = "linear"

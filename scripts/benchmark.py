@@ -35,9 +35,10 @@ LABELS = {0: "background", 1: "LV", 2: "myocardium", 3: "RV"}
 ORIENTATIONS = ("ras", "lps", "flipped", "oblique")
 
 
-def make_phantoms(folder: Path, n_train: int, n_test: int, seed: int = 1000) -> Path:
+def make_phantoms(folder: Path, n_train: int, n_test: int, seed: int = 1000, variety: float = 1.0) -> Path:
     """An MSD-style set of phantoms with varied orientation and spacing (1.1-1.5 mm in-plane,
-    2.6-3.9 mm between slices), covering the same field of view as the sample data."""
+    2.6-3.9 mm between slices), covering the same field of view as the sample data. ``variety``
+    is ``make_phantom``'s."""
     import SimpleITK as sitk
 
     from medseg.data.phantom import make_phantom
@@ -50,7 +51,7 @@ def make_phantoms(folder: Path, n_train: int, n_test: int, seed: int = 1000) -> 
         split, tag = ("training", "Tr") if k < n_train else ("test", "Ts")
         spacing = (rng.uniform(1.1, 1.5),) * 2 + (rng.uniform(2.6, 3.9),)
         shape = tuple(int(round(fov / s)) for fov, s in zip((170, 170, 125), spacing))
-        image, label = make_phantom(seed + k, shape, spacing, ORIENTATIONS[k % len(ORIENTATIONS)])
+        image, label = make_phantom(seed + k, shape, spacing, ORIENTATIONS[k % len(ORIENTATIONS)], variety)
         name = f"case_{k:03d}.nii.gz"
         for kind, volume in (("images", image), ("labels", label)):
             (folder / f"{kind}{tag}").mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,8 @@ same test cases; the table gives mean foreground Dice +- std over the seeds.
     python scripts/label_efficiency.py --sizes 2 --seeds 1 --finetune-steps 100   # a quick look
 
 Steps, not seconds, fix the budgets, so another job on the machine slows the study but does not
-change its result.
+change its result. Run again with the same ``--work`` to resume: finished runs are kept (delete
+``runs/`` to redo them with other settings).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark import make_phantoms  # noqa: E402
 
+from medseg.atomic import write_text_atomic  # noqa: E402
 from medseg.config import load_config  # noqa: E402
 from medseg.evaluation.folders import evaluate  # noqa: E402
 from medseg.inference.batch import predict_many  # noqa: E402
@@ -68,6 +70,16 @@ def pretrain(args, data: Path, work: Path) -> Path:
     return checkpoint
 
 
+class HeadOnly(Trainer):
+    """A probe: only the output head learns; the rest keeps its starting weights (random or
+    pretrained). Do the features themselves carry the labels?"""
+
+    def on_train_start(self) -> None:
+        for name, parameter in self.model.named_parameters():
+            parameter.requires_grad_(name.startswith("head."))  # AdamW skips what gets no grad
+        super().on_train_start()
+
+
 def finetune(
     args, data: Path, cases: list[dict], init: Path | None, seed: int, run: Path, plan: Path
 ) -> dict:
@@ -86,7 +98,8 @@ def finetune(
         if args.init_lr:
             config.train.lr = args.init_lr
     start = time.monotonic()
-    summary = Trainer(config, overwrite=True, train_cases=cases, val_cases=[]).fit()
+    trainer = (HeadOnly if args.probe else Trainer)(config, overwrite=True, train_cases=cases, val_cases=[])
+    summary = trainer.fit()
     seconds = time.monotonic() - start
     masks = run / "masks"
     shutil.rmtree(masks, ignore_errors=True)
@@ -104,6 +117,9 @@ def main() -> None:
     parser.add_argument("--pool", type=int, default=8, help="labelled cases to draw the subsets from")
     parser.add_argument("--unlabeled", type=int, default=24)
     parser.add_argument("--test", type=int, default=8)
+    parser.add_argument(
+        "--variety", type=float, default=1.0, help="how much the phantoms differ (make_phantom's; 3: hard)"
+    )
     parser.add_argument("--pretrain-steps", type=int, default=1000)
     parser.add_argument("--finetune-steps", type=int, default=300)
     parser.add_argument("--model", default="unet")
@@ -113,13 +129,20 @@ def main() -> None:
     )
     parser.add_argument("--set", default="", help="extra overrides for both arms, ';'-separated")
     parser.add_argument("--pretrain-set", default="", help="extra overrides for pretraining, ';'-separated")
+    parser.add_argument(
+        "--probe",
+        action="store_true",
+        help="train only the output head (frozen features; use --init-parts all)",
+    )
     parser.add_argument("--arms", default="scratch,pretrained", help="which arms to train")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", default="label_efficiency_work")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(args.work)
-    data = make_phantoms(work / "data", n_train=args.pool + args.unlabeled, n_test=args.test)
+    data = make_phantoms(
+        work / "data", n_train=args.pool + args.unlabeled, n_test=args.test, variety=args.variety
+    )
     pool = sorted((data / "imagesTr").iterdir())[: args.pool]
     checkpoint = pretrain(args, data, work)
 
@@ -136,7 +159,12 @@ def main() -> None:
             arms = {"scratch": None, "pretrained": checkpoint}
             for arm, init in ((a, arms[a]) for a in args.arms.split(",")):
                 run = work / "runs" / f"{arm}_n{size}_s{seed}"
-                result = finetune(args, data, cases, init, seed, run, checkpoint.parent / "plan.yaml")
+                done = run / "result.json"  # a finished run is kept: the study resumes
+                if done.is_file():
+                    result = json.loads(done.read_text())
+                else:
+                    result = finetune(args, data, cases, init, seed, run, checkpoint.parent / "plan.yaml")
+                    write_text_atomic(done, json.dumps(result))
                 rows.append({"arm": arm, "labelled": size, "seed": seed, **result})
                 print(
                     f"seed {seed}, {size} labelled, {arm}: "

@@ -165,9 +165,12 @@ def test_folding_the_time_embedding_keeps_the_outputs(name, norm):
                 module.running_mean.normal_(0, 0.1)
                 module.running_var.uniform_(0.5, 2.0)
     model.eval()
+    model.timestep = 100  # as after a fixed-noise pretraining: segmentation runs at t = 100
     x = torch.randn(2, 1, 32, 32, 16)
     with torch.no_grad():
         before = model(x)
+        assert torch.equal(before, model(x, torch.tensor([100, 100])))
+        assert not torch.allclose(before, model(x, torch.tensor([0, 0])), atol=1e-3)
         model.fold_time()
         after = model(x)
     assert model.time_embed is None

@@ -42,3 +42,25 @@ def test_make_dataset_writes_msd_layout(tmp_path):
     assert sorted(p.name for p in (folder / "imagesTr").iterdir()) == ["heart_000.nii.gz", "heart_001.nii.gz"]
     assert (folder / "labelsTs" / "heart_002.nii.gz").is_file()
     assert '"LV"' in (folder / "dataset.json").read_text()
+
+
+def test_variety_widens_how_cases_differ():
+    """variety=3 (the pretraining study's hard set): noisier cases, contrasts and hearts that
+    differ more from case to case; variety=1 is the default phantom, draw for draw."""
+    np.testing.assert_array_equal(to_array(make_phantom(3, variety=1.0)[0]), to_array(make_phantom(3)[0]))
+
+    def stats(variety):
+        noise, contrast, lv_ml = [], [], []
+        for seed in range(6):
+            image, label = make_phantom(seed, shape=(64, 64, 20), spacing=(2.7, 2.7, 6.5), variety=variety)
+            pixels, labels = to_array(image).astype(float), to_array(label)
+            lv = pixels[labels == 1]
+            noise.append(lv.std() / lv.mean())
+            contrast.append(pixels[labels == 2].mean() / lv.mean())
+            lv_ml.append(_volumes_ml(label)[0])
+        return np.median(noise), np.std(contrast), np.std(lv_ml) / np.mean(lv_ml)
+
+    plain, hard = stats(1.0), stats(3.0)
+    assert hard[0] > 1.6 * plain[0]  # noise within the blood pool (2.1x)
+    assert hard[1] > 2 * plain[1]  # myocardium-to-blood contrast, across cases (3.2x)
+    assert hard[2] > 2 * plain[2]  # LV volume, across cases (2.9x)

@@ -12,8 +12,9 @@ import torch
 from medseg.checkpoint import PRETRAIN, Checkpoint
 from medseg.config import load_config
 from medseg.data.datasets import find_cases
-from medseg.errors import CheckpointError
+from medseg.errors import CheckpointError, ConfigError
 from medseg.models import build_model
+from medseg.models.factory import model_from_config
 from medseg.training.pretrain import (
     Pretrainer,
     add_noise,
@@ -23,7 +24,7 @@ from medseg.training.pretrain import (
     linear_betas,
     sample_timesteps,
 )
-from medseg.training.transfer import load_matching
+from medseg.training.transfer import load_matching, network_of
 from tests.conftest import TINY_OVERRIDES, run_cli
 
 
@@ -61,6 +62,11 @@ def test_timestep_sampling():
     assert 0 <= uniform.min() and uniform.max() <= 999 and low.max() <= 999
     assert uniform.float().median().item() == pytest.approx(500, abs=25)
     assert low.float().median().item() == pytest.approx(250, abs=25)
+    assert sample_timesteps(5, 1000, "fixed", fixed=100).tolist() == [100] * 5
+    with pytest.raises(ConfigError, match=r"must lie in 0\.\.999"):
+        sample_timesteps(5, 1000, "fixed", fixed=1000)
+    with pytest.raises(ConfigError, match="must be uniform, low or fixed, not 'high'"):
+        sample_timesteps(5, 1000, "high")
 
 
 @pytest.mark.parametrize("name", ["unet", "residual_unet", "attention_unet"])
@@ -115,6 +121,24 @@ def test_transfer_loads_matching_weights_and_skips_the_head(tmp_path):
     other = build_model("residual_unet", 3, 1, 4, channels=(32, 64))
     with pytest.raises(CheckpointError, match="holds no weights that fit this network"):
         load_matching(other, path)
+
+
+def test_a_fixed_noise_level_is_where_segmentation_runs(tiny_dataset, tmp_path):
+    """DDeP-style pretraining at one timestep: the checkpoint records it, fine-tuning takes it,
+    and the segmenting network runs at it when given no timestep."""
+    config = load_config(None, [*TINY_OVERRIDES, "pretrain.timesteps=fixed", "model.timestep=150"])
+    config.data.root, config.train.output_dir = str(tiny_dataset), str(tmp_path / "pre")
+    Pretrainer(config).fit()
+    saved = Checkpoint.load(tmp_path / "pre" / "last.pt")
+    assert saved.config["model"]["timestep"] == 150
+    resolved, _ = network_of(tmp_path / "pre" / "last.pt", load_config(None, TINY_OVERRIDES))
+    assert resolved.model.timestep == 150 and resolved.model.time_conditioning is True
+    assert model_from_config(resolved, 4).timestep == 150
+
+    drawn = load_config(None, [*TINY_OVERRIDES, "model.timestep=150"])  # low: t varies, segment at 0
+    drawn.data.root, drawn.train.output_dir = str(tiny_dataset), str(tmp_path / "low")
+    Pretrainer(drawn).fit()
+    assert Checkpoint.load(tmp_path / "low" / "last.pt").config["model"]["timestep"] == 0
 
 
 def test_unlabelled_images_are_found(tiny_dataset, tmp_path):

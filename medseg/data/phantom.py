@@ -45,10 +45,10 @@ def _inside_ellipsoid(local: np.ndarray, semi_axes) -> np.ndarray:
     return ((local / np.asarray(semi_axes)) ** 2).sum(axis=-1) <= 1.0
 
 
-def _anatomy(points: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _anatomy(points: np.ndarray, rng: np.random.Generator, variety: float) -> tuple[np.ndarray, np.ndarray]:
     """Intensity (0..1, before bias/noise) and label at world points (N, 3), LPS mm."""
     x, y, z = points.T
-    jitter = lambda s: rng.uniform(1 - s, 1 + s)  # noqa: E731 - tiny local helper
+    jitter = lambda s: rng.uniform(1 - s * variety, 1 + s * variety)  # noqa: E731 - tiny local helper
     intensity = np.zeros(len(points))
     label = np.zeros(len(points), dtype=np.uint8)
 
@@ -64,7 +64,7 @@ def _anatomy(points: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, 
 
     # Heart frame: u runs from base to apex (anterior, inferior, to the patient's left).
     centre = np.array([28, -18, 0]) + rng.normal(0, 6, size=3)
-    u = np.array([0.55, -0.55, -0.6]) + rng.normal(0, 0.12, size=3)
+    u = np.array([0.55, -0.55, -0.6]) + rng.normal(0, 0.12 * variety, size=3)
     u /= np.linalg.norm(u)
     v = np.cross(u, [0, 0, 1.0])
     v /= np.linalg.norm(v)
@@ -102,6 +102,7 @@ def make_phantom(
     shape: tuple[int, int, int] = (96, 96, 28),
     spacing: tuple[float, float, float] | None = None,
     orientation: str = "ras",
+    variety: float = 1.0,
 ) -> tuple[sitk.Image, sitk.Image]:
     """Make one synthetic cardiac MRI volume and its label map.
 
@@ -112,6 +113,9 @@ def make_phantom(
             (varying with the seed), anisotropic like a cardiac MRI stack.
         orientation: ``"ras"``, ``"lps"``, ``"flipped"`` (RAS with the slice axis reversed) or
             ``"oblique"`` (a random tilt of 15-35 degrees).
+        variety: scales how much cases differ: tissue contrasts, heart size and axis, bias field
+            and noise. 1 gives the demo's phantoms; 3 gives cases that two labelled ones no
+            longer cover (the pretraining study's hard set). The random draws are the same.
 
     Returns:
         ``(image, label)`` as SimpleITK images on the same grid; the image is int16.
@@ -130,18 +134,18 @@ def make_phantom(
 
     index = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1)
     points = origin + (index.reshape(-1, 3) * spacing_arr) @ direction.T
-    intensity, label = _anatomy(points, rng)
+    intensity, label = _anatomy(points, rng, variety)
     intensity = intensity.reshape(shape)
     label = label.reshape(shape)
 
     # Partial volume: a blur of about half a voxel in-plane, less across slices.
     intensity = gaussian_filter(intensity, sigma=(0.6, 0.6, 0.3))
-    # Smooth multiplicative bias field of up to about +-30 %.
-    gradient = rng.normal(0, 0.0025, size=3)
+    # Smooth multiplicative bias field of up to about +-30 % (at variety 1).
+    gradient = rng.normal(0, 0.0025 * variety, size=3)
     bias = np.exp((points - centre) @ gradient).reshape(shape)
     intensity = intensity * bias
     # Rician noise, as in magnitude MRI.
-    sigma = rng.uniform(0.03, 0.06)
+    sigma = rng.uniform(0.03, 0.06) * variety
     intensity = np.hypot(intensity + rng.normal(0, sigma, shape), rng.normal(0, sigma, shape))
     intensity = np.clip(intensity * rng.uniform(400, 2500), 0, 32000).astype(np.int16)
 

@@ -187,7 +187,7 @@ class Predictor:
         self.amp_dtype = autocast_dtype(self.device, config.train.precision)
         for member in members:
             member.model = member.model.to(self.device)
-            if hasattr(member.model, "fold_time"):  # segmentation runs at t = 0: no time embedding
+            if hasattr(member.model, "fold_time"):  # at its one timestep: no time embedding
                 member.model.fold_time()
             member.channels_last = use_channels_last(
                 config.train.channels_last, self.device, self.amp_dtype, member.model

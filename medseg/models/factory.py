@@ -39,11 +39,13 @@ def model_from_config(
         settings["strides"] = strides
     options = {k: v for k, v in settings.items() if k in wanted and v is not None}
     try:
-        return build_model(
+        model = build_model(
             name, spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels, **options
         )
     except ValueError as exc:
         raise ConfigError("model", str(exc)) from None
+    model.timestep = config.model.timestep
+    return model
 
 
 def model_for_plan(config: Config, plan: Plan, classes: int) -> nn.Module:

@@ -6,7 +6,8 @@
   low resolution only.
 
 All take ``forward(x, t=None)``: ``t`` is a diffusion timestep per sample, used when the model
-was built with ``time_conditioning=True`` (segmentation passes none). With
+was built with ``time_conditioning=True``. Segmentation passes none: the network then runs at
+its ``timestep`` attribute (0 unless its pretraining fixed another; ``model.timestep``). With
 ``deep_supervision=True`` a model in training mode returns a list: the full-resolution logits,
 then coarser ones (for ``monai.losses.DeepSupervisionLoss``); in eval mode only the first.
 """
@@ -49,6 +50,8 @@ def _strides(spatial_dims: int, levels: int, strides) -> list[tuple[int, ...]]:
 
 class _UNetBase(nn.Module):
     """What the family shares: strides, size checks, time embedding, output heads."""
+
+    timestep = 0  # the diffusion timestep when forward gets none (a time-conditioned network)
 
     def __init__(
         self,
@@ -106,17 +109,19 @@ class _UNetBase(nn.Module):
         if self.time_embed is None:
             return None
         if t is None:
-            t = torch.zeros(x.shape[0], device=x.device)
+            t = torch.full((x.shape[0],), float(self.timestep), device=x.device)
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
         return self.time_embed(t)
 
     @torch.no_grad()
-    def fold_time(self, t: float = 0.0) -> None:
-        """Fix the timestep for inference (segmentation uses t = 0): every FiLM's scale and shift
-        move into the norm before it and the time embedding goes, so a network pretrained with
-        time conditioning costs no more to run than one without. The outputs do not change."""
+    def fold_time(self, t: float | None = None) -> None:
+        """Fix the timestep for inference (by default the one segmentation runs at, ``timestep``):
+        every FiLM's scale and shift move into the norm before it and the time embedding goes,
+        so a network pretrained with time conditioning costs no more to run than one without.
+        The outputs do not change."""
         if self.time_embed is None:
             return
+        t = self.timestep if t is None else t
         reference = next(self.time_embed.parameters())
         emb = self.time_embed(torch.full((1,), float(t), device=reference.device, dtype=reference.dtype))
         for module in self.modules():

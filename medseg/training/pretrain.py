@@ -59,16 +59,20 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, abar: torc
 
 
 def sample_timesteps(
-    count: int, steps: int, mode: str = "low", generator: torch.Generator | None = None
+    count: int, steps: int, mode: str = "low", generator: torch.Generator | None = None, fixed: int = 0
 ) -> torch.Tensor:
-    """Timesteps in [0, steps): ``uniform``, or ``low``: t = steps * u^2, biased toward low and
+    """Timesteps in [0, steps): ``uniform``; ``low``: t = steps * u^2, biased toward low and
     middle noise (median steps/4), where DDPM features carry most of the segmentation signal
-    (Baranchuk et al., 2022)."""
+    (Baranchuk et al., 2022); or ``fixed``: always ``fixed``, one noise level (DDeP)."""
+    if mode == "fixed":
+        if not 0 <= fixed < steps:
+            raise ConfigError("model.timestep", f"must lie in 0..{steps - 1} (pretrain.steps), not {fixed}")
+        return torch.full((count,), fixed, dtype=torch.long)
     u = torch.rand(count, generator=generator)
     if mode == "low":
         u = u**2
     elif mode != "uniform":
-        raise ConfigError("pretrain.timesteps", f"must be uniform or low, not {mode!r}")
+        raise ConfigError("pretrain.timesteps", f"must be uniform, low or fixed, not {mode!r}")
     return (u * steps).long().clamp(max=steps - 1)
 
 
@@ -112,6 +116,9 @@ class Pretrainer(Trainer):
         config.model.time_conditioning = True
         config.model.deep_supervision = False
         config.train.init = None
+        if config.pretrain.timesteps != "fixed":
+            config.model.timestep = 0  # drawn at random: segmentation will see clean images
+        sample_timesteps(1, config.pretrain.steps, config.pretrain.timesteps, fixed=config.model.timestep)
         self.abar = schedule(config)
         super().__init__(config, **kwargs)
 
@@ -144,13 +151,19 @@ class Pretrainer(Trainer):
         image = self.to_device(batch["image"])
         self.last_patch = image[:1].detach()  # for the picture at the end
         noise = self.config.pretrain
-        t = sample_timesteps(image.shape[0], noise.steps, noise.timesteps).to(self.device)
+        t = sample_timesteps(
+            image.shape[0], noise.steps, noise.timesteps, fixed=self.config.model.timestep
+        ).to(self.device)
         with self.autocast():
             return denoising_loss(self.net, image, t, self.abar)
 
     def on_train_end(self, summary: dict) -> None:
         if self.dist.is_main and getattr(self, "last_patch", None) is not None:
-            draw_denoising(self.eval_model, self.last_patch, self.abar, self.output_dir / "denoising.png")
+            fixed = self.config.pretrain.timesteps == "fixed"  # the one noise level it knows
+            times = (self.config.model.timestep,) if fixed else (50, 150, 250, 500)
+            draw_denoising(
+                self.eval_model, self.last_patch, self.abar, self.output_dir / "denoising.png", times
+            )
         super().on_train_end(summary)
 
 

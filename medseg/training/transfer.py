@@ -48,7 +48,8 @@ def network_of(path: str | Path, config: Config) -> tuple[Config, dict]:
 
     The network (model name, widths, stem, norm, blocks) and the plan (spacing, patch, pooling,
     normalisation) come from the checkpoint, so that its weights fit and its features mean the
-    same; time conditioning is kept when the checkpoint has it (segmentation then passes t = 0).
+    same; time conditioning is kept when the checkpoint has it, with the timestep segmentation
+    runs at (``model.timestep``: 0, or the fixed noise level the pretraining used).
 
     Raises:
         CheckpointError: not a medseg checkpoint.
@@ -60,10 +61,12 @@ def network_of(path: str | Path, config: Config) -> tuple[Config, dict]:
     theirs = checkpoint.config["model"]
     resolved = Config.from_dict(config.to_dict())
     changed = []
-    for key in (*_SHAPING, "time_conditioning"):
-        if getattr(resolved.model, key) != theirs.get(key):
-            changed.append(f"model.{key}={theirs.get(key)!r}")
-            setattr(resolved.model, key, theirs.get(key))
+    defaults = {"timestep": 0}  # checkpoints from before model.timestep ran at t = 0
+    for key in (*_SHAPING, "time_conditioning", "timestep"):
+        value = theirs.get(key, defaults.get(key))
+        if getattr(resolved.model, key) != value:
+            changed.append(f"model.{key}={value!r}")
+            setattr(resolved.model, key, value)
     if changed:
         log.info("train.init: the network of %s: %s", path, ", ".join(changed))
     return resolved, checkpoint.plan
