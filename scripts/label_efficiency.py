@@ -38,6 +38,7 @@ from medseg.inference.batch import predict_many  # noqa: E402
 from medseg.inference.predictor import Predictor  # noqa: E402
 from medseg.training.pretrain import Pretrainer  # noqa: E402
 from medseg.training.trainer import Trainer  # noqa: E402
+from medseg.training.transfer import PARTS  # noqa: E402
 
 EPOCH = 25  # steps per epoch
 
@@ -70,14 +71,23 @@ def pretrain(args, data: Path, work: Path) -> Path:
     return checkpoint
 
 
-class HeadOnly(Trainer):
-    """A probe: only the output head learns; the rest keeps its starting weights (random or
-    pretrained). Do the features themselves carry the labels?"""
+class Frozen(Trainer):
+    """A trainer whose network keeps some modules at their starting weights (``frozen``: top-level
+    module names), random or pretrained: do the pretrained features beat random ones?"""
+
+    frozen: set[str] = set()
 
     def on_train_start(self) -> None:
         for name, parameter in self.model.named_parameters():
-            parameter.requires_grad_(name.startswith("head."))  # AdamW skips what gets no grad
+            if name.split(".")[0] in self.frozen:
+                parameter.requires_grad_(False)  # AdamW skips what gets no gradient
         super().on_train_start()
+
+
+def _trainer(args) -> type[Trainer]:
+    if args.freeze:
+        return type("FrozenStart", (Frozen,), {"frozen": PARTS[args.init_parts]})
+    return Trainer
 
 
 def finetune(
@@ -98,7 +108,7 @@ def finetune(
         if args.init_lr:
             config.train.lr = args.init_lr
     start = time.monotonic()
-    trainer = (HeadOnly if args.probe else Trainer)(config, overwrite=True, train_cases=cases, val_cases=[])
+    trainer = _trainer(args)(config, overwrite=True, train_cases=cases, val_cases=[])
     summary = trainer.fit()
     seconds = time.monotonic() - start
     masks = run / "masks"
@@ -130,9 +140,10 @@ def main() -> None:
     parser.add_argument("--set", default="", help="extra overrides for both arms, ';'-separated")
     parser.add_argument("--pretrain-set", default="", help="extra overrides for pretraining, ';'-separated")
     parser.add_argument(
-        "--probe",
+        "--freeze",
         action="store_true",
-        help="train only the output head (frozen features; use --init-parts all)",
+        help="keep the --init-parts weights fixed in both arms (random or pretrained); "
+        "--init-parts all: only the output head learns (a linear probe)",
     )
     parser.add_argument("--arms", default="scratch,pretrained", help="which arms to train")
     parser.add_argument("--threads", type=int, default=2)
