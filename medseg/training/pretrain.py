@@ -118,6 +118,7 @@ class Pretrainer(Trainer):
         config.train.init = None
         if config.pretrain.timesteps != "fixed":
             config.model.timestep = 0  # drawn at random: segmentation will see clean images
+        # Checks the mode and the fixed timestep now, before any image is read.
         sample_timesteps(1, config.pretrain.steps, config.pretrain.timesteps, fixed=config.model.timestep)
         self.abar = schedule(config)
         super().__init__(config, **kwargs)
