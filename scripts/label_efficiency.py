@@ -71,23 +71,17 @@ def pretrain(args, data: Path, work: Path) -> Path:
     return checkpoint
 
 
-class Frozen(Trainer):
-    """A trainer whose network keeps some modules at their starting weights (``frozen``: top-level
-    module names), random or pretrained: do the pretrained features beat random ones?"""
+class Freeze:
+    """A callback that keeps some modules at their starting weights (``parts``: top-level module
+    names), random or pretrained: do the pretrained features beat random ones?"""
 
-    frozen: set[str] = set()
+    def __init__(self, parts: set[str]):
+        self.parts = parts
 
-    def on_train_start(self) -> None:
-        for name, parameter in self.model.named_parameters():
-            if name.split(".")[0] in self.frozen:
+    def on_train_start(self, trainer: Trainer) -> None:
+        for name, parameter in trainer.model.named_parameters():
+            if name.split(".")[0] in self.parts:
                 parameter.requires_grad_(False)  # AdamW skips what gets no gradient
-        super().on_train_start()
-
-
-def _trainer(args) -> type[Trainer]:
-    if args.freeze:
-        return type("FrozenStart", (Frozen,), {"frozen": PARTS[args.init_parts]})
-    return Trainer
 
 
 def finetune(
@@ -108,8 +102,8 @@ def finetune(
         if args.init_lr:
             config.train.lr = args.init_lr
     start = time.monotonic()
-    trainer = _trainer(args)(config, overwrite=True, train_cases=cases, val_cases=[])
-    summary = trainer.fit()
+    callbacks = [Freeze(PARTS[args.init_parts])] if args.freeze else []
+    summary = Trainer(config, overwrite=True, train_cases=cases, val_cases=[], callbacks=callbacks).fit()
     seconds = time.monotonic() - start
     masks = run / "masks"
     shutil.rmtree(masks, ignore_errors=True)
