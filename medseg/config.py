@@ -18,6 +18,8 @@ import yaml
 from medseg.atomic import write_text_atomic
 from medseg.errors import ConfigError
 
+DEFAULT_EPOCHS = 40  # of 25 steps: a run with neither train.epochs nor train.max_time
+
 __all__ = [
     "Config",
     "DataConfig",
@@ -42,8 +44,10 @@ class DataConfig:
             normalisation.
         spacing: target voxel spacing in mm along R, A, S; null: planned.
         patch_size: training patch, voxels per axis (also the sliding-window size); null: planned.
-        max_patch_voxels: the patch budget planning works to.
-        samples_per_volume: patches cut from a volume each time it is drawn.
+        max_patch_voxels: the 3D patch budget planning works to; null: from the device
+            (``medseg.device.patch_budget``: 204800 voxels on CPUs, from the memory on GPUs).
+        samples_per_volume: patches cut from a volume each time it is drawn; null: planned (2 for
+            3D networks, more for 2D ones, whose patches are single slices).
         class_ratios: how often a patch is centred on each class (background first); null: equally.
         val_fraction: share of the training cases held out for validation (without ``folds``).
         folds: k-fold cross-validation: the cases are split into this many seeded folds
@@ -60,8 +64,8 @@ class DataConfig:
     modality: str | None = None
     spacing: list[float] | None = None
     patch_size: list[int] | None = None
-    max_patch_voxels: int = 80 * 80 * 32
-    samples_per_volume: int = 2
+    max_patch_voxels: int | None = None
+    samples_per_volume: int | None = None
     class_ratios: list[float] | None = None
     val_fraction: float = 0.2
     folds: int | None = None
@@ -73,22 +77,48 @@ class DataConfig:
 
 @dataclass
 class AugmentConfig:
-    """Random augmentation during training (probabilities per patch).
+    """Random augmentation during training (probabilities per patch), after nnU-Net's.
+
+    Spatial steps keep image and label aligned (the label is resampled nearest-neighbour, so it
+    stays integer). On thick-slice data (the coarsest axis over 3x the finest) and for 2D networks
+    on slices, every spatial step stays within the slice plane: rotation about the slice axis
+    only, no scaling, blurring or down-sampling across slices.
 
     Args:
         flip_prob: mirror along each of ``flip_axes``.
         flip_axes: the axes to mirror, of the network's RAS grid (0: left-right, 1:
-            posterior-anterior, 2: inferior-superior); null: all. Leave out any axis whose
-            mirror changes what a label means (left-right in a heart swaps the ventricles'
-            sides). Flip test-time augmentation follows these axes (``infer.tta_axes``).
-        intensity_prob: random scale and shift of intensities.
+            posterior-anterior, 2: inferior-superior); null: all. Mirroring is right where it
+            leaves each label on its own structure: a mirrored heart is an unusual heart whose
+            RV is still labelled RV, but a mirrored ``left kidney`` would be labelled left while
+            lying on the right. Leave out any axis whose mirror changes what a label means.
+            Flip test-time augmentation follows these axes (``infer.tta_axes``).
+        intensity_prob: random scale and shift of intensities (brightness).
         noise_prob: add Gaussian noise.
+        spatial_prob: rotate and scale the patch (one resampling for both).
+        rotate_degrees: the largest rotation, in degrees; null: 180 within the slice plane for
+            thick slices and 2D networks, 30 about each axis for 3D (nnU-Net's ranges).
+        scale_range: the smallest and largest zoom factor.
+        elastic_prob: elastic deformation (3D networks on isotropic data only; slow).
+        gamma_prob: gamma correction of the intensities, with ``gamma_range``.
+        gamma_range: the smallest and largest gamma.
+        blur_prob: Gaussian blur, sigma 0.5 to 1 voxel (within the slice plane for thick slices).
+        contrast_prob: scale the intensities about their mean by 0.75 to 1.25.
+        lowres_prob: simulate a coarser scan: down-sample by up to 2 (nearest), then up again.
     """
 
     flip_prob: float = 0.0
     flip_axes: list[int] | None = None
     intensity_prob: float = 0.5
     noise_prob: float = 0.15
+    spatial_prob: float = 0.0
+    rotate_degrees: float | None = None
+    scale_range: list[float] = field(default_factory=lambda: [0.7, 1.4])
+    elastic_prob: float = 0.0
+    gamma_prob: float = 0.0
+    gamma_range: list[float] = field(default_factory=lambda: [0.7, 1.5])
+    blur_prob: float = 0.0
+    contrast_prob: float = 0.0
+    lowres_prob: float = 0.0
 
 
 @dataclass
@@ -97,6 +127,9 @@ class ModelConfig:
 
     Args:
         name: ``unet``, ``residual_unet`` or ``attention_unet``.
+        dims: 2: a 2D network segments each slice of a volume, across its thickest axis (nnU-Net's
+            ``2d``); 3: a 3D network (``3d_fullres``); null: planned (2 for thick-slice volumes,
+            3 otherwise; ``medseg.data.plan.make_plan``). 2D images always take a 2D network.
         channels: features per level; the depth follows from its length.
         strides: down-sampling per level after the first, each an int (all axes) or one per
             axis, e.g. ``[[2, 2, 1], 2, 2]``; null: planned from the spacing.
@@ -119,6 +152,7 @@ class ModelConfig:
     """
 
     name: str = "unet"
+    dims: int | None = None
     channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
     strides: list[list[int] | int] | None = None
     stem: str = "strided"
@@ -138,9 +172,11 @@ class TrainConfig:
 
     Args:
         output_dir: run folder for checkpoints and logs.
-        epochs: number of epochs; an epoch is ``iters_per_epoch`` steps.
+        epochs: number of epochs; an epoch is ``iters_per_epoch`` steps. null: 40, or no limit
+            when ``max_time`` is set, so that a budgeted run uses its whole budget.
         iters_per_epoch: optimiser steps per epoch.
-        max_time: stop after this many seconds of training (null: no limit).
+        max_time: stop after this many seconds of training (null: no limit); with ``epochs``
+            set too, whichever comes first.
         batch_size: volumes per step; each gives ``data.samples_per_volume`` patches.
         lr: peak learning rate, reached after the warm-up; null: the model's own
             (``medseg.training.optim.DEFAULT_LR``: 1e-2 for ``unet``, 2e-3 for the others).
@@ -151,9 +187,15 @@ class TrainConfig:
             ``(1 - progress) ** 0.9``). Progress is the larger of steps and time used.
         warmup: share of the run spent warming up linearly.
         grad_clip: clip the gradient norm to this (null: no clipping).
+        dice_background: count the background in the Dice part of the loss (MONAI's default);
+            false: foreground classes only, as nnU-Net.
+        batch_dice: compute Dice over the whole batch rather than per patch and average (nnU-Net's
+            choice): a patch without some class then does not score that class's Dice as 0 or 1.
         ema_decay: keep an exponential moving average of the weights with this decay (e.g.
             0.999) and validate and save it; null: off.
-        val_every: validate every this many epochs (and always at the end).
+        val_every: validate every this many epochs (and always at the end); null: every 2, or
+            less often where validating would take more than a tenth of the run (many or large
+            validation cases on a slow machine).
         val_pictures: at each validation, draw this many validation cases (prediction and
             reference contours) to ``<output_dir>/validation/CASE.png``, to watch the model
             learn; 0: none.
@@ -177,7 +219,7 @@ class TrainConfig:
     """
 
     output_dir: str = "runs/heart"
-    epochs: int = 40
+    epochs: int | None = None
     iters_per_epoch: int = 25
     max_time: float | None = None
     batch_size: int = 1
@@ -188,8 +230,10 @@ class TrainConfig:
     schedule: str = "cosine"
     warmup: float = 0.03
     grad_clip: float | None = 12.0
+    dice_background: bool = True
+    batch_dice: bool = False
     ema_decay: float | None = None
-    val_every: int = 2
+    val_every: int | None = None
     val_pictures: int = 2
     seed: int = 0
     deterministic: bool = False
@@ -200,6 +244,13 @@ class TrainConfig:
     tensorboard: bool | None = None
     init: str | None = None
     init_parts: str = "encoder"
+
+    @property
+    def epoch_limit(self) -> float:
+        """The epochs a run may take: ``epochs``, else 40, else (with ``max_time``) no limit."""
+        if self.epochs is not None:
+            return self.epochs
+        return float("inf") if self.max_time else DEFAULT_EPOCHS
 
 
 @dataclass

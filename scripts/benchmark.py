@@ -1,25 +1,36 @@
-"""medseg against a plain MONAI script, side by side on held-out phantoms, in one run.
+"""medseg against a plain MONAI script, side by side on held-out cases, in one run.
 
-Both arms get the same training cases, the same time budget and the same threads, then predict
-the same test cases as whole processes. Reported per arm: Dice and HD95 per class (on the input
-grid), training steps, prediction voxels/s (input voxels over the whole process's wall time,
-start-up, loading and saving included, over the test set linked ``--copies`` times: 32 volumes
-by default) and peak RSS. ``--repeats N`` alternates the arms and
-gives mean +- std.
+On phantoms by default, or on any dataset medseg reads with ``--data DIR`` (an nnU-Net or MSD
+folder): its ``imagesTs``/``labelsTs`` are the held-out cases when it has them, otherwise a
+seeded split of ``--test`` training cases. Both arms get the same training cases, the same time
+budget and the same threads, then predict the same test cases as whole processes; medseg holds
+out its own validation share of the training cases, as a user's run does. Reported per arm:
+Dice and HD95 per class (on the input grid), the worst case's mean Dice, training steps,
+prediction voxels/s (input voxels over the whole process's wall time, start-up, loading and
+saving included, over the test set linked ``--copies`` times: 32 volumes by default) and peak
+RSS. ``--repeats N`` alternates the arms and gives mean +- std; repeat k trains both arms
+with seed k. Each finished arm leaves ``result.json`` in its folder and is reused, so an
+interrupted study resumes. ``--snapshots 5,10``
+also saves both arms' weights after 5 and 10 minutes of training and scores them: the learning
+curves, drawn to ``curves.png``.
 
 The MONAI arm is a script written from MONAI's spleen tutorial: UNet(16, 32, 64, 128, 256;
 strides 2; 2 residual units; batch norm), DiceCE, Adam 1e-3, RandCropByPosNegLabeld (96x96x32,
 2 samples), spacing 1.5 x 1.5 x 3 mm, fp32, sliding_window_inference (overlap 0.5, Gaussian),
-Invertd back onto the input grid and SaveImaged.
+Invertd back onto the input grid and SaveImaged. ``--monai-spacing``, ``--monai-patch`` and
+``--monai-flip`` set it up for other data as its tutorials would.
 
     python scripts/benchmark.py --budget 240 --repeats 3
     python scripts/benchmark.py --budget 75 --train 5 --model residual_unet
+    python scripts/benchmark.py --data ../shared/realdata/acdc --budget 600 --copies 1 \
+        --monai-spacing 1.5,1.5,5 --monai-patch 128,128,16 --monai-flip --work bench_acdc
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -31,14 +42,19 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve()
-LABELS = {0: "background", 1: "LV", 2: "myocardium", 3: "RV"}
+LABELS = {0: "background", 1: "LV", 2: "myocardium", 3: "RV"}  # the phantoms'
+MONAI_PHANTOMS = {"spacing": "1.5,1.5,3", "patch": "96,96,32"}
 ORIENTATIONS = ("ras", "lps", "flipped", "oblique")
 
 
-def make_phantoms(folder: Path, n_train: int, n_test: int, seed: int = 1000, variety: float = 1.0) -> Path:
+def make_phantoms(
+    folder: Path, n_train: int, n_test: int, seed: int = 1000, variety: float = 1.0, wide: bool = False
+) -> Path:
     """An MSD-style set of phantoms with varied orientation and spacing (1.1-1.5 mm in-plane,
     2.6-3.9 mm between slices), covering the same field of view as the sample data. ``variety``
-    is ``make_phantom``'s."""
+    is ``make_phantom``'s. ``wide`` also turns each body to any angle within the slice plane and
+    mirrors half of them left-right (the heart on the other side, each label on its own
+    structure), poses the training cases need not have shown."""
     import SimpleITK as sitk
 
     from medseg.data.phantom import make_phantom
@@ -52,6 +68,8 @@ def make_phantoms(folder: Path, n_train: int, n_test: int, seed: int = 1000, var
         spacing = (rng.uniform(1.1, 1.5),) * 2 + (rng.uniform(2.6, 3.9),)
         shape = tuple(int(round(fov / s)) for fov, s in zip((170, 170, 125), spacing))
         image, label = make_phantom(seed + k, shape, spacing, ORIENTATIONS[k % len(ORIENTATIONS)], variety)
+        if wide:
+            image, label = _turn_and_mirror(image, label, rng)
         name = f"case_{k:03d}.nii.gz"
         for kind, volume in (("images", image), ("labels", label)):
             (folder / f"{kind}{tag}").mkdir(parents=True, exist_ok=True)
@@ -60,6 +78,69 @@ def make_phantoms(folder: Path, n_train: int, n_test: int, seed: int = 1000, var
     meta = {"name": "benchmark phantoms", "modality": {"0": "MRI"}, "labels": LABELS, **entries}
     (folder / "dataset.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
     return folder
+
+
+def real_data(source: Path, folder: Path, n_test: int, seed: int = 0) -> Path:
+    """An MSD-style folder over a real dataset (links, nothing copied): its training cases in
+    ``dataset.json``, the held-out ones in ``imagesTs``/``labelsTs`` named ``CASE.nii.gz``.
+    The held-out cases are the dataset's own test cases when they have labels, else a seeded
+    draw of ``n_test`` training cases."""
+    import random
+
+    from medseg.data.datasets import find_cases
+
+    if (folder / "dataset.json").is_file():
+        return folder
+    cases = find_cases(source)
+    test = [c for c in cases.test if c.get("label")]
+    train = list(cases.training)
+    if not test:
+        random.Random(seed).shuffle(train)
+        test, train = train[:n_test], sorted(train[n_test:], key=lambda c: c["id"])
+    for kind in ("imagesTs", "labelsTs"):
+        (folder / kind).mkdir(parents=True, exist_ok=True)
+    for case in test:
+        (folder / "imagesTs" / f"{case['id']}.nii.gz").symlink_to(Path(case["image"]).resolve())
+        (folder / "labelsTs" / f"{case['id']}.nii.gz").symlink_to(Path(case["label"]).resolve())
+    meta = {
+        "name": source.name,
+        "modality": {"0": cases.modality},
+        "labels": {str(k): v for k, v in cases.labels.items()},
+        "training": [
+            {"image": str(Path(c["image"]).resolve()), "label": str(Path(c["label"]).resolve())}
+            for c in train
+        ],
+    }
+    (folder / "dataset.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+    return folder
+
+
+def labels_of(data: Path) -> dict[int, str]:
+    return {int(k): v for k, v in json.loads((data / "dataset.json").read_text())["labels"].items()}
+
+
+def _turn_and_mirror(image, label, rng):
+    """The voxels turned by a random angle within the slice plane, and mirrored along the first
+    axis half of the time; the grid stays as it was."""
+    import SimpleITK as sitk
+    from scipy import ndimage
+
+    from medseg.io import to_array
+
+    angle = rng.uniform(0, 360)
+    mirror = rng.random() < 0.5
+    out = []
+    for volume, order in ((image, 1), (label, 0)):
+        array = ndimage.rotate(
+            to_array(volume), angle, axes=(0, 1), reshape=False, order=order, mode="constant"
+        )
+        array = array[::-1] if mirror else array
+        turned = sitk.GetImageFromArray(
+            np.ascontiguousarray(array.transpose()).astype(to_array(volume).dtype)
+        )
+        turned.CopyInformation(volume)
+        out.append(turned)
+    return tuple(out)
 
 
 # -- the arms: each step runs as its own process ---------------------------------------------
@@ -89,16 +170,34 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _medseg_train(data: str, out: str, budget: str, model: str, extra: str) -> dict:
+def _minutes(snapshots: str) -> list[float]:
+    return sorted(float(m) for m in snapshots.split(",") if m)
+
+
+def _medseg_train(
+    data: str, out: str, budget: str, model: str, extra: str, seed: str, snapshots: str
+) -> dict:
     import torch
 
     import medseg
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    overrides = [f"train.max_time={budget}", f"model.name={model}", *filter(None, extra.split(";"))]
+    overrides = [
+        f"train.max_time={budget}",
+        f"model.name={model}",
+        f"train.seed={seed}",
+        *filter(None, extra.split(";")),
+    ]
     config = medseg.load_config(None, overrides)
     config.data.root, config.train.output_dir = data, out
-    summary = medseg.Trainer(config, overwrite=True).fit()
+    marks = _minutes(snapshots)
+
+    class Snapshots:  # the weights as they stand after each mark's minutes of training
+        def on_epoch_end(self, trainer, row):
+            while marks and trainer.elapsed >= 60 * marks[0]:
+                trainer.checkpoint().save(Path(out) / f"snapshot_{marks.pop(0):g}.pt")
+
+    summary = medseg.Trainer(config, overwrite=True, callbacks=[Snapshots()]).fit()
     return {"steps": summary["steps"], "train_seconds": summary["seconds"], "rss_mb": peak_rss_mb()}
 
 
@@ -106,11 +205,11 @@ def _medseg_predict(checkpoint: str, images: str, out: str) -> dict:
     # As a batch user runs it: the command line, in this process (start-up included in the wall).
     from medseg.cli import main
 
-    code = main(["predict", "--model", checkpoint, "--input", images, "--output", out, "--overwrite"])
+    code = main(["predict", "--model", checkpoint, "--input", images, "--output", out, "--overwrite", "-q"])
     return {"code": code, "rss_mb": peak_rss_mb()}
 
 
-def _monai_transforms(with_label: bool):
+def _monai_transforms(with_label: bool, spacing: str):
     from monai import transforms as mt
 
     keys = ["image", "label"] if with_label else ["image"]
@@ -119,44 +218,49 @@ def _monai_transforms(with_label: bool):
         mt.LoadImaged(keys),
         mt.EnsureChannelFirstd(keys),
         mt.Orientationd(keys, axcodes="RAS"),
-        mt.Spacingd(keys, pixdim=(1.5, 1.5, 3.0), mode=modes),
+        mt.Spacingd(keys, pixdim=[float(v) for v in spacing.split(",")], mode=modes),
         mt.NormalizeIntensityd("image", nonzero=True),
         mt.CropForegroundd(keys, source_key="image", allow_smaller=True),
     ]
 
 
-def _monai_net():
+def _monai_net(classes: int):
     from monai.networks.layers import Norm
     from monai.networks.nets import UNet
 
     return UNet(
-        3, 1, 4, channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2), num_res_units=2, norm=Norm.BATCH
+        3, 1, classes, channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2), num_res_units=2, norm=Norm.BATCH
     )
 
 
-def _monai_train(data: str, out: str, budget: str) -> dict:
+def _monai_train(
+    data: str, out: str, budget: str, spacing: str, patch: str, flip: str, seed: str, snapshots: str
+) -> dict:
     import torch
     from monai import transforms as mt
     from monai.data import CacheDataset, DataLoader
     from monai.losses import DiceCELoss
+    from monai.utils import set_determinism
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    torch.manual_seed(0)
+    set_determinism(int(seed))
     meta = json.loads(Path(data, "dataset.json").read_text())
     files = [{k: str(Path(data, v)) for k, v in e.items()} for e in meta["training"]]
+    size = [int(v) for v in patch.split(",")]
+    keys = ["image", "label"]
     train = mt.Compose(
-        _monai_transforms(True)
+        _monai_transforms(True, spacing)
         + [
-            mt.SpatialPadd(["image", "label"], (96, 96, 32)),
-            mt.RandCropByPosNegLabeld(
-                ["image", "label"], "label", (96, 96, 32), pos=1, neg=1, num_samples=2, image_key="image"
-            ),
+            mt.SpatialPadd(keys, size),
+            mt.RandCropByPosNegLabeld(keys, "label", size, pos=1, neg=1, num_samples=2, image_key="image"),
+            *([mt.RandFlipd(keys, prob=0.5, spatial_axis=0)] if flip == "1" else []),
         ]
     )
     loader = DataLoader(CacheDataset(files, train, progress=False), batch_size=1, shuffle=True)
-    net = _monai_net()
+    net = _monai_net(len(meta["labels"]))
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     optimizer = torch.optim.Adam(net.parameters(), 1e-3)
+    marks = _minutes(snapshots)
     steps, began = 0, time.monotonic()
     while time.monotonic() - began < float(budget):
         for batch in loader:
@@ -165,20 +269,22 @@ def _monai_train(data: str, out: str, budget: str) -> dict:
             loss.backward()
             optimizer.step()
             steps += 1
+            while marks and time.monotonic() - began >= 60 * marks[0]:
+                torch.save(net.state_dict(), Path(out) / f"snapshot_{marks.pop(0):g}.pt")
             if time.monotonic() - began >= float(budget):
                 break
     torch.save(net.state_dict(), Path(out) / "monai.pt")
     return {"steps": steps, "train_seconds": time.monotonic() - began, "rss_mb": peak_rss_mb()}
 
 
-def _monai_predict(checkpoint: str, images: str, out: str) -> dict:
+def _monai_predict(checkpoint: str, images: str, out: str, spacing: str, patch: str, classes: str) -> dict:
     import torch
     from monai import transforms as mt
     from monai.data import DataLoader, Dataset, decollate_batch
     from monai.inferers import sliding_window_inference
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    pre = mt.Compose(_monai_transforms(False))
+    pre = mt.Compose(_monai_transforms(False, spacing))
     post = mt.Compose(
         [
             mt.Invertd("pred", transform=pre, orig_keys="image", nearest_interp=False),
@@ -186,13 +292,14 @@ def _monai_predict(checkpoint: str, images: str, out: str) -> dict:
             mt.SaveImaged("pred", output_dir=out, output_postfix="", separate_folder=False, resample=False),
         ]
     )
-    net = _monai_net()
+    net = _monai_net(int(classes))
     net.load_state_dict(torch.load(checkpoint, weights_only=True))
     net.eval()
+    size = [int(v) for v in patch.split(",")]
     files = [{"image": str(p)} for p in sorted(Path(images).glob("*.nii.gz"))]
     with torch.inference_mode():
         for batch in DataLoader(Dataset(files, pre), batch_size=1):
-            batch["pred"] = sliding_window_inference(batch["image"], (96, 96, 32), 4, net, 0.5, "gaussian")
+            batch["pred"] = sliding_window_inference(batch["image"], size, 4, net, 0.5, "gaussian")
             for item in decollate_batch(batch):
                 post(item)
     return {"rss_mb": peak_rss_mb()}
@@ -201,16 +308,21 @@ def _monai_predict(checkpoint: str, images: str, out: str) -> dict:
 # -- scoring ---------------------------------------------------------------------------------
 
 
-def score(pred_dir: Path, ref_dir: Path) -> dict:
-    """Mean Dice and HD95 (mm) per foreground class over the test cases, on the input grid."""
+def score(pred_dir: Path, ref_dir: Path, labels: dict[int, str]) -> dict:
+    """Mean Dice and HD95 (mm) per foreground class over the test cases, on the input grid.
+
+    A missing prediction scores Dice 0; HD95 is left out where either mask is empty (it is
+    undefined there), and ``empty`` counts those class-cases."""
     import torch
     from monai.metrics import compute_hausdorff_distance
 
     from medseg.evaluation.metrics import dice
     from medseg.io import read_volume, to_array
 
-    dices = {c: [] for c in LABELS if c}
-    hd95 = {c: [] for c in LABELS if c}
+    classes = [c for c in labels if c]
+    dices = {c: [] for c in classes}
+    hd95 = {c: [] for c in classes}
+    empty = 0
     for ref_path in sorted(ref_dir.glob("*.nii.gz")):
         pred_path = pred_dir / ref_path.name
         ref_image = read_volume(ref_path)
@@ -218,15 +330,20 @@ def score(pred_dir: Path, ref_dir: Path) -> dict:
         pred = to_array(read_volume(pred_path)) if pred_path.is_file() else np.zeros_like(ref)
         if pred.shape != ref.shape:
             sys.exit(f"{pred_path}: shape {pred.shape} is not the input's {ref.shape}")
-        for c in dices:
+        for c in classes:
             dices[c].append(dice(pred == c, ref == c))
+            if not (pred == c).any() or not (ref == c).any():
+                empty += 1
+                continue
             a = torch.as_tensor(pred == c)[None, None]
             b = torch.as_tensor(ref == c)[None, None]
             hd = compute_hausdorff_distance(a, b, percentile=95, spacing=ref_image.GetSpacing())
             hd95[c].append(float(hd))
-    result = {f"dice_{LABELS[c]}": float(np.nanmean(v)) for c, v in dices.items()}
+    result = {f"dice_{labels[c]}": float(np.nanmean(v)) for c, v in dices.items()}
     result["dice_mean"] = float(np.mean(list(result.values())))
-    result.update({f"hd95_{LABELS[c]}": float(np.nanmean(v)) for c, v in hd95.items()})
+    result["dice_worst_case"] = float(np.min(np.mean([dices[c] for c in classes], axis=0)))
+    result.update({f"hd95_{labels[c]}": float(np.mean(v)) if v else math.nan for c, v in hd95.items()})
+    result["empty"] = empty
     return result
 
 
@@ -243,22 +360,38 @@ def speed_folder(data: Path, copies: int) -> Path:
     return folder
 
 
-def run_arm(arm: str, data: Path, work: Path, args) -> dict:
-    run = work / arm
+def run_arm(arm: str, data: Path, run: Path, args, seed: int) -> dict:
+    """Train, predict and score one arm in ``run``; a finished arm's ``result.json`` is reused."""
+    done = run / "result.json"
+    if done.is_file():
+        return json.loads(done.read_text())
     run.mkdir(parents=True, exist_ok=True)
+    labels = labels_of(data)
+    monai = [args.monai_spacing, args.monai_patch]
     if arm == "medseg":
         trained = _child(
-            "medseg_train", [str(data), str(run), str(args.budget), args.model, args.set], args.threads
+            "medseg_train",
+            [str(data), str(run), str(args.budget), args.model, args.set, str(seed), args.snapshots],
+            args.threads,
         )
-        checkpoint = str(run / "best.pt")
+        checkpoint = run / "best.pt"
+        predict = lambda ckpt, out: _child("medseg_predict", [str(ckpt), str(images), str(out)], args.threads)  # noqa: E731
     else:
-        trained = _child("monai_train", [str(data), str(run), str(args.budget)], args.threads)
-        checkpoint = str(run / "monai.pt")
+        flip = "1" if args.monai_flip else "0"
+        trained = _child(
+            "monai_train",
+            [str(data), str(run), str(args.budget), *monai, flip, str(seed), args.snapshots],
+            args.threads,
+        )
+        checkpoint = run / "monai.pt"
+        predict = lambda ckpt, out: _child(  # noqa: E731
+            "monai_predict", [str(ckpt), str(images), str(out), *monai, str(len(labels))], args.threads
+        )
     preds, images = run / "predictions", speed_folder(data, args.copies)
-    predicted = _child(f"{arm}_predict", [checkpoint, str(images), str(preds)], args.threads)
+    predicted = predict(checkpoint, preds)
     voxels = sum(int(np.prod(_size(p))) for p in images.glob("*.nii.gz"))
-    return {
-        **score(preds, data / "labelsTs"),
+    result = {
+        **score(preds, data / "labelsTs", labels),
         "steps": trained["steps"],
         "train_wall": trained["wall"],
         "train_rss_mb": trained["rss_mb"],
@@ -266,6 +399,19 @@ def run_arm(arm: str, data: Path, work: Path, args) -> dict:
         "predict_voxels_per_s": voxels / predicted["wall"],
         "predict_rss_mb": predicted["rss_mb"],
     }
+    curve = {}
+    images = data / "imagesTs"  # snapshots are scored, not timed
+    for minutes in _minutes(args.snapshots):
+        snapshot = run / f"snapshot_{minutes:g}.pt"
+        if snapshot.is_file():
+            predict(snapshot, run / f"predictions_{minutes:g}")
+            curve[f"{minutes:g}"] = score(run / f"predictions_{minutes:g}", data / "labelsTs", labels)[
+                "dice_mean"
+            ]
+    curve[f"{args.budget / 60:g}"] = result["dice_mean"]
+    result["curve"] = curve
+    done.write_text(json.dumps(result, indent=1))
+    return result
 
 
 def _size(path: Path) -> tuple:
@@ -280,7 +426,7 @@ def _size(path: Path) -> tuple:
 def report(results: dict[str, list[dict]]) -> str:
     """A Markdown table: mean +- std over the repeats, arms side by side."""
     arms = list(results)
-    keys = list(results[arms[0]][0])
+    keys = [k for k in results[arms[0]][0] if k != "curve"]
     lines = ["| metric | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
     for key in keys:
         cells = []
@@ -295,33 +441,72 @@ def report(results: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
+def plot_curves(results: dict[str, list[dict]], path: Path, title: str) -> None:
+    """Mean Dice against minutes of training, a line per arm and repeat."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for colour, (arm, runs) in zip(("tab:orange", "tab:blue", "tab:green"), results.items()):
+        for k, run in enumerate(runs):
+            points = sorted((float(m), d) for m, d in run.get("curve", {}).items())
+            if points:
+                ax.plot(*zip(*points), "o-", color=colour, alpha=0.8, label=arm if k == 0 else None)
+    ax.set_xlabel("minutes of training (2 CPU threads)")
+    ax.set_ylabel("mean foreground Dice, held-out cases")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--data", help="a dataset folder (nnU-Net or MSD); default: phantoms")
     parser.add_argument("--budget", type=float, default=240.0, help="training seconds per arm")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--train", type=int, default=12, help="training cases")
-    parser.add_argument("--test", type=int, default=8, help="test cases")
+    parser.add_argument("--train", type=int, default=12, help="training phantoms")
+    parser.add_argument("--test", type=int, default=8, help="test cases (phantoms, or drawn from --data)")
+    parser.add_argument("--variety", type=float, default=1.0, help="phantoms: make_phantom's variety")
+    parser.add_argument("--wide", action="store_true", help="phantoms: any in-plane pose, half mirrored")
     parser.add_argument("--copies", type=int, default=4, help="prediction speed over the test set x this")
     parser.add_argument("--model", default="unet", help="medseg's model.name")
     parser.add_argument("--set", default="", help="extra medseg overrides, ';'-separated")
     parser.add_argument("--arms", default="medseg,monai")
+    parser.add_argument("--monai-spacing", default=MONAI_PHANTOMS["spacing"], help="mm, e.g. 1,1,1")
+    parser.add_argument("--monai-patch", default=MONAI_PHANTOMS["patch"], help="voxels, e.g. 96,96,64")
+    parser.add_argument("--monai-flip", action="store_true", help="the MONAI arm mirrors left-right")
+    parser.add_argument("--snapshots", default="", help="minutes at which to score both arms too, e.g. 5,10")
     parser.add_argument("--work", default="bench_work", help="folder for data, runs and results")
     args = parser.parse_args()
 
     work = Path(args.work)
-    data = make_phantoms(work / f"data_{args.train}_{args.test}", args.train, args.test)
+    if args.data:
+        data = real_data(Path(args.data), work / "data", args.test)
+    else:
+        tag = f"{args.train}_{args.test}" + (f"_v{args.variety:g}" if args.variety != 1 else "")
+        tag += "_wide" if args.wide else ""
+        data = make_phantoms(
+            work / f"data_{tag}", args.train, args.test, variety=args.variety, wide=args.wide
+        )
     arms = args.arms.split(",")
     results: dict[str, list[dict]] = {arm: [] for arm in arms}
     for repeat in range(args.repeats):
         # Alternate which arm goes first, so a drift in machine speed does not favour one.
         for arm in arms if repeat % 2 == 0 else arms[::-1]:
             print(f"repeat {repeat + 1}/{args.repeats}: {arm}", file=sys.stderr, flush=True)
-            results[arm].append(run_arm(arm, data, work / f"r{repeat}", args))
+            results[arm].append(run_arm(arm, data, work / f"r{repeat}" / arm, args, seed=repeat))
             print(json.dumps(results[arm][-1]), file=sys.stderr, flush=True)
     (work / "results.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+    if args.snapshots:
+        plot_curves(results, work / "curves.png", Path(args.data).name if args.data else "phantoms")
     print(" ".join(["python", *sys.argv]))
     print(report(results))
 

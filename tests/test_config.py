@@ -69,3 +69,10 @@ def test_unknown_key_in_yaml_names_the_file(tmp_path):
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="no such config file"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_a_time_budget_alone_is_not_cut_short_by_the_default_epochs():
+    assert load_config(None, []).train.epoch_limit == 40
+    assert load_config(None, ["train.max_time=600"]).train.epoch_limit == float("inf")
+    # both given: whichever comes first
+    assert load_config(None, ["train.max_time=600", "train.epochs=5"]).train.epoch_limit == 5

@@ -12,8 +12,9 @@ def _fp(spacings, shapes, **kw):
 
 
 def test_isotropic_data():
-    plan = make_plan(_fp([[1.0, 1.0, 1.0]] * 5, [[200, 200, 200]] * 5))
-    assert plan.spacing == [1.0, 1.0, 1.0]
+    plan = make_plan(_fp([[1.0, 1.0, 1.0]] * 5, [[90, 90, 90]] * 5))
+    assert plan.spacing == [1.0, 1.0, 1.0]  # a patch covers more than a quarter of a volume
+    assert plan.slice_axis is None and plan.network_dims == 3
     assert plan.strides == [[2, 2, 2]] * 3
     assert np.prod(plan.patch_size) <= 80 * 80 * 32
     assert all(p % 8 == 0 for p in plan.patch_size)
@@ -22,7 +23,7 @@ def test_isotropic_data():
 
 def test_anisotropic_data_takes_a_finer_coarse_axis_and_pools_it_later():
     spacings = [[0.7, 0.7, 5.0]] * 4 + [[0.7, 0.7, 2.0]]
-    plan = make_plan(_fp(spacings, [[512, 512, 40]] * 5))
+    plan = make_plan(_fp(spacings, [[512, 512, 40]] * 5), dims=3)
     # median 5.0 is > 3x 0.7, so the coarse axis takes the 10th percentile of (2, 5, 5, 5, 5)
     assert plan.spacing == pytest.approx([0.7, 0.7, 3.2])
     # z (3.2 mm) is not pooled until in-plane spacing reaches half of it: 0.7 -> 1.4 -> 2.8
@@ -78,14 +79,14 @@ def test_a_minority_of_thin_slices_does_not_upsample_every_case(caplog):
     # case 8x finer; the plan stops at half the median and says so.
     spacings = [[1.0, 1.0, 8.0]] * 8 + [[1.0, 1.0, 1.0]] * 2
     with caplog.at_level("WARNING", logger="medseg.data.plan"):
-        plan = make_plan(_fp(spacings, [[200, 200, 20]] * 10))
+        plan = make_plan(_fp(spacings, [[200, 200, 20]] * 10), dims=3)
     assert plan.spacing == pytest.approx([1.0, 1.0, 4.0])
     assert "would resample the median case" in caplog.text
 
 
 def test_the_coarse_axis_never_goes_finer_than_the_others():
     spacings = [[1.0, 6.0, 8.0]] * 4 + [[1.0, 6.0, 2.0]]
-    plan = make_plan(_fp(spacings, [[100, 20, 20]] * 5))
+    plan = make_plan(_fp(spacings, [[100, 20, 20]] * 5), dims=3)
     assert plan.spacing == pytest.approx([1.0, 6.0, 6.0])
 
 
@@ -122,3 +123,66 @@ def test_strides_as_written_in_the_docs_are_accepted(tiny_dataset):
     assert plan.strides == [[2, 2, 1], [2, 2, 2]]
     with pytest.raises(ConfigError, match="model.strides"):
         load_config(None, ["model.strides=[[2, 2, 1], two]"])
+
+
+def test_acdc_like_thick_slices_get_a_2d_network_on_slices():
+    # cine MRI as ACDC: 1.5 mm in-plane, 10 mm between 6-18 slices
+    spacings = [[1.5, 1.5, 10.0]] * 6
+    shapes = [[216, 256, 9], [154, 154, 6], [428, 512, 18], [232, 256, 10], [216, 256, 8], [224, 224, 9]]
+    plan = make_plan(_fp(spacings, shapes), stem=True)
+    assert plan.slice_axis == 2 and plan.network_dims == 2
+    assert plan.spacing == [1.5, 1.5, 10.0]  # slices are not interpolated for a 2D network
+    # one median slice (216 x 256), rounded down to what four poolings by 2 divide
+    assert plan.patch_size == [208, 256, 1]
+    assert all(s[2] == 1 for s in [*plan.strides, plan.stem_stride])  # never pooled across slices
+    # two 3D patches' worth of slices per volume drawn: 2 * 204800 / (0.6 * 208 * 256)
+    assert plan.samples_per_volume == 13
+    assert "2D, on slices across axis 2" in plan.describe()
+    assert plan.in_plane_axes == [0, 1]
+
+
+def test_a_3d_network_can_be_asked_for_on_thick_slices():
+    plan = make_plan(_fp([[1.5, 1.5, 10.0]] * 3, [[216, 256, 9]] * 3), dims=3)
+    assert plan.slice_axis is None and plan.spacing == [1.5, 1.5, 10.0]
+    assert plan.in_plane_axes == [0, 1]  # augmentation still stays within the slices
+    assert plan.strides[0] == [2, 2, 1]  # in-plane pooling first
+
+
+def test_la_like_volumes_are_coarsened_until_a_patch_sees_a_quarter_of_one():
+    # 3D LGE MRI as the LA challenge: 0.625 mm isotropic, about 192 x 142 x 88 voxels
+    shapes = [[192, 142, 88], [148, 132, 88], [244, 160, 88], [200, 150, 88], [180, 140, 88]]
+    fp = _fp([[0.625] * 3] * 5, shapes)
+    plan = make_plan(fp)
+    assert plan.slice_axis is None
+    median_mm = np.median(np.asarray(shapes) * 0.625, axis=0)
+    volume = np.prod(median_mm / plan.spacing[0])
+    assert 4 * 80 * 80 * 32 == pytest.approx(volume, rel=0.02)  # the budget covers a quarter
+    assert plan.spacing == pytest.approx([0.8942] * 3, abs=1e-4)  # 0.625 x (192*142*88 / 4 / 204800) ** (1/3)
+    assert np.prod(plan.patch_size) <= 80 * 80 * 32
+    # never more than twice as coarse, however large the volumes
+    huge = make_plan(_fp([[0.625] * 3] * 3, [[600, 600, 400]] * 3))
+    assert huge.spacing == [1.25, 1.25, 1.25]
+
+
+def test_model_dims_must_be_2_or_3():
+    with pytest.raises(ConfigError, match="model.dims"):
+        make_plan(_fp([[1.0] * 3] * 2, [[64] * 3] * 2), dims=4)
+
+
+def test_on_a_gpu_the_patch_budget_follows_its_memory():
+    import torch
+
+    from medseg.device import CPU_PATCH_VOXELS, patch_budget
+
+    cuda = torch.device("cuda")
+    assert patch_budget(torch.device("cpu"), 16, torch.bfloat16) == CPU_PATCH_VOXELS
+    # half of 24 GiB over 17 bytes x 16 features a voxel, for 2 patches
+    assert patch_budget(cuda, 16, torch.bfloat16, memory_bytes=24 * 2**30) == 23685481
+    # fp32 keeps twice the bytes; twice the features, twice again; more patches, less each
+    small = patch_budget(cuda, 32, None, samples=4, memory_bytes=8 * 2**30)
+    assert small == int(0.5 * 8 * 2**30 / (33 * 32 * 4))
+    assert patch_budget(cuda, 16, None, memory_bytes=2**28) == CPU_PATCH_VOXELS  # never below the CPU's
+    # the LA-like volumes fit whole in a 24 GiB budget: no coarsening, the median volume as patch
+    shapes = [[192, 142, 88], [148, 132, 88], [244, 160, 88]]
+    plan = make_plan(_fp([[0.625] * 3] * 3, shapes), max_patch_voxels=23685481)
+    assert plan.spacing == [0.625] * 3 and plan.patch_size == [192, 136, 88]

@@ -195,3 +195,26 @@ def test_training_logs_and_does_not_print(tiny_dataset, tmp_path, caplog, capsys
         for r in caplog.records
     )
     assert "epoch 1" not in capsys.readouterr().out
+
+
+def test_validation_takes_at_most_a_tenth_of_a_run_unless_val_every_is_set():
+    from types import SimpleNamespace
+
+    def due(epoch, elapsed, validated, every=None, done=False):
+        config = load_config(None, [] if every is None else [f"train.val_every={every}"])
+        state = SimpleNamespace(
+            config=config,
+            val_cases=[{"id": "a"}],
+            epoch=epoch,
+            elapsed=elapsed,
+            _validated=validated,
+            dist=SimpleNamespace(from_main=lambda x: x),
+        )
+        return Trainer._validation_due(state, done)
+
+    assert due(2, 10.0, None)  # the first time every 2 epochs
+    assert not due(3, 10.0, None)
+    # the last validation took 5 s and ended at 40 s: not again before 40 + 9 x 5 = 85 s
+    assert not due(4, 80.0, (40.0, 5.0)) and due(4, 86.0, (40.0, 5.0))
+    assert due(5, 41.0, (40.0, 5.0), done=True)  # always at the end
+    assert due(4, 41.0, (40.0, 5.0), every=2)  # asked for: every 2 epochs, whatever it costs

@@ -19,7 +19,8 @@ def test_random_steps_share_the_cached_volume_and_never_change_it(tiny_dataset, 
     copies = []
     monkeypatch.setattr("monai.data.dataset.deepcopy", lambda item: copies.append(item) or item)
     plan = _plan(tiny_dataset)
-    config = load_config(None, ["data.samples_per_volume=1"])
+    plan.samples_per_volume = 1  # the plan owns it (plan_for_config folds data.samples_per_volume in)
+    config = load_config(None, [])
     cases = find_cases(tiny_dataset).training[:1]
     data = cached_dataset(cases, train_transforms(config, plan, num_classes=4), plan)
     cached = data._cache[0]

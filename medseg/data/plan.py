@@ -17,14 +17,19 @@ from tqdm.auto import tqdm
 from medseg.atomic import write_text_atomic
 from medseg.config import Config
 from medseg.data.datasets import Cases
+from medseg.device import autocast_dtype, patch_budget, resolve_device
 from medseg.errors import ConfigError, InputError
 from medseg.io import channels_in_header, image_files, read_channels, read_header, read_volume, to_array
 
 __all__ = ["Fingerprint", "Plan", "fingerprint", "make_plan", "load_plan", "plan_for_config"]
 
-ANISOTROPY = 3.0  # coarsest / finest median spacing above which the coarse axis is planned finer
+ANISOTROPY = 3.0  # coarsest / finest spacing above which slices are "thick" (planned finer, 2D network)
 MAX_UPSAMPLING = 2.0  # the coarse axis of the median case is never resampled finer than this
 MIN_FEATURE_MAP = 4  # voxels per axis at the lowest resolution
+MIN_COVERAGE = 0.25  # share of the median volume a 3D patch must cover before the spacing coarsens
+MAX_COARSENING = 2.0  # ...by at most this factor
+SLICE_COST = 0.6  # a 2D network's cost per voxel, against a 3D one's (measured: 0.12 s / 0.18 s)
+MAX_SLICES = 32  # 2D patches (slices) per volume drawn
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +70,9 @@ class Plan:
         modality: as read from the dataset.
         median_shape: median volume size after resampling (for information).
         channels: image channels the network takes.
+        slice_axis: None for a 3D network; otherwise the axis a 2D network slices across (its
+            patch is one slice thick, and its strides are 1 along it).
+        samples_per_volume: patches cut from a volume each time it is drawn.
     """
 
     spacing: list[float]
@@ -78,11 +86,33 @@ class Plan:
     modality: str = "MRI"
     median_shape: list[int] = field(default_factory=list)
     channels: int = 1
+    slice_axis: int | None = None
+    samples_per_volume: int = 2
 
     @property
     def spatial_dims(self) -> int:
         """2 for a task of 2D images, 3 for volumes."""
         return len(self.spacing)
+
+    @property
+    def network_dims(self) -> int:
+        """2 for a 2D network (on 2D images, or on the slices of volumes), 3 for a 3D one."""
+        return 2 if self.slice_axis is not None else self.spatial_dims
+
+    @property
+    def window_size(self) -> list[int]:
+        """The sliding window: the patch, except that a 2D network on slices takes a whole slab
+        of slices per forward (0 there: as many as the image has, up to ``MAX_WINDOW_SLICES``)."""
+        window = list(self.patch_size)
+        if self.slice_axis is not None:
+            window[self.slice_axis] = 0
+        return window
+
+    @property
+    def in_plane_axes(self) -> list[int]:
+        """The axes spatial augmentation may move voxels along: not across thick slices."""
+        thick = self.slice_axis if self.slice_axis is not None else thick_axis(self.spacing)
+        return [a for a in range(self.spatial_dims) if a != thick]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -120,6 +150,13 @@ class Plan:
                 f"patch size        {' x '.join(map(str, self.patch_size))} voxels",
                 f"pooling per level {', '.join('x'.join(map(str, s)) for s in self.strides)}"
                 + (f" (after a stem of {'x'.join(map(str, self.stem_stride))})" if self.stem_stride else ""),
+                "network           "
+                + (
+                    f"2D, on slices across axis {self.slice_axis}"
+                    if self.slice_axis is not None
+                    else f"{self.spatial_dims}D"
+                )
+                + f", {self.samples_per_volume} patches per volume drawn",
                 f"normalisation     {norm}",
             ]
         )
@@ -191,50 +228,77 @@ def make_plan(
     spacing: list[float] | None = None,
     patch_size: list[int] | None = None,
     stem: bool = False,
+    dims: int | None = None,
 ) -> Plan:
-    """Plan spacing, patch, pooling and normalisation from a fingerprint.
+    """Plan spacing, patch, pooling, network and normalisation from a fingerprint.
 
     Args:
         fp: the dataset's fingerprint.
         levels: network depth (``len(model.channels)``); ``levels - 1`` down-samplings.
         stem: plan one more down-sampling, first, for the network's strided stem.
-        max_patch_voxels: memory budget of one patch, in voxels.
+        max_patch_voxels: memory budget of one 3D patch, in voxels.
         spacing, patch_size: fixed values to plan around instead of planning them.
+        dims: 2 or 3 for a 2D or 3D network on volumes; None: planned.
 
     Rules:
+        - network: on volumes with thick slices (the coarsest median spacing over 3x the
+          finest) a 2D network segments each slice across the thick axis; otherwise a 3D one.
         - spacing: the median per axis; when the coarsest median is over 3x the finest, the
-          coarse axis takes the 10th percentile instead, so thick-slice outliers do not blur all.
+          coarse axis takes the 10th percentile instead (its median for a 2D network, which
+          gains nothing from interpolated slices), so thick-slice outliers do not blur all.
           That axis never goes finer than the other axes' spacing, nor finer than half its
           median: a minority of thin-slice cases must not make every thick-slice case be
           upsampled many times over (a warning says when this limit applies).
+        - context (3D networks, not thick slices): when the patch budget covers less than a
+          quarter of the median volume, every axis is coarsened by one factor (at most 2x)
+          until it covers a quarter, so the patch sees the structure and its surroundings
+          rather than a part of it.
         - pooling: at each level, an axis is halved only while its spacing is at most twice
           the finest and it keeps at least 4 voxels; so thick slices are pooled later.
-        - patch: the median resampled shape, shrunk along its longest axis (in mm) until it fits
-          the budget, then rounded down to what the pooling can divide.
+        - patch (3D): the median resampled shape, shrunk along its longest axis (in mm) until it
+          fits the budget, then rounded down to what the pooling can divide.
+        - patch (2D): one slice of the median in-plane shape; each volume drawn gives as many
+          slices as cost what two 3D patches of the budget do (2 to 32).
     """
     fixed_spacing, fixed_patch = spacing, patch_size
-    if fixed_spacing is not None:
-        spacing = np.asarray(fixed_spacing, dtype=float)
-    else:
-        spacing = _target_spacing(fp.spacings)
+    volumes = fp.spacings.shape[1] == 3
+    spacing = _target_spacing(fp.spacings) if fixed_spacing is None else np.asarray(fixed_spacing, float)
+    if dims not in (None, 2, 3) or (dims == 3 and not volumes):
+        raise ConfigError("model.dims", f"must be 2 or 3 (3 only for volumes), not {dims!r}")
+    slice_axis = None
+    median_thick = thick_axis(np.median(fp.spacings, axis=0)) if volumes else None
+    if volumes and (dims == 2 or (dims is None and median_thick is not None)):
+        slice_axis = median_thick
+        if slice_axis is None:  # a 2D network asked for on isotropic volumes: across the shortest axis
+            slice_axis = int(np.argmin(np.median(fp.shapes * fp.spacings, axis=0)))
+        if fixed_spacing is None:
+            spacing[slice_axis] = float(np.median(fp.spacings[:, slice_axis]))
+    if slice_axis is None and thick_axis(spacing) is None and fixed_spacing is None and fixed_patch is None:
+        spacing = _with_context(spacing, fp, max_patch_voxels)
     median_shape = np.median(fp.shapes * fp.spacings / spacing, axis=0)
-    if fixed_patch is not None:
-        patch = np.asarray(fixed_patch, dtype=int)
+    samples = 2
+    if slice_axis is not None:
+        plane = [a for a in range(3) if a != slice_axis]
+        if fixed_patch is not None:
+            patch = np.asarray(fixed_patch, dtype=int)
+        else:
+            patch = np.ones(3, dtype=int)
+            patch[plane] = _fit_patch(median_shape[plane], spacing[plane], max_patch_voxels)
+        strides = _pooling(spacing[plane], patch[plane], levels - 1 + int(stem))
+        strides = [[int(s) for s in np.insert(np.asarray(st), slice_axis, 1)] for st in strides]
     else:
-        patch = np.maximum(np.floor(median_shape), MIN_FEATURE_MAP).astype(int)
-        if max_patch_voxels < MIN_FEATURE_MAP ** len(patch):
-            raise ConfigError(
-                "data.max_patch_voxels",
-                f"{max_patch_voxels} is too small: a patch needs at least {MIN_FEATURE_MAP} voxels "
-                f"per axis ({MIN_FEATURE_MAP ** len(patch)} in {len(patch)}D)",
-            )
-        while patch.prod() > max_patch_voxels:
-            longest = int(np.argmax(patch * spacing))
-            patch[longest] = max(MIN_FEATURE_MAP, int(patch[longest] * 0.9))
-    strides = _pooling(spacing, patch, levels - 1 + int(stem))
+        patch = (
+            np.asarray(fixed_patch, dtype=int)
+            if fixed_patch is not None
+            else _fit_patch(median_shape, spacing, max_patch_voxels)
+        )
+        strides = _pooling(spacing, patch, levels - 1 + int(stem))
     factor = np.prod(np.asarray(strides), axis=0) if strides else np.ones(len(spacing), int)
     if fixed_patch is None:
         patch = np.maximum(patch // factor * factor, factor)
+    if slice_axis is not None:
+        slice_cost = SLICE_COST * float(np.prod(patch))
+        samples = int(np.clip(round(2 * max_patch_voxels / slice_cost), 2, MAX_SLICES))
     plan = Plan(
         spacing=[round(float(s), 4) for s in spacing],
         patch_size=[int(p) for p in patch],
@@ -243,6 +307,8 @@ def make_plan(
         modality=fp.modality,
         median_shape=[int(math.ceil(s)) for s in median_shape],
         channels=fp.channels,
+        slice_axis=slice_axis,
+        samples_per_volume=samples,
     )
     # CT statistics describe the first channel; several channels are z-scored one by one.
     if fp.modality == "CT" and fp.channels == 1 and fp.foreground is not None and fp.foreground.size:
@@ -252,6 +318,40 @@ def make_plan(
         plan.clip = [float(low), float(high)]
         plan.mean, plan.std = float(clipped.mean()), float(max(clipped.std(), 1e-6))
     return plan
+
+
+def thick_axis(spacing) -> int | None:
+    """The axis of thick slices (coarsest spacing over 3x the finest), or None."""
+    spacing = np.asarray(spacing, dtype=float)
+    if len(spacing) < 3 or spacing.max() <= ANISOTROPY * spacing.min():
+        return None
+    return int(spacing.argmax())
+
+
+def _fit_patch(median_shape: np.ndarray, spacing: np.ndarray, max_voxels: int) -> np.ndarray:
+    """The median shape, shrunk along its longest axis (in mm) until it fits ``max_voxels``."""
+    patch = np.maximum(np.floor(median_shape), MIN_FEATURE_MAP).astype(int)
+    if max_voxels < MIN_FEATURE_MAP ** len(patch):
+        raise ConfigError(
+            "data.max_patch_voxels",
+            f"{max_voxels} is too small: a patch needs at least {MIN_FEATURE_MAP} voxels "
+            f"per axis ({MIN_FEATURE_MAP ** len(patch)} in {len(patch)}D)",
+        )
+    while patch.prod() > max_voxels:
+        longest = int(np.argmax(patch * spacing))
+        patch[longest] = max(MIN_FEATURE_MAP, int(patch[longest] * 0.9))
+    return patch
+
+
+def _with_context(spacing: np.ndarray, fp: Fingerprint, max_voxels: int) -> np.ndarray:
+    """The spacing coarsened (one factor for every axis, at most 2x) until the patch budget
+    covers a quarter of the median volume (see make_plan)."""
+    volume = float(np.prod(np.median(fp.shapes * fp.spacings / spacing, axis=0)))
+    factor = (volume * MIN_COVERAGE / max_voxels) ** (1 / len(spacing))
+    factor = float(np.clip(factor, 1.0, MAX_COARSENING))
+    if factor > 1.0:
+        log.info("planning: spacing coarsened %.2fx so that a patch covers a quarter of a volume", factor)
+    return spacing * factor
 
 
 def _target_spacing(spacings: np.ndarray) -> np.ndarray:
@@ -304,15 +404,18 @@ def plan_for_config(config: Config, dataset: Cases) -> Plan:
         plan = make_plan(
             fingerprint(dataset, modality),
             levels=len(model.channels),
-            max_patch_voxels=data.max_patch_voxels,
+            max_patch_voxels=data.max_patch_voxels or _device_budget(config),
             spacing=data.spacing,
             patch_size=data.patch_size,
             stem=_wants_stem(config),
+            dims=model.dims,
         )
     if data.spacing:
         plan.spacing = list(data.spacing)
     if data.patch_size:
         plan.patch_size = list(data.patch_size)
+    if data.samples_per_volume:
+        plan.samples_per_volume = data.samples_per_volume
     if model.strides:
         plan.strides = [[s] * plan.spatial_dims if isinstance(s, int) else list(s) for s in model.strides]
     if not _wants_stem(config):
@@ -337,6 +440,12 @@ def plan_for_config(config: Config, dataset: Cases) -> Plan:
             f"{plan.patch_size} is not divisible by the pooling {tuple(int(f) for f in factor)}; try {fit}",
         )
     return plan
+
+
+def _device_budget(config: Config) -> int:
+    """The patch budget of the device the run trains on (``medseg.device.patch_budget``)."""
+    device = resolve_device(config.train.device)
+    return patch_budget(device, config.model.channels[0], autocast_dtype(device, config.train.precision))
 
 
 def _wants_stem(config: Config) -> bool:

@@ -15,6 +15,7 @@ from monai import transforms as mt
 from monai.data import MetaTensor
 
 from medseg.config import AugmentConfig, Config
+from medseg.data.augment import crop_size, intensity_steps, spatial_steps
 from medseg.data.plan import Plan
 from medseg.errors import ConfigError, InputError
 from medseg.io import check_voxel_values, grid_mismatch, ras_affine, read_channels, read_volume
@@ -159,7 +160,8 @@ MAX_INDICES = 1_000_000  # per class: enough centres to draw from, without 8 byt
 
 def train_transforms(config: Config, plan: Plan, num_classes: int) -> mt.Compose:
     """Training: the validation steps, padding to the patch and each class's voxel indices (all
-    cached once per volume), then class-balanced patch sampling and augmentation.
+    cached once per volume), then class-balanced patch sampling and augmentation
+    (``medseg.data.augment``).
 
     The random steps never modify their input in place, so cached volumes are shared with them
     rather than copied for every sample.
@@ -178,20 +180,21 @@ def train_transforms(config: Config, plan: Plan, num_classes: int) -> mt.Compose
         mt.RandCropByLabelClassesd(
             keys,
             label_key="label",
-            spatial_size=patch,
+            # larger than the patch when rotation follows; a volume smaller than that keeps its size
+            spatial_size=crop_size(aug, plan),
             num_classes=num_classes,
             ratios=ratios,
-            num_samples=config.data.samples_per_volume,
+            num_samples=plan.samples_per_volume,
             indices_key=INDICES,
             warn=False,
+            allow_smaller=True,
         ),
+        *spatial_steps(aug, plan, keys),
         *[
             mt.RandFlipd(keys, prob=aug.flip_prob, spatial_axis=a)
             for a in mirrored_axes(aug, plan.spatial_dims)
         ],
-        mt.RandScaleIntensityd("image", factors=0.15, prob=aug.intensity_prob),
-        mt.RandShiftIntensityd("image", offsets=0.15, prob=aug.intensity_prob),
-        mt.RandGaussianNoised("image", std=0.1, prob=aug.noise_prob),
+        *intensity_steps(aug, plan),
         mt.EnsureTyped(keys, track_meta=False),
         mt.DeleteItemsd(INDICES),
     ]
@@ -211,7 +214,7 @@ def pretrain_transforms(config: Config, plan: Plan) -> mt.Compose:
             mt.EnsureTyped("image", track_meta=False),
             mt.SpatialPadd("image", spatial_size=patch),
             mt.RandSpatialCropSamplesd(
-                "image", roi_size=patch, num_samples=config.data.samples_per_volume, random_size=False
+                "image", roi_size=patch, num_samples=plan.samples_per_volume, random_size=False
             ),
             *[
                 mt.RandFlipd("image", prob=aug.flip_prob, spatial_axis=a)

@@ -193,7 +193,7 @@ class Predictor:
                 config.train.channels_last, self.device, self.amp_dtype, member.model
             )
             if member.channels_last:
-                member.model = member.model.to(memory_format=channels_last_format(member.plan.spatial_dims))
+                member.model = member.model.to(memory_format=channels_last_format(member.plan.network_dims))
         self.model = members[0].model
         # One preprocessing per distinct plan: the members of a cross-validation share one.
         self._transforms = {}
@@ -205,7 +205,7 @@ class Predictor:
         if tta is None:
             tta = config.infer.tta if config.infer.tta is not None else config.augment.flip_prob > 0
         self.tta = bool(tta)
-        self.tta_axes = _tta_axes(config, self.plan.spatial_dims) if self.tta else []
+        self.tta_axes = _tta_axes(config, self.plan) if self.tta else []
         setting = config.infer.keep_largest if keep_largest is None else keep_largest
         self.keep_largest = keep_largest_labels(setting, self.labels, decided)
 
@@ -293,7 +293,7 @@ class Predictor:
                 probs = sliding_window_probs(
                     member.model,
                     torch.flip(tensor, dims) if dims else tensor,
-                    member.plan.patch_size,
+                    member.plan.window_size,
                     overlap=self.config.infer.overlap,
                     sw_batch_size=self.sw_batch_size,
                     amp_dtype=self.amp_dtype,
@@ -379,14 +379,16 @@ def _check_compatible(first: Plan, other: Plan) -> None:
             )
 
 
-def _tta_axes(config: Config, spatial_dims: int) -> list[int]:
-    """The axes flip TTA mirrors: ``infer.tta_axes``, else the axes training mirrored."""
+def _tta_axes(config: Config, plan: Plan) -> list[int]:
+    """The axes flip TTA mirrors: ``infer.tta_axes``, else the axes training mirrored but the
+    one a 2D network slices across (reversing the slices' order changes none of its answers)."""
+    spatial_dims = plan.spatial_dims
     if config.infer.tta_axes is not None:
         axes = sorted(set(config.infer.tta_axes))
         if any(not 0 <= a < spatial_dims for a in axes):
             raise ConfigError("infer.tta_axes", f"{axes} is not a list of axes 0..{spatial_dims - 1}")
         return axes
-    axes = mirrored_axes(config.augment, spatial_dims)
+    axes = [a for a in mirrored_axes(config.augment, spatial_dims) if a != plan.slice_axis]
     if not axes:
         raise ConfigError(
             "tta",

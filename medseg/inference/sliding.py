@@ -9,7 +9,9 @@ from torch import nn
 
 from medseg.device import channels_last_format
 
-__all__ = ["sliding_window_probs"]
+__all__ = ["sliding_window_probs", "MAX_WINDOW_SLICES"]
+
+MAX_WINDOW_SLICES = 32  # a window's extent along an axis given as 0 (a 2D network's slices)
 
 
 @torch.inference_mode()
@@ -24,6 +26,8 @@ def sliding_window_probs(
 ) -> torch.Tensor:
     """Class probabilities (C, *spatial) of one channel-first image, windows blended by a Gaussian.
 
+    An axis of ``roi_size`` given as 0 takes the image's extent along it, up to
+    ``MAX_WINDOW_SLICES``: a 2D network on slices segments a slab of them per forward.
     On a GPU the image goes to it once, the windows are cut and stitched there, and only the
     probabilities come back to the CPU.
     """
@@ -36,9 +40,11 @@ def sliding_window_probs(
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             return model(window).float()
 
+    size = image.shape[1:]
+    roi_size = [r if r > 0 else min(s, MAX_WINDOW_SLICES) for r, s in zip(roi_size, size)]
     logits = sliding_window_inference(
         torch.as_tensor(image)[None].float().to(device if on_gpu else "cpu"),
-        roi_size=list(roi_size),
+        roi_size=roi_size,
         sw_batch_size=sw_batch_size,
         predictor=run,
         overlap=overlap,

@@ -8,6 +8,7 @@ from medseg.checkpoint import Checkpoint
 from medseg.config import Config
 from medseg.data.plan import Plan
 from medseg.errors import CheckpointError, ConfigError
+from medseg.models.slicewise import SliceWise
 from medseg.models.unet import build_model, model_options
 
 __all__ = ["model_from_config", "model_for_plan", "model_from_checkpoint", "checkpoint_of", "describes"]
@@ -49,10 +50,28 @@ def model_from_config(
 
 
 def model_for_plan(config: Config, plan: Plan, classes: int) -> nn.Module:
-    """The network of ``config`` for a plan's images (channels, dimensions) and pooling."""
-    return model_from_config(
-        config, classes, plan.channels, plan.spatial_dims, plan.stem_stride, [list(s) for s in plan.strides]
+    """The network of ``config`` for a plan's images (channels, dimensions) and pooling: a 2D
+    network wrapped to run slice by slice (``SliceWise``) when the plan has a ``slice_axis``."""
+    axis = plan.slice_axis
+    if axis is None:
+        return model_from_config(
+            config,
+            classes,
+            plan.channels,
+            plan.spatial_dims,
+            plan.stem_stride,
+            [list(s) for s in plan.strides],
+        )
+    in_plane = lambda stride: [s for a, s in enumerate(stride) if a != axis]  # noqa: E731
+    net = model_from_config(
+        config,
+        classes,
+        plan.channels,
+        2,
+        in_plane(plan.stem_stride) if plan.stem_stride else None,
+        [in_plane(s) for s in plan.strides],
     )
+    return SliceWise(net, axis)
 
 
 def model_from_checkpoint(checkpoint: Checkpoint) -> nn.Module:

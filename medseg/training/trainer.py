@@ -53,6 +53,7 @@ from medseg.training.transfer import load_matching, network_of
 __all__ = ["Trainer", "Callback"]
 
 log = logging.getLogger(__name__)  # epoch lines (info) and warnings; the CLI shows them
+VALIDATION_SHARE = 9.0  # train at least this many times a validation's length between two (val_every null)
 
 
 class Trainer:
@@ -123,7 +124,7 @@ class Trainer:
         self.model = (model or self._build_model()).to(self.device)
         self.channels_last = use_channels_last(train.channels_last, self.device, self.amp_dtype, self.model)
         if self.channels_last:
-            self.model = self.model.to(memory_format=channels_last_format(self.plan.spatial_dims))
+            self.model = self.model.to(memory_format=channels_last_format(self.plan.network_dims))
         self.ema = make_ema(self.model, train.ema_decay)
         # What the training step calls: the network, wrapped for DDP and compiled if asked.
         self.net: nn.Module = self.model
@@ -134,7 +135,12 @@ class Trainer:
             if self.device.type == "cpu" and not (shutil.which("c++") or shutil.which("g++")):
                 raise ConfigError("train.compile", "needs a C++ compiler (c++ or g++) on the PATH for CPUs")
             self.net = torch.compile(self.net)
-        self.loss_fn = loss_fn or DiceCELoss(to_onehot_y=True, softmax=True)
+        self.loss_fn = loss_fn or DiceCELoss(
+            to_onehot_y=True,
+            softmax=True,
+            include_background=train.dice_background,
+            batch=train.batch_dice,
+        )
         if config.model.deep_supervision:
             # Coarse outputs weigh 1/2, 1/4, ... of the full-resolution one.
             self.loss_fn = DeepSupervisionLoss(self.loss_fn, weight_mode="exp")
@@ -152,6 +158,7 @@ class Trainer:
         self.history: list[dict] = []
         self.resumed = False
         self.val_data: Dataset | None = None
+        self._validated: tuple[float, float] | None = None  # when the last validation ended, and its seconds
 
     def _build_model(self) -> nn.Module:
         """The network the config names, for the plan's channels and the dataset's classes."""
@@ -245,23 +252,24 @@ class Trainer:
         if train.init and not self.resumed and self.step == 0 and not self.custom_model:
             self._load_init()
         batches = iter(self._train_loader())
-        total_steps = train.epochs * train.iters_per_epoch
+        epochs = train.epoch_limit
+        total_steps = epochs * train.iters_per_epoch
         clock = time.monotonic() - self.elapsed
-        if self.resumed and (self.epoch >= train.epochs or self._progress(clock, total_steps) >= 1.0):
+        if self.resumed and (self.epoch >= epochs or self._progress(clock, total_steps) >= 1.0):
             log.warning(
                 "the run in %s already finished (epoch %d); raise train.epochs or train.max_time to train on",
                 self.output_dir,
                 self.epoch,
             )
         self._notify("on_train_start")
-        while self.epoch < train.epochs and self._progress(clock, total_steps) < 1.0:
+        while self.epoch < epochs and self._progress(clock, total_steps) < 1.0:
             self.epoch += 1
             self._notify("on_epoch_start", self.epoch)
             self.net.train()
             losses, waited, began = [], 0.0, time.monotonic()
             bar = tqdm(
                 range(train.iters_per_epoch),
-                desc=f"epoch {self.epoch}/{train.epochs}",
+                desc=f"epoch {self.epoch}" + (f"/{epochs}" if math.isfinite(epochs) else ""),
                 leave=False,
                 disable=None if self.dist.is_main else True,
             )
@@ -279,7 +287,7 @@ class Trainer:
                 )
             bar.close()
             self.elapsed = time.monotonic() - clock
-            done = self.epoch >= train.epochs or self._progress(clock, total_steps) >= 1.0
+            done = self.epoch >= epochs or self._progress(clock, total_steps) >= 1.0
             row = {
                 "epoch": self.epoch,
                 "step": self.step,
@@ -288,8 +296,10 @@ class Trainer:
                 "data_wait": waited / max(time.monotonic() - began, 1e-9),
                 "time": self.elapsed,
             }
-            if self.val_cases and (done or self.epoch % train.val_every == 0):
+            if self._validation_due(done):
+                began = time.monotonic()
                 row.update(self.validate())
+                self._validated = (time.monotonic() - clock, time.monotonic() - began)
             self._end_epoch(row)
         if self.dist.is_main and self.history:
             plot_curves(self.output_dir / "metrics.csv", self.output_dir / "curves.png")
@@ -358,7 +368,7 @@ class Trainer:
     def to_device(self, image: torch.Tensor) -> torch.Tensor:
         """A batch of images on the training device, channels-last where that is faster."""
         image = image.to(self.device, non_blocking=True)
-        if self.channels_last:
+        if self.channels_last and self.plan.network_dims == self.plan.spatial_dims:
             image = image.contiguous(memory_format=channels_last_format(self.plan.spatial_dims))
         return image
 
@@ -386,7 +396,7 @@ class Trainer:
             probs = sliding_window_probs(
                 model,
                 item["image"],
-                self.plan.patch_size,
+                self.plan.window_size,
                 overlap=0.25,
                 sw_batch_size=windows,
                 amp_dtype=self.amp_dtype,
@@ -424,6 +434,17 @@ class Trainer:
         case_figure(pred, target, image, truth, self.labels, title)
 
     # -- bookkeeping ------------------------------------------------------------------------
+
+    def _validation_due(self, done: bool) -> bool:
+        """At the end, and every ``val_every`` epochs; with ``val_every`` null every 2, unless the
+        run has trained for less than 9x the last validation's time since it (all ranks agree)."""
+        every = self.config.train.val_every
+        if not self.val_cases or (self.epoch % (every or 2) and not done):
+            return False
+        if done or every or self._validated is None:
+            return True
+        ended, seconds = self._validated
+        return bool(self.dist.from_main(self.elapsed - ended >= VALIDATION_SHARE * seconds))
 
     def _progress(self, clock: float, total_steps: int) -> float:
         """How far the run is (0..1): the larger of steps and time used, agreed by all ranks."""
