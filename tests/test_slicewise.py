@@ -24,6 +24,12 @@ def test_each_slice_is_segmented_on_its_own(axis):
     for k in (0, x.shape[axis + 2] - 1):
         expected = net(x.select(axis + 2, k))
         torch.testing.assert_close(out.select(axis + 2, k), expected, atol=1e-5, rtol=1e-4)
+    # a one-slice patch (training's) takes the same network, unfolded
+    one = x.narrow(axis + 2, 3, 1)
+    torch.testing.assert_close(wrapped(one), net(one.squeeze(axis + 2)).unsqueeze(axis + 2))
+    torch.testing.assert_close(
+        wrapped(one).select(axis + 2, 0), out.select(axis + 2, 3), atol=1e-5, rtol=1e-4
+    )
     # a slice's logits do not depend on its neighbours
     changed = x.clone()
     changed.select(axis + 2, 1).normal_()

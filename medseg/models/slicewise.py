@@ -58,9 +58,11 @@ class SliceWise(nn.Module):
             raise ValueError(f"expected a volume (B, C, X, Y, Z), got shape {tuple(x.shape)}")
         dim = self.axis + 2
         batch, slices = x.shape[0], x.shape[dim]
+        if slices == 1:  # a training patch: one slice, no folding (a quarter of a step's time)
+            out = self.net(x.squeeze(dim).contiguous(memory_format=self._format()), t)
+            return [o.unsqueeze(dim) for o in out] if isinstance(out, list) else out.unsqueeze(dim)
         flat = x.movedim(dim, 1).reshape(batch * slices, *x.shape[1:dim], *x.shape[dim + 1 :])
-        if self._channels_last():  # the 2D layers were converted: hand them the layout they want
-            flat = flat.contiguous(memory_format=torch.channels_last)
+        flat = flat.contiguous(memory_format=self._format())
         if t is not None:
             t = torch.as_tensor(t, device=x.device).reshape(-1).expand(batch).repeat_interleave(slices)
         out = self.net(flat, t)
@@ -70,6 +72,9 @@ class SliceWise(nn.Module):
 
         return [unfold(o) for o in out] if isinstance(out, list) else unfold(out)
 
-    def _channels_last(self) -> bool:
+    def _format(self) -> torch.memory_format:
+        """Channels-last where the 2D layers were converted to it: they want their input so."""
         weight = next((p for p in self.net.parameters() if p.ndim == 4), None)
-        return weight is not None and weight.is_contiguous(memory_format=torch.channels_last)
+        if weight is not None and weight.is_contiguous(memory_format=torch.channels_last):
+            return torch.channels_last
+        return torch.contiguous_format
