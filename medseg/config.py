@@ -106,11 +106,11 @@ class AugmentConfig:
         lowres_prob: simulate a coarser scan: down-sample by up to 2 (nearest), then up again.
     """
 
-    flip_prob: float = 0.0
+    flip_prob: float = 0.5
     flip_axes: list[int] | None = None
     intensity_prob: float = 0.5
     noise_prob: float = 0.15
-    spatial_prob: float = 0.0
+    spatial_prob: float = 0.35
     rotate_degrees: float | None = None
     scale_range: list[float] = field(default_factory=lambda: [0.7, 1.4])
     elastic_prob: float = 0.0
@@ -230,8 +230,8 @@ class TrainConfig:
     schedule: str = "cosine"
     warmup: float = 0.03
     grad_clip: float | None = 12.0
-    dice_background: bool = True
-    batch_dice: bool = False
+    dice_background: bool = False
+    batch_dice: bool = True
     ema_decay: float | None = None
     val_every: int | None = None
     val_pictures: int = 2
