@@ -24,6 +24,7 @@ Invertd back onto the input grid and SaveImaged. ``--monai-spacing``, ``--monai-
     python scripts/benchmark.py --budget 75 --train 5 --model residual_unet
     python scripts/benchmark.py --data ../shared/realdata/acdc --budget 600 --copies 1 \
         --monai-spacing 1.5,1.5,5 --monai-patch 128,128,16 --monai-flip --work bench_acdc
+    python scripts/benchmark.py --curves bench_acdc other_study --title ACDC --work curves.png
 """
 
 from __future__ import annotations
@@ -449,7 +450,8 @@ def plot_curves(results: dict[str, list[dict]], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for colour, (arm, runs) in zip(("tab:orange", "tab:blue", "tab:green"), results.items()):
+    colours = ("tab:orange", "tab:blue", "tab:green", "tab:red", "tab:purple", "tab:brown")
+    for colour, (arm, runs) in zip(colours, results.items()):
         for k, run in enumerate(runs):
             points = sorted((float(m), d) for m, d in run.get("curve", {}).items())
             if points:
@@ -485,7 +487,18 @@ def main() -> None:
     parser.add_argument("--monai-flip", action="store_true", help="the MONAI arm mirrors left-right")
     parser.add_argument("--snapshots", default="", help="minutes at which to score both arms too, e.g. 5,10")
     parser.add_argument("--work", default="bench_work", help="folder for data, runs and results")
+    parser.add_argument(
+        "--curves", nargs="+", metavar="WORK", help="only draw the learning curves of these studies"
+    )
+    parser.add_argument("--title", default="", help="--curves: the picture's title")
     args = parser.parse_args()
+    if args.curves:  # several studies in one picture: arms named by their folders
+        merged = {}
+        for folder in args.curves:
+            saved = json.loads(Path(folder, "results.json").read_text())["results"]
+            merged.update({f"{arm} ({Path(folder).name})": runs for arm, runs in saved.items()})
+        plot_curves(merged, Path(args.work), args.title)
+        return
 
     work = Path(args.work)
     if args.data:

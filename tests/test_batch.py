@@ -446,7 +446,12 @@ def test_discovery_is_sorted_and_sharding_stable(tmp_path):
 
 def test_predictor_from_model_returns_mask_and_probabilities(predictor, tmp_path):
     built = Predictor.from_model(
-        predictor.model, predictor.plan, predictor.labels, device="cpu", keep_largest=predictor.keep_largest
+        predictor.model,
+        predictor.plan,
+        predictor.labels,
+        config=predictor.config,  # trained without mirroring: no flip TTA (the default config mirrors)
+        device="cpu",
+        keep_largest=predictor.keep_largest,
     )
     image, _ = make_phantom(2, shape=TINY_SHAPE, spacing=TINY_SPACING, orientation="oblique")
     mask, probs = built.predict(image, probabilities=True)

@@ -76,3 +76,19 @@ def test_a_2d_network_on_slices_trains_and_predicts_on_the_input_grid(tiny_datas
     assert mask.GetSpacing() == pytest.approx(image.GetSpacing())
     assert mask.GetDirection() == pytest.approx(image.GetDirection())
     assert set(np.unique(to_array(mask))) <= {0, 1, 2, 3}
+
+
+def test_the_unet_on_slices_takes_batch_norm_unless_told_otherwise():
+    plan = Plan(spacing=[1.5, 1.5, 10.0], patch_size=[32, 32, 1], strides=[[2, 2, 1]], slice_axis=2)
+
+    def norms(model):
+        return {
+            type(m).__name__ for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._NormBase)
+        }
+
+    assert norms(model_for_plan(load_config(None, ["model.channels=[8, 16]"]), plan, 4)) == {"BatchNorm2d"}
+    asked = load_config(None, ["model.channels=[8, 16]", "model.norm=instance"])
+    assert norms(model_for_plan(asked, plan, 4)) == {"InstanceNorm2d"}
+    # 2D images keep the 2D unet's instance norm: there a patch is most of one image
+    flat = Plan(spacing=[1.0, 1.0], patch_size=[32, 32], strides=[[2, 2]])
+    assert norms(model_for_plan(load_config(None, ["model.channels=[8, 16]"]), flat, 4)) == {"InstanceNorm2d"}
