@@ -136,3 +136,17 @@ def test_training_pipeline_with_every_augmentation_gives_patches_of_the_plan(tin
         assert sample["label"].dtype in (torch.int64, torch.float32)
         assert set(torch.unique(sample["label"]).tolist()) <= {0, 1, 2, 3}
         assert torch.isfinite(sample["image"]).all()
+
+
+@pytest.mark.parametrize("spacing", [[1.0, 1.0, 1.0], [1.0, 1.0]], ids=["3d", "2d"])
+def test_elastic_deformation_moves_label_and_image_together(spacing):
+    dims = len(spacing)
+    plan = Plan(spacing=spacing, patch_size=[48] * dims, strides=[[2] * dims])
+    steps = mt.Compose(spatial_steps(AugmentConfig(elastic_prob=1.0), plan, ["image", "label"]))
+    steps.set_random_state(seed=0)
+    sample = _blocks(plan.patch_size)
+    out = steps(sample)
+    image, label = np.asarray(out["image"][0]), np.asarray(out["label"][0])
+    assert set(np.unique(label)) <= {0, 1, 2, 3} and not np.array_equal(label, np.asarray(sample["label"][0]))
+    for c in (1, 2, 3):
+        assert np.mean(np.abs(image[label == c] - 100 * c) < 30) > 0.85

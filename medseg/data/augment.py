@@ -81,25 +81,12 @@ def spatial_steps(aug: AugmentConfig, plan: Plan, keys: list[str]) -> list:
                 "elastic deformation is for isotropic 3D data and 2D images: "
                 "it would bend slices into each other",
             )
-        if dims == 3:
-            elastic = mt.Rand3DElasticd(
-                keys,
-                prob=aug.elastic_prob,
-                sigma_range=(5, 8),
-                magnitude_range=(50, 150),
-                mode=modes,
-                padding_mode="zeros",
-            )
-        else:
-            elastic = mt.Rand2DElasticd(
-                keys,
-                prob=aug.elastic_prob,
-                spacing=(20, 20),
-                magnitude_range=(1, 2),
-                mode=modes,
-                padding_mode="zeros",
-            )
-        steps.append(elastic)
+        elastic, shape = (
+            (mt.Rand3DElasticd, {"sigma_range": (5, 8), "magnitude_range": (50, 150)})
+            if dims == 3
+            else (mt.Rand2DElasticd, {"spacing": (20, 20), "magnitude_range": (1, 2)})
+        )
+        steps.append(elastic(keys, prob=aug.elastic_prob, mode=modes, padding_mode="zeros", **shape))
     return steps
 
 
