@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from torch import nn
 
 from medseg.checkpoint import Checkpoint
@@ -66,9 +68,7 @@ def model_for_plan(config: Config, plan: Plan, classes: int) -> nn.Module:
     if config.model.name == "unet" and config.model.norm is None:
         # Batch norm, not the 2D unet's instance norm: a step's 13 slices give it statistics, and
         # on ACDC it reached 0.807 mean Dice at 1,000 steps against 0.752 (docs/performance.md).
-        config = Config.from_dict(
-            {**config.to_dict(), "model": {**config.to_dict()["model"], "norm": "batch"}}
-        )
+        config = dataclasses.replace(config, model=dataclasses.replace(config.model, norm="batch"))
     net = model_from_config(
         config,
         classes,
