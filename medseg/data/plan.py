@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from medseg.atomic import write_text_atomic
 from medseg.config import Config
 from medseg.data.datasets import Cases
-from medseg.device import autocast_dtype, patch_budget, resolve_device
+from medseg.device import CPU_PATCH_VOXELS, autocast_dtype, patch_budget, resolve_device
 from medseg.errors import ConfigError, InputError
 from medseg.io import channels_in_header, image_files, read_channels, read_header, read_volume, to_array
 
@@ -224,7 +224,7 @@ def fingerprint(dataset: Cases, modality: str = "MRI", samples_per_case: int = 2
 def make_plan(
     fp: Fingerprint,
     levels: int = 4,
-    max_patch_voxels: int = 80 * 80 * 32,
+    max_patch_voxels: int = CPU_PATCH_VOXELS,
     spacing: list[float] | None = None,
     patch_size: list[int] | None = None,
     stem: bool = False,
