@@ -12,13 +12,20 @@ def _fp(spacings, shapes, **kw):
 
 
 def test_isotropic_data():
-    plan = make_plan(_fp([[1.0, 1.0, 1.0]] * 5, [[90, 90, 90]] * 5))
-    assert plan.spacing == [1.0, 1.0, 1.0]  # a patch covers more than a quarter of a volume
+    plan = make_plan(_fp([[1.0, 1.0, 1.0]] * 5, [[56, 56, 56]] * 5))
+    assert plan.spacing == [1.0, 1.0, 1.0]  # the budget holds the whole median volume
     assert plan.slice_axis is None and plan.network_dims == 3
     assert plan.strides == [[2, 2, 2]] * 3
-    assert np.prod(plan.patch_size) <= 80 * 80 * 32
-    assert all(p % 8 == 0 for p in plan.patch_size)
-    assert max(plan.patch_size) - min(plan.patch_size) <= 8  # cube-like for cube-like data
+    assert plan.patch_size == [56, 56, 56]  # the whole volume, in units of the pooling (8)
+
+
+def test_the_patch_is_whole_pooling_units_so_long_axes_pool_at_every_level():
+    # a strided stem and three levels pool 4 times: a unit is 16 voxels
+    plan = make_plan(_fp([[1.0] * 3] * 3, [[70, 60, 50]] * 3), stem=True)
+    assert plan.median_shape == [70, 60, 50]
+    # 60 rounds to 64, not down to 48 (shrinking the median to the budget, then flooring to 16)
+    assert plan.patch_size == [64, 64, 48]
+    assert plan.stem_stride == [2, 2, 2] and plan.strides == [[2, 2, 2], [2, 2, 2], [2, 2, 1]]
 
 
 def test_anisotropic_data_takes_a_finer_coarse_axis_and_pools_it_later():
@@ -32,7 +39,7 @@ def test_anisotropic_data_takes_a_finer_coarse_axis_and_pools_it_later():
 
 
 def test_mild_anisotropy_keeps_the_median():
-    plan = make_plan(_fp([[1.8, 1.8, 4.4], [1.8, 1.8, 4.6], [1.9, 1.9, 4.5]], [[96, 96, 28]] * 3))
+    plan = make_plan(_fp([[1.8, 1.8, 4.4], [1.8, 1.8, 4.6], [1.9, 1.9, 4.5]], [[80, 80, 24]] * 3))
     assert plan.spacing == pytest.approx([1.8, 1.8, 4.5])
     assert plan.strides[0] == [2, 2, 1]
 
@@ -132,11 +139,11 @@ def test_acdc_like_thick_slices_get_a_2d_network_on_slices():
     plan = make_plan(_fp(spacings, shapes), stem=True)
     assert plan.slice_axis == 2 and plan.network_dims == 2
     assert plan.spacing == [1.5, 1.5, 10.0]  # slices are not interpolated for a 2D network
-    # one median slice (216 x 256), rounded down to what four poolings by 2 divide
-    assert plan.patch_size == [208, 256, 1]
+    # one median slice (216 x 256), rounded to the nearest 16 (what four poolings by 2 divide)
+    assert plan.patch_size == [224, 256, 1]
     assert all(s[2] == 1 for s in [*plan.strides, plan.stem_stride])  # never pooled across slices
-    # two 3D patches' worth of slices per volume drawn: 2 * 204800 / (0.6 * 208 * 256)
-    assert plan.samples_per_volume == 13
+    # two 3D patches' worth of slices per volume drawn: 2 * 204800 / (0.6 * 224 * 256)
+    assert plan.samples_per_volume == 12
     assert "2D, on slices across axis 2" in plan.describe()
     assert plan.in_plane_axes == [0, 1]
 
@@ -148,20 +155,18 @@ def test_a_3d_network_can_be_asked_for_on_thick_slices():
     assert plan.strides[0] == [2, 2, 1]  # in-plane pooling first
 
 
-def test_la_like_volumes_are_coarsened_until_a_patch_sees_a_quarter_of_one():
+def test_la_like_volumes_are_coarsened_until_a_patch_sees_the_median_volume():
     # 3D LGE MRI as the LA challenge: 0.625 mm isotropic, about 192 x 142 x 88 voxels
     shapes = [[192, 142, 88], [148, 132, 88], [244, 160, 88], [200, 150, 88], [180, 140, 88]]
-    fp = _fp([[0.625] * 3] * 5, shapes)
-    plan = make_plan(fp)
+    plan = make_plan(_fp([[0.625] * 3] * 5, shapes))
     assert plan.slice_axis is None
-    median_mm = np.median(np.asarray(shapes) * 0.625, axis=0)
-    volume = np.prod(median_mm / plan.spacing[0])
-    assert 4 * 80 * 80 * 32 == pytest.approx(volume, rel=0.02)  # the budget covers a quarter
-    assert plan.spacing == pytest.approx([0.8942] * 3, abs=1e-4)  # 0.625 x (192*142*88 / 4 / 204800) ** (1/3)
-    assert np.prod(plan.patch_size) <= 80 * 80 * 32
-    # never more than twice as coarse, however large the volumes
-    huge = make_plan(_fp([[0.625] * 3] * 3, [[600, 600, 400]] * 3))
-    assert huge.spacing == [1.25, 1.25, 1.25]
+    # covering 192 x 142 x 88 in 204,800 voxels needs 0.625 x 2.4 mm: the 2x limit holds it at 1.25 mm
+    assert plan.spacing == [1.25, 1.25, 1.25]
+    assert plan.median_shape == [96, 71, 44]
+    assert plan.patch_size == [64, 64, 48] and np.prod(plan.patch_size) <= 80 * 80 * 32
+    # a volume the budget nearly holds is coarsened only as far as it must be
+    small = make_plan(_fp([[0.625] * 3] * 3, [[120, 100, 60]] * 3))
+    assert small.spacing == pytest.approx([0.625 * (120 * 100 * 60 / 204800) ** (1 / 3)] * 3, abs=1e-4)
 
 
 def test_model_dims_must_be_2_or_3():
@@ -185,4 +190,4 @@ def test_on_a_gpu_the_patch_budget_follows_its_memory():
     # the LA-like volumes fit whole in a 24 GiB budget: no coarsening, the median volume as patch
     shapes = [[192, 142, 88], [148, 132, 88], [244, 160, 88]]
     plan = make_plan(_fp([[0.625] * 3] * 3, shapes), max_patch_voxels=23685481)
-    assert plan.spacing == [0.625] * 3 and plan.patch_size == [192, 136, 88]
+    assert plan.spacing == [0.625] * 3 and plan.patch_size == [192, 144, 88]

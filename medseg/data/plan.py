@@ -26,7 +26,7 @@ __all__ = ["Fingerprint", "Plan", "fingerprint", "make_plan", "load_plan", "plan
 ANISOTROPY = 3.0  # coarsest / finest spacing above which slices are "thick" (planned finer, 2D network)
 MAX_UPSAMPLING = 2.0  # the coarse axis of the median case is never resampled finer than this
 MIN_FEATURE_MAP = 4  # voxels per axis at the lowest resolution
-MIN_COVERAGE = 0.25  # share of the median volume a 3D patch must cover before the spacing coarsens
+MIN_COVERAGE = 1.0  # share of the median volume a 3D patch must cover before the spacing coarsens
 MAX_COARSENING = 2.0  # ...by at most this factor
 SLICE_COST = 0.6  # 2D cost per voxel over 3D: 0.12 s a step for 8 x 224 x 256, 0.18 s for 2 x 80 x 80 x 32
 MAX_SLICES = 32  # 2D patches (slices) per volume drawn
@@ -249,14 +249,14 @@ def make_plan(
           That axis never goes finer than the other axes' spacing, nor finer than half its
           median: a minority of thin-slice cases must not make every thick-slice case be
           upsampled many times over (a warning says when this limit applies).
-        - context (3D networks, not thick slices): when the patch budget covers less than a
-          quarter of the median volume, every axis is coarsened by one factor (at most 2x)
-          until it covers a quarter, so the patch sees the structure and its surroundings
-          rather than a part of it.
+        - context (3D networks, not thick slices): when the patch budget covers less than the
+          median volume, every axis is coarsened by one factor (at most 2x) until it covers
+          it, so the patch sees the structure and its surroundings rather than a part of it
+          (as nnU-Net's low-resolution stage does).
         - pooling: at each level, an axis is halved only while its spacing is at most twice
           the finest and it keeps at least 4 voxels; so thick slices are pooled later.
-        - patch (3D): the median resampled shape, shrunk along its longest axis (in mm) until it
-          fits the budget, then rounded down to what the pooling can divide.
+        - patch (3D): the median resampled shape in whole pooling units, shrunk one unit at a
+          time along its longest axis (in mm) until it fits the budget.
         - patch (2D): one slice of the median in-plane shape; each volume drawn gives as many
           slices as cost what two 3D patches of the budget do (2 to 32).
     """
@@ -276,6 +276,7 @@ def make_plan(
     if slice_axis is None and thick_axis(spacing) is None and fixed_spacing is None and fixed_patch is None:
         spacing = _with_context(spacing, fp, max_patch_voxels)
     median_shape = np.median(fp.shapes * fp.spacings / spacing, axis=0)
+    count = levels - 1 + int(stem)  # down-samplings
     samples = 2
     if slice_axis is not None:
         plane = [a for a in range(3) if a != slice_axis]
@@ -283,16 +284,16 @@ def make_plan(
             patch = np.asarray(fixed_patch, dtype=int)
         else:
             patch = np.ones(3, dtype=int)
-            patch[plane] = _fit_patch(median_shape[plane], spacing[plane], max_patch_voxels)
-        strides = _pooling(spacing[plane], patch[plane], levels - 1 + int(stem))
+            patch[plane] = _fit_patch(median_shape[plane], spacing[plane], max_patch_voxels, count)
+        strides = _pooling(spacing[plane], patch[plane], count)
         strides = [[int(s) for s in np.insert(np.asarray(st), slice_axis, 1)] for st in strides]
     else:
         patch = (
             np.asarray(fixed_patch, dtype=int)
             if fixed_patch is not None
-            else _fit_patch(median_shape, spacing, max_patch_voxels)
+            else _fit_patch(median_shape, spacing, max_patch_voxels, count)
         )
-        strides = _pooling(spacing, patch, levels - 1 + int(stem))
+        strides = _pooling(spacing, patch, count)
     factor = np.prod(np.asarray(strides), axis=0) if strides else np.ones(len(spacing), int)
     if fixed_patch is None:
         patch = np.maximum(patch // factor * factor, factor)
@@ -328,29 +329,50 @@ def thick_axis(spacing) -> int | None:
     return int(spacing.argmax())
 
 
-def _fit_patch(median_shape: np.ndarray, spacing: np.ndarray, max_voxels: int) -> np.ndarray:
-    """The median shape, shrunk along its longest axis (in mm) until it fits ``max_voxels``."""
-    patch = np.maximum(np.floor(median_shape), MIN_FEATURE_MAP).astype(int)
-    if max_voxels < MIN_FEATURE_MAP ** len(patch):
+def _fit_patch(median_shape: np.ndarray, spacing: np.ndarray, max_voxels: int, count: int) -> np.ndarray:
+    """The median shape in whole pooling units, shrunk one unit at a time along its longest axis
+    (in mm) until it fits ``max_voxels``.
+
+    A unit is what the ``count`` down-samplings divide on that axis. Rounding to units first,
+    rather than shrinking by 10 % and flooring to the pooling afterwards, keeps long axes
+    pooled at every level: with a strided stem and three more levels, a 56-voxel axis stops at
+    7 voxels and loses the last pooling; a 64-voxel one ends at 4.
+    """
+    if max_voxels < MIN_FEATURE_MAP ** len(median_shape):
         raise ConfigError(
             "data.max_patch_voxels",
             f"{max_voxels} is too small: a patch needs at least {MIN_FEATURE_MAP} voxels "
-            f"per axis ({MIN_FEATURE_MAP ** len(patch)} in {len(patch)}D)",
+            f"per axis ({MIN_FEATURE_MAP ** len(median_shape)} in {len(median_shape)}D)",
         )
+    median_shape = np.asarray(median_shape, float)
+
+    def unit_of(shape):
+        return np.prod(np.asarray(_pooling(spacing, shape, count) or [[1] * len(spacing)]), axis=0)
+
+    # an axis pools every time where its median, rounded to that unit, leaves 4 voxels at the
+    # bottom; a shorter one (a tiny volume) takes the unit its own pooling gives
+    full = unit_of(np.full(len(spacing), float(MIN_FEATURE_MAP * 2**count)))
+    pools_fully = np.floor(median_shape / full + 0.5) >= MIN_FEATURE_MAP
+    unit = np.where(pools_fully, full, unit_of(median_shape))
+    patch = np.maximum(np.floor(median_shape / unit + 0.5), 1).astype(int) * unit
+    patch = np.maximum(patch, MIN_FEATURE_MAP)
     while patch.prod() > max_voxels:
-        longest = int(np.argmax(patch * spacing))
-        patch[longest] = max(MIN_FEATURE_MAP, int(patch[longest] * 0.9))
+        order = np.argsort(-(patch * spacing), kind="stable")  # longest in mm first
+        shrinkable = [a for a in order if patch[a] - unit[a] >= MIN_FEATURE_MAP]
+        if not shrinkable:
+            break
+        patch[shrinkable[0]] -= unit[shrinkable[0]]
     return patch
 
 
 def _with_context(spacing: np.ndarray, fp: Fingerprint, max_voxels: int) -> np.ndarray:
     """The spacing coarsened (one factor for every axis, at most 2x) until the patch budget
-    covers a quarter of the median volume (see make_plan)."""
+    covers the median volume (see make_plan)."""
     volume = float(np.prod(np.median(fp.shapes * fp.spacings / spacing, axis=0)))
     factor = (volume * MIN_COVERAGE / max_voxels) ** (1 / len(spacing))
     factor = float(np.clip(factor, 1.0, MAX_COARSENING))
     if factor > 1.0:
-        log.info("planning: spacing coarsened %.2fx so that a patch covers a quarter of a volume", factor)
+        log.info("planning: spacing coarsened %.2fx so that a patch covers the median volume", factor)
     return spacing * factor
 
 
