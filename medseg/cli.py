@@ -7,11 +7,14 @@ import logging
 import math
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from medseg.errors import ConfigError, find_medseg_error
 
-__all__ = ["main"]
+__all__ = ["main", "CRASHED"]
+
+CRASHED = 3  # exit code of an unexpected error, apart from 1 (some cases failed) and 2 (bad input)
 
 
 def _fmt(value: float) -> str:
@@ -28,11 +31,20 @@ def _print_scores(result: dict) -> None:
     for name, stats in summary["classes"].items():
         cells = [_mean_std(stats[key], digits) for _, key, digits in metrics]
         print("  ".join([f"{name:<{width}}", *(f"{c:>15}" for c in cells)]))
+    failures = {
+        name: stats["worst_case"] for name, stats in summary["classes"].items() if stats["worst_case"]
+    }
     print(f"mean foreground Dice: {_fmt(result['mean_foreground'])} over {summary['cases_scored']} cases")
+    if failures:
+        counts = ", ".join(f"{name} {n}" for name, n in failures.items())
+        print(f"scored as failures (Dice 0, worst-case distance): {counts}")
+    print(f"policy: {summary['empty_mask_policy']}")
     if result["missing_predictions"]:
         print(f"no prediction (scored 0): {', '.join(result['missing_predictions'])}")
+    not_scored = set(summary["cases_not_scored"])
     for case, reason in result["errors"].items():
-        print(f"not scored: {case}: {reason}", file=sys.stderr)
+        what = "not scored" if case in not_scored else "scored 0"
+        print(f"{what}: {case}: {reason}", file=sys.stderr)
     if result.get("no_reference"):
         print(f"no reference (not scored): {', '.join(result['no_reference'])}")
 
@@ -101,6 +113,8 @@ def _trainer(kind, args):
     if getattr(args, "fold", None) is not None:
         config.data.fold, config.data.folds = args.fold, args.folds
         config.train.output_dir = str(Path(args.output) / f"fold_{args.fold}")
+        # every fold takes its folds from one file, so adding a case moves no other between folds
+        config.data.splits = config.data.splits or str(Path(args.output) / "splits.json")
     return kind(config, overwrite=args.overwrite)
 
 
@@ -520,8 +534,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:
         known = find_medseg_error(exc)
-        if known is None:
-            raise
+        if known is None:  # a bug, not bad input: the traceback is for its report
+            traceback.print_exc()
+            print(f"medseg crashed: {type(exc).__name__}: {exc} (a bug; please report it)", file=sys.stderr)
+            return CRASHED
         print(f"error: {known}", file=sys.stderr)
         return 2
     finally:

@@ -53,6 +53,11 @@ class DataConfig:
         folds: k-fold cross-validation: the cases are split into this many seeded folds
             (saved as ``splits.json`` in the run folder); null: one ``val_fraction`` split.
         fold: which fold validates (0 .. folds-1); the others train.
+        splits: a ``splits.json`` to take the split from instead of drawing one: a run's own
+            (its ``train`` and ``val``; cases not in it are left out, with a warning), or the
+            folds file that every fold of a cross-validation shares (``medseg train --fold``
+            keeps it as ``OUTPUT/splits.json``; written when it does not exist yet; a case
+            new to the folder joins the smallest fold, the others stay where they are).
         num_workers: data-loader worker processes.
         cache: keep preprocessed volumes in ``memory`` (this run), on ``disk`` (across runs,
             keyed by file content and plan) or ``none``.
@@ -70,6 +75,7 @@ class DataConfig:
     val_fraction: float = 0.2
     folds: int | None = None
     fold: int = 0
+    splits: str | None = None
     num_workers: int = 0
     cache: str = "memory"
     cache_dir: str | None = None

@@ -10,6 +10,7 @@ import SimpleITK as sitk
 from medseg.cli import main
 from medseg.io import read_volume
 from tests.conftest import TINY_OVERRIDES, run_cli
+from tests.test_metrics import _write
 
 
 def _set(overrides):
@@ -155,3 +156,40 @@ def test_negative_epochs_end_with_one_line(tiny_dataset, tmp_path):
     )
     _assert_one_line_error(proc, "'train.epochs' must be more than 0, got -3")
     assert not (tmp_path / "r").exists()
+
+
+def test_evaluate_names_each_bad_case_and_prints_its_policy(tmp_path):
+    lv = np.zeros((6, 6, 6))
+    lv[1:4, 1:4, 1:4] = 1
+    _write(tmp_path / "pred" / "both_empty.nii.gz", lv * 0)
+    _write(tmp_path / "ref" / "both_empty.nii.gz", lv * 0)
+    _write(tmp_path / "pred" / "one_empty.nii.gz", lv * 0)
+    _write(tmp_path / "ref" / "one_empty.nii.gz", lv)
+    _write(tmp_path / "ref" / "missing.nii.gz", lv)
+    _write(tmp_path / "pred" / "other_grid.nii.gz", lv, spacing=(2.0, 1.0, 1.0))
+    _write(tmp_path / "ref" / "other_grid.nii.gz", lv)
+    _write(tmp_path / "pred" / "unreadable.nii.gz", lv)
+    (tmp_path / "ref" / "unreadable.nii.gz").write_bytes(b"not a volume")
+    proc = run_cli("evaluate", "--pred", str(tmp_path / "pred"), "--ref", str(tmp_path / "ref"), "-q")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 2, proc.stderr  # one line per case that could not be scored
+    assert lines[0].startswith("scored 0: other_grid: ") and "spacing" in lines[0]
+    assert lines[1].startswith("not scored: unreadable: ") and "unreadable.nii.gz" in lines[1]
+    assert "no prediction (scored 0): missing" in proc.stdout
+    # both_empty 1, one_empty 0, missing 0, other_grid 0: the unreadable reference is left out
+    assert "mean foreground Dice: 0.250 over 4 cases" in proc.stdout
+    assert "scored as failures (Dice 0, worst-case distance): class_1 3" in proc.stdout
+    assert "policy: both empty: Dice 1" in proc.stdout
+
+
+def test_a_crash_has_its_own_exit_code(monkeypatch, tmp_path, capsys):
+    from medseg.evaluation import folders
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(folders, "evaluate", broken)
+    assert main(["evaluate", "--pred", str(tmp_path), "--ref", str(tmp_path)]) == 3
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "medseg crashed: RuntimeError: a bug" in err

@@ -5,8 +5,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from medseg.data.datasets import check_cases, find_cases, label_names, split_cases
-from medseg.errors import InputError
+from medseg.config import DataConfig, load_config
+from medseg.data.datasets import check_cases, find_cases, fold_splits, label_names, split_cases, split_for_run
+from medseg.errors import ConfigError, InputError
+from medseg.training.trainer import Trainer
 
 
 def test_msd_dataset_json(tiny_dataset):
@@ -129,3 +131,65 @@ def _with_array(reference, array):
     image = sitk.GetImageFromArray(np.asarray(array))
     image.CopyInformation(reference)
     return image
+
+
+def _ids(*names):
+    return [{"id": n, "image": f"{n}.nii.gz", "label": f"{n}_seg.nii.gz"} for n in names]
+
+
+def test_saved_folds_keep_every_case_where_it_was_when_one_is_added():
+    data = DataConfig(folds=3, fold=1, splits="splits.json")
+    cases = _ids(*"abcdef")
+    folds = fold_splits(cases, 3, seed=0)
+    grown = _ids(*"abcdefg")
+    # drawn afresh, one more case reshuffles the folds; taken from the saved file, it does not
+    assert fold_splits(grown, 3, seed=0) != folds
+    train, val, kept = split_for_run(grown, data, 0, saved={"folds": folds})
+    for before, after in zip(folds, kept):
+        assert set(before["val"]) <= set(after["val"])
+    assert sorted(i for f in kept for i in f["val"]) == list("abcdefg")  # g joined one fold
+    assert [c["id"] for c in val] == kept[1]["val"]
+    assert {c["id"] for c in train} == set("abcdefg") - set(kept[1]["val"])
+    with pytest.raises(ConfigError, match="is 4, but splits.json holds 3 folds"):
+        split_for_run(grown, DataConfig(folds=4, splits="splits.json"), 0, saved={"folds": folds})
+
+
+def test_a_runs_own_split_is_taken_as_it_is():
+    data = DataConfig(splits="run/splits.json")
+    saved = {"train": ["b", "c"], "val": ["a"]}
+    train, val, folds = split_for_run(_ids(*"abcd"), data, 0, saved=saved)  # d is new: left out
+    assert [c["id"] for c in train] == ["b", "c"] and [c["id"] for c in val] == ["a"] and folds is None
+    with pytest.raises(
+        InputError, match=r"run/splits.json: lists 1 case\(s\) the dataset no longer has \(c\)"
+    ):
+        split_for_run(_ids("a", "b"), data, 0, saved=saved)
+
+
+def test_resume_and_every_fold_use_the_saved_split(tiny_dataset, tmp_path):
+    ids = sorted(c["id"] for c in find_cases(tiny_dataset).training)
+    splits = tmp_path / "splits.json"
+    splits.write_text(json.dumps({"train": ids[2:], "val": ids[:2]}))  # a draw would hold out one
+    config = load_config(None, [f"data.root={tiny_dataset}", f"train.output_dir={tmp_path / 'run'}"])
+    config.data.splits = str(splits)
+    assert [c["id"] for c in Trainer(config).val_cases] == ids[:2]
+    # cross-validation: the first fold writes the shared folds file, the others take theirs from it
+    shared = tmp_path / "cv" / "splits.json"
+
+    def fold_run(fold):
+        cv = load_config(
+            None, [f"data.root={tiny_dataset}", f"train.output_dir={tmp_path / 'cv' / str(fold)}"]
+        )
+        cv.data.folds, cv.data.fold, cv.data.splits = 3, fold, str(shared)
+        trainer = Trainer(cv)
+        trainer._prepare_output_dir()
+        return trainer
+
+    fold_run(0)
+    drawn = json.loads(shared.read_text())["folds"]
+    assert sorted(i for f in drawn for i in f["val"]) == ids
+    reversed_folds = [{"train": [], "val": f["val"]} for f in reversed(drawn)]  # not what a draw gives
+    shared.write_text(json.dumps({"folds": reversed_folds}))
+    assert [c["id"] for c in fold_run(1).val_cases] == drawn[1]["val"]
+    assert [c["id"] for c in fold_run(2).val_cases] == drawn[0]["val"]
+    run = json.loads((tmp_path / "cv" / "2" / "splits.json").read_text())
+    assert run["val"] == drawn[0]["val"] and run["fold"] == 2

@@ -135,10 +135,11 @@ def test_empty_masks_follow_the_policy():
     assert both["status"] == BOTH_EMPTY
     assert (both["dice"], both["iou"], both["hd95"], both["assd"], both["nsd"]) == (1, 1, 0, 0, 1)
     for pred, ref, status in ((empty, full, PREDICTION_EMPTY), (full, empty, REFERENCE_EMPTY)):
-        one = class_metrics(pred, ref, (1, 1, 1))
+        one = class_metrics(pred, ref, (1, 2, 3))
         assert one["status"] == status
         assert (one["dice"], one["iou"], one["nsd"]) == (0, 0, 0)
-        assert math.isnan(one["hd95"]) and math.isnan(one["assd"])
+        # the worst case: the diagonal of the 6 x 6 x 6 grid at 1 x 2 x 3 mm, corner to corner
+        assert one["hd95"] == one["assd"] == pytest.approx(math.sqrt(5**2 + 10**2 + 15**2))
     assert class_metrics(full, empty, (1, 1, 1))["fp"] == 27
     assert class_metrics(empty, full, (1, 1, 1))["fn"] == 27
 
@@ -186,10 +187,10 @@ def test_evaluate_scores_flags_and_carries_on(tmp_path):
     assert list(result["errors"]) == ["d"]
     assert "spacing (2.0, 1.0, 1.0) differs" in result["errors"]["d"]
     dice_of = {c["id"]: (c["LV"], c["RV"]) for c in result["cases"]}
-    assert dice_of == {"a": (1.0, 0.0), "b": (pytest.approx(8 / 12), 1.0), "c": (0.0, 0.0)}
-    # the missing case and the false positive both count: nothing drops out of a mean
-    assert result["mean"]["LV"] == pytest.approx((1 + 8 / 12 + 0) / 3)
-    assert result["mean"]["RV"] == pytest.approx((0 + 1 + 0) / 3)
+    assert dice_of == {"a": (1.0, 0.0), "b": (pytest.approx(8 / 12), 1.0), "c": (0.0, 0.0), "d": (0.0, 0.0)}
+    # the missing case, the case on another grid and the false positive all count
+    assert result["mean"]["LV"] == pytest.approx((1 + 8 / 12 + 0 + 0) / 4)
+    assert result["mean"]["RV"] == pytest.approx((0 + 1 + 0 + 0) / 4)
     rows = list(csv.DictReader((tmp_path / "out" / "metrics.csv").open()))
     assert [(r["case"], r["class"], r["status"]) for r in rows] == [
         ("a", "LV", OK),
@@ -198,21 +199,68 @@ def test_evaluate_scores_flags_and_carries_on(tmp_path):
         ("b", "RV", BOTH_EMPTY),
         ("c", "LV", MISSING),
         ("c", "RV", MISSING),
-        ("d", "", "error"),
+        ("d", "LV", "error"),
+        ("d", "RV", "error"),
     ]
-    assert rows[1]["fp"] == "1" and rows[1]["hd95"] == ""  # undefined distance: blank
-    assert rows[4]["fn"] == "8" and rows[4]["dice"] == "0.0000"
+    worst = f"{math.sqrt(3 * 5**2):.3f}"  # the 6 x 6 x 6 grid's diagonal at 1 mm
+    assert rows[1]["fp"] == "1" and rows[1]["hd95"] == worst  # a false positive: the worst distance
+    assert rows[4]["fn"] == "8" and rows[4]["dice"] == "0.0000" and rows[4]["hd95"] == worst
+    assert rows[6]["dice"] == "0.0000" and "differs" in rows[6]["reason"]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert summary["classes"]["LV"]["dice"]["median"] == pytest.approx(8 / 12)
+    assert summary["classes"]["LV"]["dice"]["median"] == pytest.approx(1 / 3)  # of 0, 0, 2/3, 1
     assert summary["classes"]["RV"]["hd95"] == {
-        "mean": 0.0,
-        "std": 0.0,
-        "median": 0.0,
-        "n": 1,
-        "undefined": 2,
+        "mean": pytest.approx(3 * math.sqrt(75) / 4),
+        "std": pytest.approx(math.sqrt(75) * math.sqrt(3) / 4),
+        "median": pytest.approx(math.sqrt(75)),
+        "n": 4,
+        "undefined": 0,
     }
-    assert summary["classes"]["RV"]["statuses"] == {BOTH_EMPTY: 1, MISSING: 1, REFERENCE_EMPTY: 1}
-    assert summary["errors"] == result["errors"] and summary["cases_scored"] == 3
+    assert summary["classes"]["RV"]["statuses"] == {BOTH_EMPTY: 1, "error": 1, MISSING: 1, REFERENCE_EMPTY: 1}
+    assert summary["classes"]["RV"]["worst_case"] == 3 and summary["classes"]["LV"]["worst_case"] == 2
+    assert summary["errors"] == result["errors"] and summary["cases_scored"] == 4
+    assert summary["cases_not_scored"] == [] and "worst case" in summary["empty_mask_policy"]
+
+
+def test_a_missed_structure_never_improves_the_mean_distance(tmp_path):
+    ref = np.zeros((20, 20, 20))
+    ref[5:10, 5:10, 5:10] = 1
+    rough = np.roll(ref, 3, axis=0)  # found, 3 mm off
+    for case in "ab":
+        _write(tmp_path / "ref" / f"{case}.nii.gz", ref)
+        _write(tmp_path / "finds" / f"{case}.nii.gz", rough)
+        _write(tmp_path / "misses" / f"{case}.nii.gz", rough if case == "a" else ref * 0)
+    finds = evaluate(tmp_path / "finds", tmp_path / "ref")["summary"]["classes"]["class_1"]
+    misses = evaluate(tmp_path / "misses", tmp_path / "ref")["summary"]["classes"]["class_1"]
+    assert finds["hd95"]["mean"] == pytest.approx(3.0)
+    assert misses["hd95"]["mean"] > finds["hd95"]["mean"] and misses["hd95"]["n"] == 2
+
+
+def test_a_case_empty_in_both_masks_scores_and_does_not_crash(tmp_path):
+    # classes found from the masks, and the first case holds none: a healthy scan
+    lesion = np.zeros((6, 6, 6))
+    lesion[2:4, 2:4, 2:4] = 1
+    for folder in ("pred", "ref"):
+        _write(tmp_path / folder / "a_healthy.nii.gz", lesion * 0)
+        _write(tmp_path / folder / "b_lesion.nii.gz", lesion)
+    result = evaluate(tmp_path / "pred", tmp_path / "ref", out=tmp_path / "out")
+    assert [(r["case"], r["status"], r["dice"]) for r in result["rows"]] == [
+        ("a_healthy", BOTH_EMPTY, 1.0),
+        ("b_lesion", OK, 1.0),
+    ]
+    assert result["summary"]["cases_scored"] == 2 and result["mean"]["class_1"] == 1.0
+    # no class anywhere: every case is still counted, each as one classless row
+    for folder in ("pred2", "ref2"):
+        _write(tmp_path / folder / "a.nii.gz", lesion * 0)
+    empty = evaluate(tmp_path / "pred2", tmp_path / "ref2", out=tmp_path / "out2")
+    assert empty["summary"]["cases_scored"] == 1 and empty["mean"] == {}
+
+
+def test_an_unreadable_reference_is_left_out_and_named(tmp_path):
+    pred, ref = _folders(tmp_path)
+    (ref / "b.nii.gz").write_bytes(b"not a volume")
+    result = evaluate(pred, ref, labels={1: "LV"})
+    assert result["summary"]["cases_not_scored"] == ["b"] and "b" in result["errors"]
+    assert [c["id"] for c in result["cases"]] == ["a", "c", "d"]
 
 
 def test_evaluate_reads_one_case_at_a_time(tmp_path, monkeypatch):

@@ -94,7 +94,9 @@ def test_a_case_that_cannot_be_read_is_named_and_the_rest_drawn(masks, tiny_data
     result = qc_report(broken, tmp_path / "r", images=scans, ref_dir=tiny_dataset / "labelsTr")
     assert list(result["problems"]) == ["heart_001"]
     assert list(result["evaluation"]["errors"]) == ["heart_001"]
-    assert result["evaluation"]["summary"]["cases_scored"] == 2  # heart_000 and the missing heart_002
+    # heart_000, the missing heart_002, and heart_001 whose unreadable prediction scores 0
+    assert result["evaluation"]["summary"]["cases_scored"] == 3
+    assert result["evaluation"]["summary"]["cases_not_scored"] == []
     assert sorted(p.name for p in (tmp_path / "r" / "cases").iterdir()) == ["heart_000.png", "heart_002.png"]
     page = result["index"].read_text()
     assert "heart_001.nii.gz: " in page and "scan not drawn: " in page

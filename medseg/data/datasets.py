@@ -25,6 +25,7 @@ __all__ = [
     "list_volumes",
     "split_cases",
     "fold_splits",
+    "read_splits",
     "given_cases",
     "split_for_run",
     "refuse_bad_cases",
@@ -267,18 +268,84 @@ def fold_splits(cases: list[dict], folds: int, seed: int) -> list[dict[str, list
     return [{"train": sorted(set(ids) - set(val)), "val": val} for val in held_out]
 
 
-def split_for_run(cases: list[dict], data, seed: int) -> tuple[list, list, list | None]:
+def split_for_run(
+    cases: list[dict], data, seed: int, saved: dict | None = None
+) -> tuple[list, list, list | None]:
     """(train, validation, folds) as ``data`` (a ``DataConfig``) asks: fold ``data.fold`` of
-    ``data.folds`` seeded folds (all of them returned, to be saved), else a ``data.val_fraction``
-    hold-out (folds None)."""
+    ``data.folds`` folds (all of them returned, to be saved), else a ``data.val_fraction``
+    hold-out (folds None).
+
+    ``saved`` is the content of ``data.splits``: a run's own split (``train``, ``val``, and
+    ``folds`` and ``fold`` if it was a fold) is taken as it is, cases it lacks left out; a
+    folds file's folds (or another fold's) are kept, and cases they lack join the smallest
+    folds. Without it the split is drawn, seeded by ``seed``.
+    """
+    if data.folds and not 0 <= data.fold < data.folds:
+        raise ConfigError("data.fold", f"must be 0 to {data.folds - 1}, not {data.fold}")
+    if saved is not None:
+        return _saved_split(cases, data, saved)
     if not data.folds:
         return *split_cases(cases, data.val_fraction, seed), None
     folds = fold_splits(cases, data.folds, seed)
-    if not 0 <= data.fold < data.folds:
-        raise ConfigError("data.fold", f"must be 0 to {data.folds - 1}, not {data.fold}")
-    val_ids = set(folds[data.fold]["val"])
+    return _fold(cases, folds, data.fold)
+
+
+def _fold(cases: list[dict], folds: list[dict], fold: int) -> tuple[list, list, list]:
+    val_ids = set(folds[fold]["val"])
     train = [c for c in cases if c["id"] not in val_ids]
     return train, [c for c in cases if c["id"] in val_ids], folds
+
+
+def read_splits(path: str | Path) -> dict:
+    """A ``splits.json``, checked to hold ``train`` and ``val`` lists of case ids or ``folds``."""
+    saved = _read_json(Path(path))
+    own = isinstance(saved, dict) and all(isinstance(saved.get(k), list) for k in ("train", "val"))
+    folds = isinstance(saved, dict) and isinstance(saved.get("folds"), list)
+    if not (own or folds) or (folds and not all(isinstance(f, dict) and "val" in f for f in saved["folds"])):
+        raise InputError(path, "is not a splits.json: it needs 'train' and 'val' lists, or 'folds'")
+    return saved
+
+
+def _saved_split(cases: list[dict], data, saved: dict) -> tuple[list, list, list | None]:
+    source = data.splits
+    by_id = {c["id"]: c for c in cases}
+    this_fold = not data.folds or saved.get("fold", data.fold) == data.fold
+    if "train" in saved and this_fold:
+        listed = [*saved["train"], *saved["val"]]
+        _refuse_gone(listed, by_id, source)
+        left_out = sorted(set(by_id) - set(listed))
+        if left_out:
+            log.warning(
+                "%d case(s) not in %s are left out (%s); start a new run to train on them",
+                len(left_out),
+                source,
+                ", ".join(left_out[:5]) + (", ..." if len(left_out) > 5 else ""),
+            )
+        folds = saved.get("folds")
+        return [by_id[i] for i in saved["train"]], [by_id[i] for i in saved["val"]], folds
+    if not data.folds or "folds" not in saved:
+        raise ConfigError(
+            "data.splits", f"{source} holds another fold's split and no 'folds' to take fold {data.fold} from"
+        )
+    if len(saved["folds"]) != data.folds:
+        raise ConfigError("data.folds", f"is {data.folds}, but {source} holds {len(saved['folds'])} folds")
+    held_out = [list(f["val"]) for f in saved["folds"]]
+    _refuse_gone([i for val in held_out for i in val], by_id, source)
+    known = {i for val in held_out for i in val}
+    for new in sorted(set(by_id) - known):  # a new case joins the smallest fold; no other moves
+        min(held_out, key=len).append(new)
+    folds = [{"train": sorted(set(by_id) - set(val)), "val": sorted(val)} for val in held_out]
+    return _fold(cases, folds, data.fold)
+
+
+def _refuse_gone(listed: list[str], by_id: dict, source) -> None:
+    gone = [i for i in listed if i not in by_id]
+    if gone:
+        raise InputError(
+            source,
+            f"lists {len(gone)} case(s) the dataset no longer has ({', '.join(gone[:3])}); "
+            "restore them, or start a new split without data.splits",
+        )
 
 
 def label_names(dataset: Cases) -> dict[int, str]:

@@ -1,7 +1,7 @@
 """Score a folder of predicted masks against a folder of references, one case at a time.
 
-Cases are matched by name. A case that cannot be scored (unreadable, another grid) is reported
-by name and the rest carry on; a reference without a prediction scores 0 and is flagged.
+Cases are matched by name. A prediction that cannot be scored (unreadable, another grid) is
+reported by name and scores as a missing one (0, the worst distance), and the rest carry on.
 Writes ``metrics.csv`` (a row per case and class) and ``summary.json`` (mean, std and median
 per class and metric).
 """
@@ -29,10 +29,13 @@ from medseg.evaluation.metrics import (
     METRICS,
     MISSING,
     OK,
+    PREDICTION_EMPTY,
+    REFERENCE_EMPTY,
     evaluate_pair,
     missing_metrics,
     pair_arrays,
     tolerance_for,
+    worst_distance,
 )
 from medseg.files import EXTRAS, LABELS_FILE, case_id, is_volume_file
 from medseg.io import read_volume, to_array
@@ -43,6 +46,8 @@ __all__ = [
     "find_masks",
     "match_cases",
     "score_case",
+    "failed_rows",
+    "is_scored",
     "finish",
     "class_names",
     "write_results",
@@ -108,27 +113,53 @@ def score_case(
     tolerance: float | dict,
     discover: bool = True,
 ) -> list[dict]:
-    """The rows of one case: a row per class of ``labels`` or one ``error`` row naming the
-    problem. ``pred`` and ``ref`` are files or images. With ``discover``, classes the masks hold
-    that ``labels`` lacks are added to it."""
+    """The rows of one case, a row per class of ``labels``. ``pred`` and ``ref`` are files or
+    images; with ``discover``, classes the masks hold that ``labels`` lacks are added to it.
+
+    A missing prediction scores as one that found nothing. A prediction that cannot be scored
+    (unreadable, another grid) does too, with status ``error`` and the reason; only when the
+    reference itself cannot be read is the case left out, as one ``error`` row without scores.
+    A case with no class in either mask (yet) is one ``both empty`` row without a class.
+    """
     try:
         if pred is None:
-            ref_image = ref if isinstance(ref, sitk.Image) else read_volume(ref)
-            ref_array, spacing = to_array(ref_image), ref_image.GetSpacing()
-            if discover:
-                _add_found(labels, ref_array)
-            return [
-                {"case": case, "label": c, "class": n, **missing_metrics(ref_array == c, spacing)}
-                for c, n in _foreground(labels)
-            ]
+            return _missing_rows(case, ref, labels, discover, MISSING)
         pred_array, ref_array, spacing = pair_arrays(pred, ref)
         if discover:
             _add_found(labels, pred_array)
             _add_found(labels, ref_array)
         rows = evaluate_pair(pred_array, ref_array, spacing, dict(_foreground(labels)), tolerance)
     except MedsegError as err:
-        return [{"case": case, "status": ERROR, "reason": str(err)}]
-    return [{"case": case, **row} for row in rows]
+        return failed_rows(case, ref, labels, discover, str(err))
+    return [{"case": case, **row} for row in rows] or [{"case": case, "label": None, "status": BOTH_EMPTY}]
+
+
+def failed_rows(case: str, ref, labels: dict[int, str], discover: bool, reason: str) -> list[dict]:
+    """The rows of a case whose prediction could not be scored: as a missing one, with status
+    ``error``; one row without scores if the reference cannot be read either."""
+    try:
+        return _missing_rows(case, ref, labels, discover, ERROR, reason)
+    except MedsegError:
+        return [{"case": case, "status": ERROR, "reason": reason}]
+
+
+def _missing_rows(case, ref, labels, discover, status, reason=None) -> list[dict]:
+    ref_image = ref if isinstance(ref, sitk.Image) else read_volume(ref)
+    ref_array, spacing = to_array(ref_image), ref_image.GetSpacing()
+    if discover:
+        _add_found(labels, ref_array)
+    worst = worst_distance(ref_array.shape, spacing)
+    extra = {"status": status, "worst_mm": worst, **({"reason": reason} if reason else {})}
+    rows = [
+        {"case": case, "label": c, "class": n, **missing_metrics(ref_array == c, spacing), **extra}
+        for c, n in _foreground(labels)
+    ]
+    return rows or [{"case": case, "label": None, **extra}]
+
+
+def is_scored(row: dict) -> bool:
+    """Whether a row counts in the means (all do but a case whose reference cannot be read)."""
+    return "dice" in row or row["status"] != ERROR
 
 
 def _foreground(labels: dict[int, str]) -> list[tuple[int, str]]:
@@ -152,10 +183,11 @@ def evaluate(
 ) -> dict:
     """Every metric per case and class of the masks in ``pred_dir`` against ``ref_dir``.
 
-    Cases are matched by name, read a pair at a time and scored with ``evaluate_pair``. A case
-    that cannot be scored is reported (``errors``) and left out of the means; a reference
-    without a prediction scores Dice 0 (``missing_predictions``); a prediction without a
-    reference is listed (``no_reference``).
+    Cases are matched by name, read a pair at a time and scored with ``evaluate_pair``, under
+    ``POLICY``: a reference without a prediction (``missing_predictions``) and a prediction
+    that cannot be scored (``errors``) score Dice 0 and the worst distance; a case whose
+    reference cannot be read is left out (``summary["cases_not_scored"]``); a prediction
+    without a reference is listed (``no_reference``).
 
     Args:
         pred_dir: predicted masks (sub-folders included).
@@ -208,31 +240,42 @@ def class_names(pred_dir: Path, labels: dict | None) -> tuple[dict[int, str], bo
 
 def fill_absent(rows: list[dict], labels: dict[int, str]) -> list[dict]:
     """Add the rows of classes found only in later cases: absent from both masks of an earlier
-    case, they are ``both empty`` there (or 0 for a missing prediction)."""
+    case, they are ``both empty`` there (a failure, as the case's other classes, for a missing
+    or unscoreable prediction)."""
     by_case: dict[str, list[dict]] = {}
     for row in rows:
         by_case.setdefault(row["case"], []).append(row)
+    foreground = _foreground(labels)
     filled = []
     for case, mine in by_case.items():
-        if mine[0]["status"] == ERROR:
+        if not is_scored(mine[0]) or not foreground:
             filled += mine
             continue
-        have = {r["label"]: r for r in mine}
-        missing = mine[0]["status"] == MISSING
-        for index, name in _foreground(labels):
+        have = {r["label"]: r for r in mine if r.get("label") is not None}
+        first = mine[0]
+        failed = first["status"] in (MISSING, ERROR)
+        for index, name in foreground:
             filled.append(
-                have.get(index) or {"case": case, "label": index, "class": name, **_absent(missing)}
+                have.get(index) or {"case": case, "label": index, "class": name, **_absent(first, failed)}
             )
     return filled
 
 
-def _absent(missing: bool) -> dict:
-    scores = (0.0, 0.0, math.nan, math.nan, 0.0) if missing else (1.0, 1.0, 0.0, 0.0, 1.0)
-    return {
-        "status": MISSING if missing else BOTH_EMPTY,
-        **dict(zip(METRICS, scores)),
-        **dict.fromkeys(_COUNTS, 0),
-    }
+def _absent(first: dict, failed: bool) -> dict:
+    if not failed:
+        scores = {"status": BOTH_EMPTY, "dice": 1.0, "iou": 1.0, "hd95": 0.0, "assd": 0.0, "nsd": 1.0}
+    else:
+        worst = first["worst_mm"]
+        scores = {
+            "status": first["status"],
+            "dice": 0.0,
+            "iou": 0.0,
+            "hd95": worst,
+            "assd": worst,
+            "nsd": 0.0,
+        }
+        scores.update({k: first[k] for k in ("worst_mm", "reason") if k in first})
+    return {**scores, **dict.fromkeys(_COUNTS, 0)}
 
 
 def finish(rows: list[dict], labels: dict[int, str], tolerance, pairs: list[tuple]) -> dict:
@@ -243,9 +286,17 @@ def finish(rows: list[dict], labels: dict[int, str], tolerance, pairs: list[tupl
     return result
 
 
+POLICY = (
+    "both empty: Dice 1, distances 0; one empty, a missing prediction or one that cannot be "
+    "scored (another grid, unreadable): Dice 0 and, as HD95 and ASSD, the worst case (the "
+    "image's diagonal); a case whose reference cannot be read is left out and listed"
+)
+FAILED = (PREDICTION_EMPTY, REFERENCE_EMPTY, MISSING, ERROR)  # statuses that score the worst distance
+
+
 def summarise(rows: list[dict], labels: dict[int, str], tolerance) -> dict:
     """Means, standard deviations and medians per class and metric, and the per-case view."""
-    scored = [r for r in rows if r["status"] != ERROR]
+    scored = [r for r in rows if is_scored(r) and r.get("label") is not None]
     classes = {}
     for index, name in _foreground(labels):
         mine = [r for r in scored if r["label"] == index]
@@ -254,27 +305,31 @@ def summarise(rows: list[dict], labels: dict[int, str], tolerance) -> dict:
             "tolerance_mm": tolerance_for(tolerance, index, name),
             **{metric: _stats([r[metric] for r in mine]) for metric in METRICS},
             "statuses": {s: sum(r["status"] == s for r in mine) for s in sorted({r["status"] for r in mine})},
+            "worst_case": sum(r["status"] in FAILED for r in mine),
         }
     mean = {name: stats["dice"]["mean"] for name, stats in classes.items()}
-    cases, errors = {}, {}
+    cases, errors, not_scored = {}, {}, []
     for row in rows:
         if row["status"] == ERROR:
             errors[row["case"]] = row["reason"]
+        if not is_scored(row):
+            not_scored.append(row["case"])
             continue
         entry = cases.setdefault(row["case"], {"id": row["case"], "status": OK})
-        if row["status"] == MISSING:
-            entry["status"] = MISSING
-        entry[row["class"]] = row["dice"]
+        if row["status"] in (MISSING, ERROR):
+            entry["status"] = row["status"]
+        if row.get("label") is not None:
+            entry[row["class"]] = row["dice"]
     foreground = _mean_of(list(mean.values()))
     summary = {
         "cases_scored": len(cases),
+        "cases_not_scored": not_scored,
         "mean_foreground_dice": foreground,
         "classes": classes,
         "missing_predictions": sorted(c for c, e in cases.items() if e["status"] == MISSING),
         "errors": errors,
         "hd_percentile": HD_PERCENTILE,
-        "empty_mask_policy": "Metrics Reloaded: both empty → Dice 1, distances 0; one empty → Dice 0, "
-        "distances undefined (left out of their means, counted in 'statuses'); missing prediction → Dice 0",
+        "empty_mask_policy": POLICY,
     }
     return {
         "rows": rows,

@@ -5,14 +5,14 @@ Dice at a tolerance in mm), all in the image's spacing. Surfaces and distances a
 (``get_mask_edges``: mask voxels with a neighbour outside the mask; ``get_surface_distance``:
 Euclidean, scaled by the spacing), so the figures match ``monai.metrics``.
 
-Empty masks follow Metrics Reloaded (docs/metrics.md): both empty is a perfect score; one empty
-is Dice 0 with undefined (NaN) distances and a status saying which; a missing prediction scores
-0 and is flagged. No case drops out of the Dice mean.
+Empty masks (docs/metrics.md): both empty is a perfect score; one empty is Dice 0 with the
+worst-case distance (the image's diagonal) and a status saying which; a missing prediction
+scores the same and is flagged. So no case drops out of a mean, and a missed structure can
+never improve the mean HD95 (as an undefined, left-out distance would).
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +34,7 @@ __all__ = [
     "surface_distances",
     "class_metrics",
     "missing_metrics",
+    "worst_distance",
     "evaluate_pair",
     "pair_arrays",
     "tolerance_for",
@@ -96,15 +97,7 @@ def class_metrics(
         return {"status": BOTH_EMPTY, "dice": 1.0, "iou": 1.0, "hd95": 0.0, "assd": 0.0, "nsd": 1.0, **row}
     if n_pred == 0 or n_ref == 0:
         status = PREDICTION_EMPTY if n_pred == 0 else REFERENCE_EMPTY
-        return {
-            "status": status,
-            "dice": 0.0,
-            "iou": 0.0,
-            "hd95": math.nan,
-            "assd": math.nan,
-            "nsd": 0.0,
-            **row,
-        }
+        return {"status": status, **_failure(worst_distance(pred.shape, spacing)), **row}
     to_ref, to_pred = surface_distances(pred, ref, spacing)
     both = np.concatenate([to_ref, to_pred])
     return {
@@ -119,10 +112,20 @@ def class_metrics(
 
 
 def missing_metrics(ref: np.ndarray, spacing) -> dict:
-    """One class of a case whose prediction is missing: it scores 0, distances undefined."""
+    """One class of a case whose prediction is missing: it scores 0 and the worst distance."""
     n_ref = int(np.count_nonzero(ref))
     row = {"tp": 0, "fp": 0, "fn": n_ref, **_volumes(0, n_ref, spacing)}
-    return {"status": MISSING, "dice": 0.0, "iou": 0.0, "hd95": math.nan, "assd": math.nan, "nsd": 0.0, **row}
+    return {"status": MISSING, **_failure(worst_distance(ref.shape, spacing)), **row}
+
+
+def worst_distance(shape, spacing) -> float:
+    """The distance (mm) a structure found in only one mask scores: the image's diagonal, as
+    far as two voxels of the grid can be from each other."""
+    return float(np.linalg.norm((np.asarray(shape, float) - 1) * np.asarray(spacing, float)))
+
+
+def _failure(worst: float) -> dict:
+    return {"dice": 0.0, "iou": 0.0, "hd95": worst, "assd": worst, "nsd": 0.0}
 
 
 def _volumes(n_pred: int, n_ref: int, spacing) -> dict:

@@ -18,6 +18,7 @@ from medseg.evaluation.folders import (
     SUMMARY,
     TABLE,
     class_names,
+    failed_rows,
     find_masks,
     finish,
     match_cases,
@@ -101,8 +102,8 @@ def qc_report(
             entry["problem"] = str(err)
         except MedsegError as err:  # a file that cannot be read: named, and the rest carry on
             entry["problem"] = str(err)
-            if ref_dir:
-                rows.append({"case": case, "status": ERROR, "reason": str(err)})
+            if ref:
+                rows += failed_rows(case, ref, labels, discover, str(err))
         entries.append(entry)
         if on_case:
             on_case(case, ERROR if entry["problem"] else OK)
@@ -200,7 +201,7 @@ def _title(entry: dict) -> str:
 
 
 def _mean_dice(entry: dict) -> float:
-    scores = [r["dice"] for r in entry.get("rows", []) if r.get("status") != ERROR]
+    scores = [r["dice"] for r in entry.get("rows", []) if r.get("label") is not None and r["status"] != ERROR]
     return sum(scores) / len(scores) if scores else math.nan
 
 

@@ -29,6 +29,7 @@ from medseg.data.datasets import (
     find_cases,
     given_cases,
     label_names,
+    read_splits,
     refuse_bad_cases,
     split_for_run,
 )
@@ -186,6 +187,8 @@ class Trainer:
         checkpoint = Checkpoint.load(run_dir / "last.pt")
         config = checkpoint.settings().override(list(overrides))
         config.train.output_dir = str(run_dir)
+        if (run_dir / "splits.json").is_file():  # the run's own split, whatever the folder holds now
+            config.data.splits = str(run_dir / "splits.json")
         if checkpoint.custom_model and "model" not in kwargs:
             raise CheckpointError(run_dir / "last.pt", "was trained with a custom model: pass it as model=")
         trainer = cls(config, plan=checkpoint.preprocessing(), **kwargs)
@@ -208,7 +211,8 @@ class Trainer:
             dataset = Cases(cases + (val_cases or []), modality=data.modality or "MRI")
         if val_cases is not None:
             return dataset, cases, val_cases
-        train, val, self.folds = split_for_run(cases, data, config.train.seed)
+        saved = read_splits(data.splits) if data.splits and Path(data.splits).is_file() else None
+        train, val, self.folds = split_for_run(cases, data, config.train.seed, saved)
         return dataset, train, val
 
     def _train_transform(self):
@@ -477,12 +481,18 @@ class Trainer:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         save_config(self.config, self.output_dir / "config.yaml")
         self.plan.save(self.output_dir / "plan.yaml")
+        folds = {"folds": self.folds, "fold": self.config.data.fold} if self.folds else {}
         splits = {
             "train": [c["id"] for c in self.train_cases],
             "val": [c["id"] for c in self.val_cases],
-            **({"folds": self.folds} if self.folds else {}),
+            **folds,
         }
         write_text_atomic(self.output_dir / "splits.json", json.dumps(splits, indent=1))
+        shared = self.config.data.splits
+        if self.folds and shared and Path(shared).resolve() != (self.output_dir / "splits.json").resolve():
+            # the folds every fold of this cross-validation takes (new cases added to them)
+            Path(shared).parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(Path(shared), json.dumps({"folds": self.folds}, indent=1))
         if self.history:
             write_metrics(self.history, self._metric_columns(), self.output_dir / "metrics.csv")
 
