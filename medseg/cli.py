@@ -342,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     }
 
     p = sub.add_parser(
-        "demo", help="train on the bundled heart data, predict and evaluate (~2.5 min on 2 CPU cores)"
+        "demo", help="train on the bundled heart data, predict and evaluate (2-7 min on 2 CPU cores)"
     )
     p.add_argument(
         "--output", default="medseg_demo", help="folder for the demo's results (default: %(default)s)"

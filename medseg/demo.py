@@ -15,8 +15,8 @@ from medseg.training.trainer import Trainer
 __all__ = ["SAMPLE_DATA", "DEMO_EPOCHS", "DEMO_OVERRIDES", "run_demo"]
 
 SAMPLE_DATA = Path(__file__).resolve().parents[1] / "sample_data" / "heart"
-# A fixed number of steps (20 x 25), not a time budget, so a slow machine gets the same model as a
-# fast one, only later: about 2.5 minutes on 2 CPU cores (README).
+# A fixed number of steps (20 x 25), not a time budget, so a slow machine gets a like model, only
+# later: 1.5 minutes on 2 cores with native bf16, about 7 without (fp32; README).
 DEMO_EPOCHS = 20
 # 500 steps on 8 phantoms are too few for rotation, scaling and mirroring to pay back: with them
 # the demo's mean Dice fell from 0.925 to 0.855. Real scans and longer runs gain from them.
