@@ -101,13 +101,20 @@ def _trainer(kind, args):
     from medseg.config import load_config
 
     if args.resume:
-        if args.data or args.output or args.config or getattr(args, "fold", None) is not None:
+        if (
+            args.data
+            or args.output
+            or args.config
+            or args.modality
+            or getattr(args, "fold", None) is not None
+        ):
             raise ConfigError("--resume", "continues a run with its own data and config; give only --set")
         return kind.resume(args.resume, args.set)
     if not (args.data and args.output):
         raise ConfigError(args.command, "needs --data and --output (or --resume RUN_DIR)")
     config = load_config(args.config, args.set)
     config.data.root, config.train.output_dir = str(args.data), str(args.output)
+    config.data.modality = args.modality or config.data.modality
     if getattr(args, "init", None):
         config.train.init, config.train.init_parts = str(args.init), args.init_parts
     if getattr(args, "fold", None) is not None:
@@ -125,6 +132,7 @@ def cmd_plan(args) -> int:
     from medseg.data.plan import plan_for_config
 
     config = load_config(args.config, args.set)
+    config.data.modality = args.modality or config.data.modality
     plan = plan_for_config(config, find_cases(args.data))
     print(plan.describe())
     if args.out:
@@ -385,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="dataset folder or CSV manifest")
     p.add_argument("--config", help="YAML config (its model depth and any fixed values are respected)")
     p.add_argument("--set", **overrides)
+    _modality_argument(p)
     p.add_argument("--out", help="also save the plan as YAML here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=cmd_plan)
@@ -504,6 +513,16 @@ def _run_arguments(p: argparse.ArgumentParser, overrides: dict, data_help: str) 
     p.add_argument("--set", **overrides)
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --output")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last.pt")
+    _modality_argument(p)
+
+
+def _modality_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--modality",
+        type=str.upper,
+        help="MRI or CT (CT gets Hounsfield-unit normalisation); default: dataset.json's, else "
+        "judged from the images, with a warning (data.modality)",
+    )
 
 
 class _LogLines(logging.Handler):

@@ -40,8 +40,9 @@ class DataConfig:
     Args:
         root: dataset folder or CSV manifest (see ``medseg.data.datasets.find_cases``).
         plan: a plan YAML from ``medseg plan``; null plans from the training cases.
-        modality: ``MRI``, ``CT``, ...; null reads it from dataset.json (else MRI). CT gets CT
-            normalisation.
+        modality: ``MRI``, ``CT``, ...; null reads it from dataset.json, else from the images
+            (Hounsfield units, a DICOM Modality) with a warning saying what was assumed. CT gets
+            CT normalisation (``medseg.data.plan.resolve_modality``).
         spacing: target voxel spacing in mm along R, A, S; null: planned.
         patch_size: training patch, voxels per axis (also the sliding-window size); null: planned.
         max_patch_voxels: the 3D patch budget planning works to; null: from the device

@@ -11,6 +11,7 @@ __all__ = [
     "resolve_device",
     "autocast_dtype",
     "cpu_has_fast_bf16",
+    "precision_name",
     "use_channels_last",
     "channels_last_format",
     "windows_per_forward",
@@ -18,7 +19,9 @@ __all__ = [
     "CPU_PATCH_VOXELS",
 ]
 
-CPU_PATCH_VOXELS = 80 * 80 * 32  # a 3D patch two CPU cores train on in about 0.2 s a step (bf16)
+# A 3D patch two CPU cores train on in about 0.2 s a step with native bf16 (AVX512-BF16), about
+# 0.6 s in fp32 on an AVX2-only CPU (docs/performance.md).
+CPU_PATCH_VOXELS = 80 * 80 * 32
 # Activations autograd keeps per patch voxel, per feature of the first level: the default unet keeps
 # 483 bytes a voxel in fp32 and 248 in bf16 with 16 features, 1044 and 535 with 32 (summed with
 # torch.autograd.graph.saved_tensors_hooks on the CPU; the tensors are the same on a GPU).
@@ -70,10 +73,16 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
     if precision != "auto":
         raise ConfigError("train.precision", f"must be auto, fp32, bf16 or fp16, not {precision!r}")
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # Emulated bf16 (V100, T4: before compute capability 8) runs, but slower than fp16.
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     if device.type == "cpu" and cpu_has_fast_bf16():
         return torch.bfloat16
     return None
+
+
+def precision_name(amp_dtype: torch.dtype | None) -> str:
+    """``bf16``, ``fp16`` or ``fp32``: how a run or a prediction computed, for its records."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp_dtype, "fp32")
 
 
 def use_channels_last(
@@ -81,18 +90,18 @@ def use_channels_last(
 ) -> bool:
     """Whether to run the model in channels-last memory layout.
 
-    ``None`` (auto) says yes with mixed precision on GPUs, and on CPUs only for models without
-    group or instance norm: there oneDNN's bf16 convolutions gain from channels-last but its
-    group and instance norms lose more (scripts/bench_models.py measures both).
+    ``None`` (auto) says yes with mixed precision, on GPUs and CPUs alike, only for models
+    without group or instance norm: convolutions gain from channels-last, but PyTorch's instance
+    norm copies every channels-last input back to the standard layout on both devices (pytorch
+    issue 59168, measured on nnU-Net), and on the CPU its group norm loses more than the
+    convolutions gain (scripts/bench_models.py measures the CPU; the GPU is unmeasured).
     """
     if setting is not None:
         return setting
-    if amp_dtype is None:
+    if amp_dtype is None or device.type not in ("cpu", "cuda"):
         return False
-    if device.type == "cuda":
-        return True
     slow_norms = (nn.GroupNorm, nn.InstanceNorm2d, nn.InstanceNorm3d)
-    return device.type == "cpu" and not any(isinstance(m, slow_norms) for m in model.modules())
+    return not any(isinstance(m, slow_norms) for m in model.modules())
 
 
 def channels_last_format(spatial_dims: int) -> torch.memory_format:

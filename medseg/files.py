@@ -4,6 +4,7 @@ channel suffix, names made safe from input, and the files predict writes beside 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
@@ -14,6 +15,8 @@ __all__ = [
     "case_id",
     "safe_name",
     "split_channel_suffix",
+    "ChannelGroup",
+    "channel_groups",
     "volume_suffix",
 ]
 
@@ -54,3 +57,63 @@ def split_channel_suffix(path: str | Path) -> tuple[str, int | None]:
     """nnU-Net's channel naming: ``CASE_0001.nii.gz`` -> ``("CASE", 1)``; other names -> ``(id, None)``."""
     match = _CHANNEL.search(case_id(path))
     return (case_id(path)[: match.start()], int(match.group(1))) if match else (case_id(path), None)
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """One case of ``channel_groups``: its name, its files in channel order, and what is wrong
+    with it (empty when nothing is)."""
+
+    id: str
+    files: tuple[Path, ...]
+    problem: str = ""
+
+
+def channel_groups(
+    paths: list[Path], channels: int | None = None, labelled: set[str] | None = None
+) -> list[ChannelGroup]:
+    """The cases among one folder's image files, by the one rule training and prediction share.
+
+    Files ``CASE_0000``, ``CASE_0001``, ... ``CASE_{k-1}`` are the k channels of case ``CASE``
+    when they are numbered without a gap from ``_0000`` and k >= 2. Every other file is a case of
+    its own, so a series ``amos_0001``, ``amos_0002``, ... is so many scans. A lone ``CASE_0000``
+    is case ``CASE`` (nnU-Net's single-channel naming).
+
+    Args:
+        paths: the image files of one folder.
+        channels: the model's channel count. 1 groups nothing; k >= 2 groups only sets of k
+            (a ``_0000`` set of another size is returned with its ``problem``); None: any k.
+        labelled: the case names that have labels (training). A set whose files are each
+            labelled, and the set's name not, is so many scans, not channels.
+    """
+    by_prefix: dict[str, dict[int, Path]] = {}
+    alone: list[Path] = []
+    for path in paths:
+        case, channel = split_channel_suffix(path)
+        if channel is None:
+            alone.append(path)
+        else:
+            by_prefix.setdefault(case, {})[channel] = path
+    groups = [ChannelGroup(case_id(p), (p,)) for p in alone]
+    for case, numbered in by_prefix.items():
+        order = sorted(numbered)
+        files = tuple(numbered[k] for k in order)
+        singles = [ChannelGroup(case_id(f), (f,)) for f in files]
+        names = ", ".join(case_id(f) for f in files)
+        separate = labelled is not None and case not in labelled and all(g.id in labelled for g in singles)
+        if separate or channels == 1 and len(files) > 1:
+            groups += singles
+        elif len(files) == 1:
+            groups.append(ChannelGroup(case, files) if order == [0] else singles[0])
+        elif order != list(range(len(files))):
+            if labelled is not None and case in labelled:  # its label says these are channels
+                problem = f"channels are not numbered _0000, _0001, ...: {names}"
+                groups.append(ChannelGroup(case, files, problem))
+            else:
+                groups += singles
+        elif channels is not None and len(files) != channels:
+            problem = f"has {len(files)} channel files ({names}); the model needs {channels}"
+            groups.append(ChannelGroup(case, files, problem))
+        else:
+            groups.append(ChannelGroup(case, files))
+    return groups

@@ -103,7 +103,13 @@ def mean_dice(mask, label) -> float:
 
 
 def write_dicom_series(
-    image, folder, uid="1.2.826.0.1.3680043.2.1125.1", description="cine SA", skip=(), nudge=None
+    image,
+    folder,
+    uid="1.2.826.0.1.3680043.2.1125.1",
+    description="cine SA",
+    skip=(),
+    nudge=None,
+    modality="MR",
 ):
     """Write a 3D SimpleITK image as a DICOM series, one file per slice.
 
@@ -131,7 +137,7 @@ def write_dicom_series(
         normal = (d[2], d[5], d[8])
         position = [p + (nudge or {}).get(k, 0.0) * n for p, n in zip(position, normal)]
         tags = {
-            "0008|0060": "MR",
+            "0008|0060": modality,
             "0008|103e": description,
             "0020|000d": uid + ".0",
             "0020|000e": uid,

@@ -17,8 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 from medseg.data.phantom import make_phantom
+from medseg.device import precision_name
 from medseg.errors import InputError
 from medseg.evaluation.folders import evaluate
 from medseg.inference.batch import predict_many, process_shard
@@ -105,6 +107,18 @@ def test_other_options_or_a_foreign_mask_are_not_done_either(predictor, tmp_path
             predict_many(predictor, scans, out)
     finally:
         predictor.config.infer.overlap = saved
+    # A mask computed in another precision, or on another kind of device, may differ in a few voxels
+    saved = predictor.amp_dtype
+    predictor.amp_dtype = torch.float16
+    try:
+        with pytest.raises(
+            InputError, match=rf"made with other options: precision '{precision_name(saved)}' -> 'fp16'"
+        ):
+            predict_many(predictor, scans, out)
+    finally:
+        predictor.amp_dtype = saved
+    run = json.loads((out / "run.json").read_text())
+    assert run["identity"]["options"]["device"] == "cpu"
     (out / "run.json").unlink()  # a mask no report vouches for
     with pytest.raises(InputError, match="no run report here records it"):
         predict_many(predictor, scans, out)
@@ -221,6 +235,8 @@ def test_report_has_volumes_statistics_and_provenance(learned_run, tmp_path):
             "patch_size": predictor.options["patch_size"],
             "tta_axes": None,
             "keep_largest": [],
+            "precision": precision_name(predictor.amp_dtype),
+            "device": "cpu",
             "probabilities": False,
             "uncertainty": False,
         },
@@ -461,7 +477,17 @@ def test_predictor_from_model_returns_mask_and_probabilities(predictor, tmp_path
     kept = mask != 0  # keep-largest may have cleared pieces to background, nothing else
     np.testing.assert_array_equal(mask[kept], probs.argmax(axis=0)[kept])
     np.testing.assert_array_equal(mask, predictor.predict(image))
-    assert built.sha256 != predictor.sha256 and len(built.sha256) == 64
+    # its identity (what a rerun compares) follows the weights: the same weights, the same hash
+    import copy
+
+    twin = Predictor.from_model(
+        copy.deepcopy(predictor.model), predictor.plan, predictor.labels, device="cpu"
+    )
+    assert twin.sha256 == built.sha256 and len(built.sha256) == 64
+    with torch.no_grad():
+        next(twin.members[0].model.parameters()).view(-1)[0] += 1e-3
+    nudged = Predictor.from_model(twin.members[0].model, predictor.plan, predictor.labels, device="cpu")
+    assert nudged.sha256 != built.sha256
 
 
 def test_cli_version_short_flags_quiet_and_plain_progress(tiny_run, tmp_path):
@@ -495,3 +521,36 @@ def test_label_counts_and_sums_by_slabs_match_one_bincount():
     np.testing.assert_allclose(
         _per_label(mask, 5, weights=weights), np.bincount(kji.ravel(), weights=weights.ravel(), minlength=5)
     )
+
+
+def test_a_failing_preview_or_measurement_never_stops_the_batch(predictor, tmp_path, monkeypatch):
+    import medseg.evaluation.pictures as pictures
+    import medseg.inference.batch as batch
+
+    drawn = []
+
+    def flaky_figure(mask, target, *args, **kwargs):  # the first case's preview breaks
+        drawn.append(Path(target).name)
+        if len(drawn) == 1:
+            raise RuntimeError("the font cache is gone")
+
+    monkeypatch.setattr(pictures, "case_figure", flaky_figure)
+    measure, measured = batch._Runner._measure, []
+
+    def flaky_measure(self, mask, loaded):  # the second case's volumes break
+        measured.append(1)
+        if len(measured) == 2:
+            raise MemoryError()
+        return measure(self, mask, loaded)
+
+    monkeypatch.setattr(batch._Runner, "_measure", flaky_measure)
+    scans = _scans(tmp_path / "scans", ["a.nii.gz", "b.nii.gz", "c.nii.gz"])
+    result = predict_many(predictor, scans, tmp_path / "out", preview=True)
+    assert sorted(Path(p).name for p in result.written) == ["a.nii.gz", "b.nii.gz", "c.nii.gz"]
+    rows = {Path(r["output"]).name: r for r in _rows(tmp_path / "out" / "predictions.csv")}
+    assert rows["a.nii.gz"]["reason"] == "no preview: RuntimeError: the font cache is gone"
+    assert rows["a.nii.gz"]["LV_ml"] != ""  # measured before the preview failed
+    assert rows["b.nii.gz"]["reason"] == "no volumes: MemoryError: " and rows["b.nii.gz"]["LV_ml"] == ""
+    assert rows["b.nii.gz"]["status"] == "written"  # the mask stands
+    assert rows["c.nii.gz"]["reason"] == "" and rows["c.nii.gz"]["status"] == "written"
+    assert len(drawn) == 3  # b's preview was still drawn

@@ -193,3 +193,33 @@ def test_resume_and_every_fold_use_the_saved_split(tiny_dataset, tmp_path):
     assert [c["id"] for c in fold_run(2).val_cases] == drawn[0]["val"]
     run = json.loads((tmp_path / "cv" / "2" / "splits.json").read_text())
     assert run["val"] == drawn[0]["val"] and run["fold"] == 2
+
+
+def test_a_label_map_with_a_gap_is_refused_in_one_line(tiny_dataset, tmp_path, caplog):
+    root = tmp_path / "gap"
+    shutil.copytree(tiny_dataset, root)
+    meta = json.loads((root / "dataset.json").read_text())
+    meta["labels"] = {"0": "background", "1": "LV", "2": "myocardium", "4": "RV"}
+    (root / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(InputError) as error:
+        label_names(find_cases(root), root)
+    assert str(error.value) == (
+        f"{root}: the label map numbers its classes 0, 1, 2, 4; training needs 0, 1, 2, ... without a gap: "
+        "renumber the label files and the map"
+    )
+    # without a map, a value no label file holds is still a class, and the log says so
+    del meta["labels"]
+    (root / "dataset.json").write_text(json.dumps(meta))
+    for case in find_cases(root).training:
+        label = sitk.ReadImage(case["label"])
+        array = sitk.GetArrayFromImage(label)
+        array[array == 3] = 4
+        sitk.WriteImage(_with_array(label, array), case["label"])
+    assert label_names(find_cases(root)) == {
+        0: "background",
+        1: "class_1",
+        2: "class_2",
+        3: "class_3",
+        4: "class_4",
+    }
+    assert "label value(s) [3] occur in no label file" in caplog.text

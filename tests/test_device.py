@@ -37,6 +37,17 @@ def test_channels_last_where_it_pays():
     assert use_channels_last(None, cpu, torch.bfloat16, group_norm) is False
     assert use_channels_last(None, cpu, None, batch_norm) is False
     assert use_channels_last(True, cpu, None, group_norm) is True
+    gpu = torch.device("cuda")  # the rule only; no GPU is needed to ask it
+    assert use_channels_last(None, gpu, torch.bfloat16, batch_norm) is True
+    assert use_channels_last(None, gpu, torch.float16, group_norm) is False
+
+
+def test_emulated_bf16_on_a_gpu_is_not_taken_for_native(monkeypatch):
+    # A V100 or T4 runs bf16 only emulated, slower than fp16; torch counts it unless asked not to.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert autocast_dtype(torch.device("cuda"), "auto") is torch.float16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # an A100
+    assert autocast_dtype(torch.device("cuda"), "auto") is torch.bfloat16
 
 
 def test_windows_per_forward_follow_device_and_precision():

@@ -49,3 +49,42 @@ def test_two_process_gloo_run_trains_and_rank0_checkpoint_loads(tiny_dataset, tm
     predictor = Predictor(run / "best.pt", device="cpu")
     image = read_volume(tiny_dataset / "imagesTs" / "heart_003.nii.gz")
     assert predictor.predict_image(image).shape == image.GetSize()
+
+
+def _on_main_worker(rank: int, store: str, results: str) -> None:
+    import json
+
+    import torch.distributed as dist
+
+    from medseg.errors import InputError
+    from medseg.training.distributed import Distributed
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    ranks = Distributed(rank=rank, world=2)
+    calls = []
+    labels = ranks.on_main(lambda: calls.append(rank) or {0: "background", 1: "LV"})
+
+    def refuse():
+        calls.append(rank)
+        raise InputError("data/", "2 training case(s) cannot be used (listed above)")
+
+    try:
+        ranks.on_main(refuse)
+        error = None
+    except InputError as exc:
+        error = str(exc)
+    Path(results, f"{rank}.json").write_text(json.dumps({"labels": labels, "calls": calls, "error": error}))
+    dist.destroy_process_group()
+
+
+def test_only_rank_0_checks_the_data_and_every_rank_gets_its_verdict(tmp_path):
+    import json
+
+    import torch.multiprocessing as mp
+
+    mp.spawn(_on_main_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"{rank}.json").read_text())
+        assert got["labels"] == {"0": "background", "1": "LV"}  # rank 0's result, on both
+        assert got["calls"] == ([0, 0] if rank == 0 else [])  # the work ran on rank 0 alone
+        assert got["error"] == "data/: 2 training case(s) cannot be used (listed above)"

@@ -1,6 +1,7 @@
 """Tasks in the other shapes hospitals and research data come in: 2D PNG/TIFF images, MSD-style
 4D multi-modal NIfTI, and training straight from DICOM series."""
 
+import csv
 import json
 
 import nibabel as nib
@@ -50,10 +51,10 @@ def png_dataset(tiny_dataset, tmp_path_factory):
         sitk.WriteImage(out, str(root / "images" / f"slice_{k}.png"))
         mask = sitk.GetImageFromArray(np.ascontiguousarray(label[:, :, z].T.astype(np.uint8)))
         sitk.WriteImage(mask, str(root / "labels" / f"slice_{k}.png"))
-        if k == 2:  # a grey TIFF to predict
-            sitk.WriteImage(
-                sitk.GetImageFromArray(np.ascontiguousarray(pixels.T)), str(root / "test" / "t.tif")
-            )
+        if k == 2:  # a grey TIFF to predict, not square: a transposed mask cannot fit it
+            tiff = sitk.GetImageFromArray(np.ascontiguousarray(pixels[:, 6:].T))
+            tiff.SetSpacing((0.8, 1.5))
+            sitk.WriteImage(tiff, str(root / "test" / "t.tif"))
     return root
 
 
@@ -93,8 +94,14 @@ def test_2d_task_trains_and_predicts_on_the_input_grid(png_dataset, tmp_path):
     assert result.failed == {} and len(result.written) == 1
     mask = read_volume(tmp_path / "out" / "t.tif")
     source = read_volume(png_dataset / "test" / "t.tif")
-    assert mask.GetSize() == source.GetSize() and mask.GetDimension() == 2
+    assert mask.GetSize() == source.GetSize() == (40, 34) and mask.GetDimension() == 2
     assert set(np.unique(to_array(mask))) <= {0, 1, 2, 3}
+    # areas in cm^2, under a column that says so, as evaluate and the QC report give them
+    (row,) = csv.DictReader((tmp_path / "out" / "predictions.csv").open())
+    pixel_cm2 = np.prod(source.GetSpacing()) / 100
+    for index in (1, 2, 3):
+        assert float(row[f"class_{index}_cm2"]) == pytest.approx((to_array(mask) == index).sum() * pixel_cm2)
+    assert not any(key.endswith("_ml") for key in row)
 
     # A 3D volume given to the 2D model is refused by name.
     volume = tmp_path / "volume.nii.gz"
@@ -150,6 +157,10 @@ def test_4d_nifti_splits_into_channels_on_the_3d_grid(msd_4d_dataset, tiny_datas
     assert len(channels) == 2
     assert channels[0].GetSize() == reference.GetSize()
     assert np.allclose(ras_affine(channels[1]), ras_affine(reference), atol=1e-4)
+    # each channel holds its own volume, voxel for voxel: the scan, then its inverse
+    scan = to_array(reference).astype(np.float32)
+    np.testing.assert_allclose(to_array(channels[0]), scan)
+    np.testing.assert_allclose(to_array(channels[1]), scan.max() - scan)
 
 
 def test_4d_task_trains_and_predicts(msd_4d_dataset, tiny_dataset, tmp_path):

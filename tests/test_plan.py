@@ -191,3 +191,56 @@ def test_on_a_gpu_the_patch_budget_follows_its_memory():
     shapes = [[192, 142, 88], [148, 132, 88], [244, 160, 88]]
     plan = make_plan(_fp([[0.625] * 3] * 3, shapes), max_patch_voxels=23685481)
     assert plan.spacing == [0.625] * 3 and plan.patch_size == [192, 144, 88]
+
+
+def _ct_like(folder, name):
+    """A phantom shifted into Hounsfield-like values: air at offset - 1000 around the body."""
+    import SimpleITK as sitk
+
+    from medseg.data.phantom import make_phantom
+
+    image, label = make_phantom(0, shape=(24, 24, 8))
+    array = sitk.GetArrayFromImage(image).astype(np.int16)
+    body = array > np.percentile(array, 40)
+    ct = sitk.GetImageFromArray(np.where(body, array // 10, -1000).astype(np.int16))
+    ct.CopyInformation(image)
+    for sub, volume in (("images", ct), ("labels", label)):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+        sitk.WriteImage(volume, str(folder / sub / f"{name}.nii.gz"))
+
+
+def test_ct_without_metadata_is_found_and_said(tiny_dataset, tmp_path, caplog):
+    from medseg.data.plan import resolve_modality
+
+    _ct_like(tmp_path / "ct", "a")  # plain images/ + labels/: no dataset.json to say CT
+    dataset = find_cases(tmp_path / "ct")
+    assert dataset.modality is None
+    assert resolve_modality(None, dataset) == "CT"
+    assert "holds values down to -1000, as CT's Hounsfield units do" in caplog.text
+    assert "normalised as CT; pass --modality if that is wrong" in caplog.text
+    plan = plan_for_config(load_config(None, []), dataset)
+    assert plan.normalization == "ct" and plan.modality == "CT"
+    caplog.clear()
+    assert resolve_modality("mri", dataset) == "MRI" and caplog.text == ""  # what the user says wins
+    # an MRI folder without a modality is taken for MRI, and the log says so
+    (tmp_path / "mr").mkdir()
+    for sub in ("images", "labels"):
+        (tmp_path / "mr" / sub).mkdir()
+        for f in sorted((tiny_dataset / f"{sub}Tr").iterdir()):
+            (tmp_path / "mr" / sub / f.name).write_bytes(f.read_bytes())
+    assert resolve_modality(None, find_cases(tmp_path / "mr")) == "MRI"
+    assert "none of the first 3 images holds values below -500" in caplog.text
+
+
+def test_a_dicom_series_says_its_modality(tiny_dataset, tmp_path, caplog):
+    import SimpleITK as sitk
+
+    from medseg.data.datasets import Cases
+    from medseg.data.plan import resolve_modality
+    from tests.conftest import write_dicom_series
+
+    # values an MRI could hold, but the header says CT: the header wins
+    image = sitk.ReadImage(str(sorted((tiny_dataset / "imagesTr").iterdir())[0]))
+    series = write_dicom_series(image, tmp_path / "s", modality="CT")
+    assert resolve_modality(None, Cases([{"image": str(series), "label": None}])) == "CT"
+    assert "is a DICOM CT series" in caplog.text

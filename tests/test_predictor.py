@@ -198,3 +198,22 @@ def test_a_network_made_in_python_is_saved_and_predicted_with(learned, tmp_path)
     assert custom.custom_model
     with pytest.raises(CheckpointError, match="was trained with a custom model"):
         Predictor(custom.save(tmp_path / "custom.pt"), device="cpu")
+
+
+def test_stitching_moves_to_the_cpu_when_the_gpu_is_full(caplog):
+    from medseg.inference.sliding import stitch_with_fallback
+
+    tried = []
+
+    def stitch(where):
+        tried.append(str(where))
+        if where != "cpu":
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return torch.ones(2)
+
+    assert stitch_with_fallback(stitch, torch.device("cuda")).tolist() == [1.0, 1.0]
+    assert tried == ["cuda", "cpu"]
+    assert "stitching them on the CPU" in caplog.text
+    tried.clear()
+    stitch_with_fallback(stitch, torch.device("cpu"))
+    assert tried == ["cpu"]

@@ -1,6 +1,7 @@
 import csv
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -33,8 +34,11 @@ def test_metrics_and_config_are_written(tiny_run):
     run = tiny_run["best"].rsplit("/", 1)[0]
     rows = list(csv.DictReader(open(f"{run}/metrics.csv")))
     assert [r["epoch"] for r in rows] == ["1"]
-    assert 0.0 <= float(rows[0]["dice_mean"]) <= 1.0
-    assert 0.0 <= float(rows[0]["dice_mean_largest"]) <= 1.0
+    per_class = [float(rows[0][f"dice_{name}"]) for name in ("LV", "myocardium", "RV")]
+    assert float(rows[0]["dice_mean"]) == pytest.approx(sum(per_class) / 3, abs=1e-4)
+    assert float(rows[0]["dice_mean"]) == pytest.approx(
+        torch.load(tiny_run["best"], weights_only=True)["best_dice"], abs=1e-4
+    )
     saved = load_config(f"{run}/config.yaml")
     assert saved.model.channels == [8, 16]
     # config.yaml keeps what was asked for (a patch size; pooling null: planned), plan.yaml the
@@ -218,3 +222,33 @@ def test_validation_takes_at_most_a_tenth_of_a_run_unless_val_every_is_set():
     assert not due(4, 80.0, (40.0, 5.0)) and due(4, 86.0, (40.0, 5.0))
     assert due(5, 41.0, (40.0, 5.0), done=True)  # always at the end
     assert due(4, 41.0, (40.0, 5.0), every=2)  # asked for: every 2 epochs, whatever it costs
+
+
+class _AllLV(torch.nn.Module):
+    """Every voxel class 1 (LV): its validation Dice is known from the labels alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        logits = torch.zeros(x.shape[0], 4, *x.shape[2:], device=x.device)
+        logits[:, 1] = 10.0
+        return logits + self.anchor
+
+
+def test_validation_dice_is_the_dice_of_what_the_model_says(tiny_dataset, tmp_path):
+    config = load_config(None, [*TINY_OVERRIDES, "data.val_fraction=0.5", "train.val_pictures=0"])
+    config.data.root, config.train.output_dir = str(tiny_dataset), str(tmp_path / "run")
+    trainer = Trainer(config)
+    trainer.model = _AllLV()
+    result = trainer.validate()
+    refs = [np.asarray(item["label"][0]) for item in trainer._val_dataset()]
+    lv = np.mean([2 * (ref == 1).sum() / ((ref == 1).sum() + ref.size) for ref in refs])
+    assert result["dice_LV"] == pytest.approx(lv, abs=1e-6)
+    assert result["dice_myocardium"] == 0.0 and result["dice_RV"] == 0.0  # present, never predicted
+    assert result["dice_mean"] == pytest.approx(lv / 3, abs=1e-6)
+    assert result["val_cases"] == len(refs) >= 1
+    # one piece per label: keeping the largest changes nothing, and a tie keeps it
+    assert result["dice_mean_largest"] == pytest.approx(result["dice_mean"])
+    assert trainer.keep_largest == [1, 2, 3]

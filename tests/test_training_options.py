@@ -127,10 +127,17 @@ def test_ema_weights_are_validated_and_saved(tiny_dataset, tmp_path):
 
 @pytest.mark.skipif(not shutil.which("c++"), reason="torch.compile on CPUs needs a C++ compiler")
 def test_compiled_training_saves_plain_weights(tiny_dataset, tmp_path):
-    summary = _trainer(tiny_dataset, tmp_path, "train.compile=true", "train.precision=fp32").fit()
+    trainer = _trainer(tiny_dataset, tmp_path, "train.compile=true", "train.precision=fp32")
+    summary = trainer.fit()
     payload = torch.load(summary["best"], weights_only=True)
     assert not any(k.startswith("_orig_mod") for k in payload["model"])
-    Predictor(summary["best"], device="cpu")  # loads into the uncompiled network
+    assert trainer.net is not trainer.model  # the step ran the compiled network
+    # the uncompiled network, loaded from the file, computes what the compiled one trained to
+    plain = Predictor(summary["best"], device="cpu").model
+    trainer.net.eval()
+    x = torch.randn(1, 1, *trainer.plan.patch_size)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), trainer.net(x), rtol=1e-4, atol=1e-4)
 
 
 def test_tensorboard_scalars_are_written(tiny_dataset, tmp_path):

@@ -16,7 +16,7 @@ import SimpleITK as sitk
 from tqdm.auto import tqdm
 
 from medseg.errors import ConfigError, InputError
-from medseg.files import case_id, is_volume_file, split_channel_suffix
+from medseg.files import ChannelGroup, case_id, channel_groups, is_volume_file
 from medseg.io import grid_mismatch, image_files, read_channels, read_volume
 
 __all__ = [
@@ -46,7 +46,8 @@ class Cases:
         training: labelled cases for training and validation.
         test: cases kept for testing (labels optional).
         labels: class index -> name, background included.
-        modality: of the first channel, from dataset.json's ``modality`` or ``channel_names``.
+        modality: of the first channel, from dataset.json's ``modality`` or ``channel_names``;
+            None when nothing says (``medseg.data.plan.resolve_modality`` then looks).
         unlabeled: cases with images only, for pretraining (``imagesUn/``, or dataset.json's
             ``unlabeled`` list).
     """
@@ -54,7 +55,7 @@ class Cases:
     training: list[dict]
     test: list[dict] = field(default_factory=list)
     labels: dict[int, str] = field(default_factory=dict)
-    modality: str = "MRI"
+    modality: str | None = None
     unlabeled: list[dict] = field(default_factory=list)
 
     @property
@@ -119,9 +120,10 @@ def find_cases(root: str | Path, need_labels: bool = True) -> Cases:
     raise InputError(root, "no dataset.json, imagesTr/ or images/ here: not a dataset layout medseg knows")
 
 
-def _modality(meta: dict) -> str:
+def _modality(meta: dict) -> str | None:
     channels = meta.get("modality") or meta.get("channel_names") or {}
-    return str(next(iter(channels.values()), "MRI")).upper() if isinstance(channels, dict) else "MRI"
+    first = next(iter(channels.values()), None) if isinstance(channels, dict) else None
+    return str(first).upper() if first else None
 
 
 def _read_json(path: Path):
@@ -179,25 +181,28 @@ def _resolve(base: Path, name: str, source: Path) -> str:
 
 def _pair(images: Path, labels: Path, need_labels: bool) -> list[dict]:
     """Match images to labels by case name. nnU-Net's channel files ``CASE_0000``, ``CASE_0001``,
-    ... form one case whose ``image`` is the list of them, in channel order."""
+    ... form one case whose ``image`` is the list of them, in channel order, by the rule
+    prediction uses too (``medseg.files.channel_groups``)."""
     if not images.is_dir():
         return []
     label_files = {case_id(p): p for p in list_volumes(labels)} if labels.is_dir() else {}
-    groups: dict[str, list[Path]] = {}
-    for image in list_volumes(images):
-        groups.setdefault(split_channel_suffix(image)[0], []).append(image)
+    groups = {}
+    for group in channel_groups(list_volumes(images), labelled=set(label_files) or None):
+        if group.id in groups:
+            raise InputError(group.files[0], f"case {group.id} is also {groups[group.id].files[0].name}")
+        groups[group.id] = group
     for folder in _series_folders(images):
         if folder.name in groups:
             raise InputError(folder, f"case {folder.name} is both a file and a DICOM folder")
-        groups[folder.name] = [folder]
+        groups[folder.name] = ChannelGroup(folder.name, (folder,))
     cases = []
-    for cid, files in groups.items():
-        names = [case_id(f) for f in files]
-        if len(files) > 1 and names != [f"{cid}_{k:04d}" for k in range(len(files))]:
-            raise InputError(files[0], f"channels of case {cid} are not numbered _0000, _0001, ...: {names}")
+    for cid, group in groups.items():
+        if group.problem:
+            raise InputError(group.files[0], f"case {cid}: {group.problem}")
         label = label_files.pop(cid, None)
         if label is None and need_labels:
-            raise InputError(files[0], f"no label named {cid}.* in {labels}")
+            raise InputError(group.files[0], f"no label named {cid}.* in {labels}")
+        files = group.files
         image = [str(f) for f in files] if len(files) > 1 else str(files[0])
         cases.append({"image": image, "label": str(label) if label else None, "id": cid})
     if label_files:
@@ -348,13 +353,29 @@ def _refuse_gone(listed: list[str], by_id: dict, source) -> None:
         )
 
 
-def label_names(dataset: Cases) -> dict[int, str]:
-    """Class index -> name: the dataset's own map, or ``class_N`` up to the largest label found."""
+def label_names(dataset: Cases, source: str | Path = "the dataset") -> dict[int, str]:
+    """Class index -> name: the dataset's own map, or ``class_N`` up to the largest label found.
+
+    Raises:
+        InputError: the map's classes are not 0, 1, 2, ... without a gap (the network's outputs
+            are the classes in order, so a map {0, 1, 2, 4} has no output for 4).
+    """
     if dataset.labels:
+        classes = sorted(dataset.labels)
+        if classes != list(range(len(classes))):
+            raise InputError(
+                source,
+                f"the label map numbers its classes {', '.join(map(str, classes))}; training needs "
+                "0, 1, 2, ... without a gap: renumber the label files and the map",
+            )
         return dict(sorted(dataset.labels.items()))
-    largest = 0
+    found: set[int] = set()
     for case in dataset.training:
-        largest = max(largest, int(sitk.GetArrayFromImage(read_volume(case["label"])).max()))
+        found |= set(np.unique(sitk.GetArrayFromImage(read_volume(case["label"]))).tolist())
+    largest = int(max(found, default=0))
+    absent = sorted(set(range(1, largest + 1)) - found)
+    if absent:
+        log.warning("label value(s) %s occur in no label file; trained as empty classes", absent)
     return {0: "background", **{c: f"class_{c}" for c in range(1, largest + 1)}}
 
 
@@ -402,12 +423,11 @@ def check_cases(cases: list[dict], labels: dict[int, str]) -> list[tuple[str, st
     return problems
 
 
-def refuse_bad_cases(cases: list[dict], labels: dict[int, str], source, quiet: bool = False) -> None:
-    """Log every unusable case as its own error (unless ``quiet``: the other ranks of a
-    distributed run), then raise if there were any, so all problems are named at once, before
-    any time goes into training."""
+def refuse_bad_cases(cases: list[dict], labels: dict[int, str], source) -> None:
+    """Log every unusable case as its own error, then raise if there were any, so all problems
+    are named at once, before any time goes into training."""
     problems = check_cases(cases, labels)
-    for path, problem in [] if quiet else problems:
+    for path, problem in problems:
         log.error("%s: %s", path, problem)
     if problems:
         raise InputError(source, f"{len(problems)} training case(s) cannot be used (listed above)")

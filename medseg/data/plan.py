@@ -191,6 +191,54 @@ def _case_geometry(case: dict) -> tuple[np.ndarray, np.ndarray, int]:
     return spacing, size, channels
 
 
+AIR_HU = -500  # below any tissue's Hounsfield units: air (-1000) and the scanner's padding
+
+
+def resolve_modality(asked: str | None, dataset: Cases, looked_at: int = 3) -> str:
+    """The modality a plan normalises for: the one asked for (``data.modality``, ``--modality``),
+    the dataset's own (dataset.json), or, when nothing says, what the first training images
+    look like, with a warning that says what was assumed and why.
+
+    CT is taken when a DICOM series says so or the images hold air: values below -500, the
+    Hounsfield units no MRI holds. A CT normalised as MRI loses its HU scale (and a z-score over
+    non-zero voxels drops every voxel at exactly 0 HU, water)."""
+    if asked or dataset.modality:
+        return str(asked or dataset.modality).upper()
+    guess, why = "MRI", f"none of the first {looked_at} images holds values below {AIR_HU} (CT's air)"
+    for case in dataset.training[:looked_at]:
+        path = image_files(case["image"])[0]
+        said = _dicom_modality(path)
+        if said:
+            guess, why = ("CT" if said == "CT" else "MRI"), f"{path} is a DICOM {said} series"
+            break
+        values = to_array(read_channels(path)[0])
+        if (values < AIR_HU).mean() > 0.01:
+            guess, why = "CT", f"{path} holds values down to {values.min():.0f}, as CT's Hounsfield units do"
+            break
+    log.warning(
+        "no modality given (dataset.json, data.modality or --modality): %s, so the images are "
+        "normalised as %s; pass --modality if that is wrong",
+        why,
+        guess,
+    )
+    return guess
+
+
+def _dicom_modality(path: str | Path) -> str:
+    """The Modality of a DICOM series folder's first file ('' for other inputs)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return ""
+    import pydicom
+
+    for file in sorted(folder.iterdir()):
+        try:
+            return str(pydicom.dcmread(file, stop_before_pixels=True).get("Modality", "")).upper()
+        except (pydicom.errors.InvalidDicomError, OSError):  # not DICOM (a stray file): the next
+            continue
+    return ""
+
+
 def fingerprint(dataset: Cases, modality: str = "MRI", samples_per_case: int = 20000) -> Fingerprint:
     """Spacings and shapes (from headers) and, for CT, foreground intensities (sampled)."""
     spacings, shapes, channels, foreground = [], [], [], []
@@ -422,7 +470,7 @@ def plan_for_config(config: Config, dataset: Cases) -> Plan:
     if data.plan:
         plan = load_plan(data.plan)
     else:
-        modality = data.modality or dataset.modality
+        modality = resolve_modality(data.modality, dataset)
         plan = make_plan(
             fingerprint(dataset, modality),
             levels=len(model.channels),

@@ -128,10 +128,14 @@ def _failure(worst: float) -> dict:
     return {"dice": 0.0, "iou": 0.0, "hd95": worst, "assd": worst, "nsd": 0.0}
 
 
+def volume_unit(dims: int) -> tuple[float, str]:
+    """How medseg reports a structure's size, everywhere: mm^3 / 1000 = mL for volumes, and for
+    a 2D image its area, mm^2 / 100 = cm^2. Returns the divisor and the column suffix."""
+    return (1000.0, "ml") if dims == 3 else (100.0, "cm2")
+
+
 def _volumes(n_pred: int, n_ref: int, spacing) -> dict:
-    # mm^3 -> mL for volumes; a 2D image's "volume" is its area in cm^2 (mm^2 / 100)
-    unit = 1000.0 if len(spacing) == 3 else 100.0
-    voxel = float(np.prod([float(s) for s in spacing])) / unit
+    voxel = float(np.prod([float(s) for s in spacing])) / volume_unit(len(spacing))[0]
     return {"pred_ml": n_pred * voxel, "ref_ml": n_ref * voxel}
 
 

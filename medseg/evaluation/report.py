@@ -25,9 +25,9 @@ from medseg.evaluation.folders import (
     score_case,
     write_results,
 )
-from medseg.evaluation.metrics import BOTH_EMPTY, DEFAULT_TOLERANCE_MM, MISSING, OK
+from medseg.evaluation.metrics import BOTH_EMPTY, DEFAULT_TOLERANCE_MM, MISSING, OK, volume_unit
 from medseg.evaluation.pictures import case_figure
-from medseg.files import case_id, is_volume_file, safe_name, split_channel_suffix
+from medseg.files import channel_groups, is_volume_file, safe_name
 from medseg.io import read_volume
 
 __all__ = ["qc_report", "INDEX"]
@@ -146,15 +146,14 @@ def _scans(folder: Path) -> dict[str, Path]:
         from medseg.errors import InputError
 
         raise InputError(folder, "no such folder")
-    found = {}
+    by_folder: dict[Path, list[Path]] = {}
     for path in sorted(folder.rglob("*")):
-        if path.name.startswith(".") or not path.is_file() or not is_volume_file(path):
-            continue
-        case, channel = split_channel_suffix(path)
-        if channel in (None, 0):
-            found[
-                (path.parent.relative_to(folder) / (case if channel == 0 else case_id(path))).as_posix()
-            ] = path
+        if not path.name.startswith(".") and path.is_file() and is_volume_file(path):
+            by_folder.setdefault(path.parent, []).append(path)
+    found = {}
+    for place, files in by_folder.items():
+        for group in channel_groups(files):  # the rule predict names masks by
+            found[(place.relative_to(folder) / group.id).as_posix()] = group.files[0]
     return found
 
 
@@ -187,7 +186,7 @@ def _volumes(mask: sitk.Image | None, labels: dict[int, str], discover: bool) ->
         if mask.GetPixelID() not in (sitk.sitkUInt8, sitk.sitkUInt16)
         else mask
     )
-    unit = 1000.0 if mask.GetDimension() == 3 else 100.0
+    unit = volume_unit(mask.GetDimension())[0]
     found = {int(c): stats.GetPhysicalSize(c) / unit for c in stats.GetLabels() if c != 0}
     if discover:
         for c in found:

@@ -24,6 +24,7 @@ import SimpleITK as sitk
 from medseg._version import __version__
 from medseg.atomic import remove_stale_temp, write_text_atomic
 from medseg.errors import InputError, find_medseg_error
+from medseg.evaluation.metrics import volume_unit
 from medseg.files import EXTRAS, LABELS_FILE
 from medseg.inference.batch_report import BatchReport, PreviousMask, previous_masks
 from medseg.inference.cases import (
@@ -113,7 +114,7 @@ def predict_many(
     """
     if uncertainty:
         predictor.check_uncertainty()
-    cases = discover(source, fmt)
+    cases = discover(source, fmt, predictor.plan.channels)
     extras = tuple(kind for kind, wanted in zip(EXTRAS, (probabilities, uncertainty)) if wanted)
     refuse_collisions(cases, extras)
     output_dir = check_output_folder(source, output_dir, cases, extras)
@@ -139,6 +140,7 @@ def predict_many(
             "device": str(predictor.device),
         },
         labels=[name for index, name in sorted(predictor.labels.items()) if index != 0],
+        size_column=volume_unit(predictor.plan.spatial_dims)[1],
         statistics=statistics,
         uncertainty=uncertainty,
         shard=shard,
@@ -282,23 +284,39 @@ class _Runner:
                 log.warning("%s: %s", case.inputs[0], reason, exc_info=exc)
             self.report.add(record)
             return record
-        mask = result.labels
         record.update(status="written", reason="; ".join(loaded.warnings))
-        record.update(self._measure(mask, loaded))
-        if result.uncertainty is not None:
-            record["uncertainty"] = _mean_inside(result, mask)
-        if self.preview:
-            self._draw(mask, loaded, case)
+        record.update(self._extras(result, loaded, case))
         record["seconds"] = round(time.monotonic() - start, 2)
         self.report.add(record)
         return record
 
+    def _extras(self, result: Segmentation, loaded: LoadedCase, case: BatchCase) -> dict:
+        """Volumes, statistics, mean uncertainty and the preview of a written mask. The mask
+        stands without them: one that fails is named in the case's reason, and the run goes on."""
+        out, missed = {}, []
+        steps = [("volumes", lambda: out.update(self._measure(result.labels, loaded)))]
+        if result.uncertainty is not None:
+            steps.append(("uncertainty", lambda: out.update(uncertainty=_mean_inside(result, result.labels))))
+        if self.preview:
+            steps.append(("preview", lambda: self._draw(result.labels, loaded, case)))
+        for name, step in steps:
+            try:
+                step()
+            except Exception as exc:  # the mask is written; what is drawn or counted from it can wait
+                known = find_medseg_error(exc)
+                missed.append(f"no {name}: {known.message if known else f'{type(exc).__name__}: {exc}'}")
+                if not known:
+                    log.warning("%s: %s", case.inputs[0], missed[-1], exc_info=exc)
+        if missed:
+            out["reason"] = "; ".join([*loaded.warnings, *missed])
+        return out
+
     def _measure(self, mask: np.ndarray, loaded: LoadedCase) -> dict:
-        """Each label's volume in mL (area in mm^2 for 2D images), and with ``statistics`` the
+        """Each label's volume in mL (area in cm^2 for 2D images), and with ``statistics`` the
         mean intensity of the (first channel of the) image inside it."""
         reference = loaded.reference
         voxel = float(np.prod(reference.GetSpacing()))
-        unit = 1000.0 if reference.GetDimension() == 3 else 1.0
+        unit = volume_unit(reference.GetDimension())[0]
         counts = _per_label(mask, max(self.predictor.labels) + 1)
         names = {k: v for k, v in self.predictor.labels.items() if k != 0}
         out = {"volumes_ml": {names[k]: counts[k] * voxel / unit for k in sorted(names)}}

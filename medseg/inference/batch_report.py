@@ -85,7 +85,7 @@ def read_records(table: Path) -> list[dict]:
         if row.get("status") not in STATUSES or None in row.values():
             continue
         record = {key: row[key] for key in _FIXED}
-        for suffix, field in (("_ml", "volumes_ml"), ("_mean", "mean_intensity")):
+        for suffix, field in (("_ml", "volumes_ml"), ("_cm2", "volumes_ml"), ("_mean", "mean_intensity")):
             values = {k[: -len(suffix)]: float(v) for k, v in row.items() if k.endswith(suffix) and v}
             if values:
                 record[field] = values
@@ -103,6 +103,8 @@ class BatchReport:
         identity: what makes two runs' masks the same: checkpoint SHA-256 and mask options.
         info: anything else worth recording (medseg version, input, checkpoint path, shard).
         labels: the label names that get a volume column (and a mean column with ``statistics``).
+        size_column: the volume columns' suffix: ``ml``, or ``cm2`` for the areas of 2D images
+            (``medseg.evaluation.metrics.volume_unit``).
         statistics: whether records carry the mean intensity per label.
         uncertainty: whether records carry the mean uncertainty inside the labels.
         shard: ``(i, n)`` when this run is one shard; its report files are named after it.
@@ -120,6 +122,7 @@ class BatchReport:
         uncertainty: bool = False,
         shard=None,
         total: int = 0,
+        size_column: str = "ml",
     ) -> None:
         csv_name, json_name = report_names(shard)
         self.csv_path, self.json_path = Path(output_dir) / csv_name, Path(output_dir) / json_name
@@ -129,7 +132,11 @@ class BatchReport:
         self.in_progress: list[str] = []
         self.started = time.time()
         self.finished: float | None = None
-        header = _FIXED + [f"{n}_ml" for n in self.labels] + [f"{n}_mean" for n in self.labels if statistics]
+        header = (
+            _FIXED
+            + [f"{n}_{size_column}" for n in self.labels]
+            + [f"{n}_mean" for n in self.labels if statistics]
+        )
         header += ["uncertainty"] if uncertainty else []
         write_text_atomic(self.csv_path, _line(header))
         self._save_json()

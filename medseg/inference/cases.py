@@ -16,7 +16,14 @@ from pathlib import Path, PurePosixPath
 
 from medseg.dicom import DicomSeries, scan_dicom
 from medseg.errors import ConfigError, InputError
-from medseg.files import VOLUME_SUFFIXES, case_id, is_volume_file, safe_name, split_channel_suffix
+from medseg.files import (
+    VOLUME_SUFFIXES,
+    case_id,
+    channel_groups,
+    is_volume_file,
+    safe_name,
+    split_channel_suffix,
+)
 
 __all__ = [
     "FORMATS",
@@ -113,16 +120,20 @@ def extra_name(mask: str, kind: str) -> str:
     return str(path.with_name(f"{stem}_{kind}{suffix if suffix in _FLOAT_SUFFIXES else '.nii.gz'}"))
 
 
-def _group_channels(files: list[Path]) -> list[Path | ChannelFiles]:
-    """Files of one folder named ``CASE_0000``, ``CASE_0001``, ... become one case."""
-    groups: dict[str, list[Path]] = {}
-    for path in files:
-        case, channel = split_channel_suffix(path)
-        groups.setdefault(case if channel is not None else str(path), []).append(path)
-    return [ChannelFiles(key, tuple(paths)) if len(paths) > 1 else paths[0] for key, paths in groups.items()]
+def _folder_cases(files: list[Path], folder: str, fmt: str, channels: int | None) -> list[BatchCase]:
+    """The cases among one folder's files, by ``medseg.files.channel_groups``: nnU-Net's
+    ``CASE_0000``, ``CASE_0001``, ... are one case; a set that does not fit the model fails."""
+    cases = []
+    for group in channel_groups(files, channels):
+        source = ChannelFiles(group.id, group.files) if len(group.files) > 1 else group.files[0]
+        if group.problem:
+            cases.append(BatchCase(source, "", "failed", f"{group.id}: {group.problem}"))
+        else:
+            cases.append(_case(source, folder, fmt, stem=group.id))
+    return cases
 
 
-def discover(source: str | Path, fmt: str = "same") -> list[BatchCase]:
+def discover(source: str | Path, fmt: str = "same", channels: int | None = None) -> list[BatchCase]:
     """Every case under ``source``, sorted by mask path.
 
     Args:
@@ -130,6 +141,8 @@ def discover(source: str | Path, fmt: str = "same") -> list[BatchCase]:
             or a ``.csv`` (an ``image`` column, optionally ``id``) or ``.txt`` (one path per line)
             list of files and DICOM folders, relative to the list.
         fmt: the mask format (see ``FORMATS``).
+        channels: the model's image channels: which ``_NNNN`` files form one case
+            (``medseg.files.channel_groups``); None: any contiguous set from ``_0000``.
 
     Returns:
         Cases to predict, plus cases already decided: unreadable DICOM files (``failed``),
@@ -144,7 +157,7 @@ def discover(source: str | Path, fmt: str = "same") -> list[BatchCase]:
     if not source.exists():
         raise InputError(source, "no such file or folder")
     if source.is_dir():
-        cases = _from_folder(source, fmt)
+        cases = _from_folder(source, fmt, channels)
     elif source.name.lower().endswith(LIST_SUFFIXES):
         cases = _from_list(source, fmt)
     else:
@@ -166,13 +179,13 @@ def _case(source: Source, folder: str, fmt: str, stem: str | None = None) -> Bat
     return BatchCase(source, mask)
 
 
-def _from_folder(root: Path, fmt: str) -> list[BatchCase]:
+def _from_folder(root: Path, fmt: str, channels: int | None) -> list[BatchCase]:
     cases = []
     for place, dirs, files in os.walk(root):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         volumes = sorted(Path(place) / f for f in files if is_volume_file(f) and not f.startswith("."))
         rel = Path(place).relative_to(root).as_posix()
-        cases += [_case(item, rel, fmt) for item in _group_channels(volumes)]
+        cases += _folder_cases(volumes, rel, fmt, channels)
     cases += _dicom_cases(root, root, fmt, recursive=True)
     return cases
 

@@ -21,6 +21,7 @@ from medseg.data.transforms import infer_transforms, mirrored_axes
 from medseg.device import (
     autocast_dtype,
     channels_last_format,
+    precision_name,
     resolve_device,
     use_channels_last,
     windows_per_forward,
@@ -229,6 +230,9 @@ class Predictor:
             "patch_size": list(self.plan.patch_size),
             "tta_axes": list(self.tta_axes) if self.tta else None,
             "keep_largest": self.keep_largest,
+            # bf16 and fp32, or a GPU's kernels and a CPU's, can differ in a few voxels
+            "precision": precision_name(self.amp_dtype),
+            "device": self.device.type,
         }
 
     def check_uncertainty(self) -> None:

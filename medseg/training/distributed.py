@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from medseg.device import resolve_device
+from medseg.errors import ConfigError, InputError, MedsegError
 
 __all__ = ["Distributed", "setup_distributed"]
 
@@ -54,6 +55,30 @@ class Distributed:
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def on_main(self, work):
+        """``work()`` run on rank 0 alone, its result on every rank; a ``MedsegError`` it raises
+        is raised on every rank, so none waits for a rank that has stopped."""
+        if not self.enabled:
+            return work()
+        outcome = None
+        if self.is_main:
+            try:
+                outcome = ("ok", work())
+            except MedsegError as exc:  # sent as its parts: MedsegError does not pickle
+                outcome = ("error", (type(exc).__name__, exc.where, exc.message))
+        kind, value = self.from_main(outcome)
+        if kind == "error":
+            name, where, message = value
+            raise {"InputError": InputError, "ConfigError": ConfigError}.get(name, MedsegError)(
+                where, message
+            )
+        return value
+
+    def barrier(self) -> None:
+        """Wait here until every rank arrives."""
+        if self.enabled:
+            dist.barrier()
 
     def max(self, value: float) -> float:
         """The largest ``value`` over the ranks (so all ranks agree to stop together)."""

@@ -133,7 +133,7 @@ class Pretrainer(Trainer):
             cases = [
                 {"image": c["image"], "id": c["id"]} for c in given_cases(train_cases, need_labels=False)
             ]
-            dataset = Cases([], modality=config.data.modality or "MRI")
+            dataset = Cases([], modality=config.data.modality)
         if not cases:
             raise InputError(config.data.root or "train_cases", "holds no images to pretrain on")
         # Planned on all the images, labelled or not; the labels only name the classes.

@@ -104,10 +104,10 @@ class Trainer:
         self.output_dir = Path(config.train.output_dir)
 
         dataset, self.train_cases, self.val_cases = self._cases(config, train_cases, val_cases)
-        self.labels = label_names(dataset)
-        refuse_bad_cases(
-            dataset.training, self.labels, config.data.root or "train_cases", quiet=not self.dist.is_main
-        )
+        source = config.data.root or "train_cases"
+        # Rank 0 alone reads every label and checks every case; the other ranks take its verdict.
+        self.labels = self.dist.on_main(lambda: label_names(dataset, source))
+        self.dist.on_main(lambda: refuse_bad_cases(dataset.training, self.labels, source))
         if config.train.init and model is None:
             config, init_plan = network_of(config.train.init, config)
             plan = plan or Plan.from_dict(init_plan, source=config.train.init)
@@ -208,7 +208,7 @@ class Trainer:
         else:
             cases = given_cases(train_cases)
             val_cases = None if val_cases is None else given_cases(val_cases)
-            dataset = Cases(cases + (val_cases or []), modality=data.modality or "MRI")
+            dataset = Cases(cases + (val_cases or []), modality=data.modality)
         if val_cases is not None:
             return dataset, cases, val_cases
         saved = read_splits(data.splits) if data.splits and Path(data.splits).is_file() else None
@@ -222,7 +222,11 @@ class Trainer:
     def _train_loader(self) -> DataLoader:
         data, train = self.config.data, self.config.train
         transform = self._train_transform()
+        if data.cache == "disk" and not self.dist.is_main:
+            self.dist.barrier()  # rank 0 fills the shared disk cache; the others then read it
         cases = cached_dataset(self.train_cases, transform, self.plan, data.cache, data.cache_dir)
+        if data.cache == "disk" and self.dist.is_main:
+            self.dist.barrier()
         batch = train.batch_size
         return DataLoader(
             SeededSamples(cases, train.seed),
@@ -567,7 +571,7 @@ class Trainer:
 def _check_channels(plan: Plan, dataset: Cases, init: str) -> None:
     """Refuse a pretrained network whose input takes another number of image channels."""
     if dataset.training:
-        channels = fingerprint(Cases(dataset.training[:1]), dataset.modality).channels
+        channels = fingerprint(Cases(dataset.training[:1])).channels
         if channels != plan.channels:
             raise CheckpointError(
                 init, f"was trained on {plan.channels}-channel images; this dataset has {channels}"
