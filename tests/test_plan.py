@@ -146,6 +146,29 @@ def test_acdc_like_thick_slices_get_a_2d_network_on_slices():
     assert plan.samples_per_volume == 12
     assert "2D, on slices across axis 2" in plan.describe()
     assert plan.in_plane_axes == [0, 1]
+    # a CPU training in fp32 pays twice as much per pixel: half the slices, twice the steps
+    assert make_plan(_fp(spacings, shapes), stem=True, slice_cost=1.2).samples_per_volume == 6
+
+
+def test_the_slice_count_follows_the_precision_the_run_trains_in(tmp_path):
+    import SimpleITK as sitk
+
+    for sub in ("images", "labels"):
+        (tmp_path / sub).mkdir()
+    for k, shape in enumerate([(216, 256, 9), (232, 256, 10), (224, 224, 9)]):
+        image = sitk.Image(list(shape), sitk.sitkInt16)
+        image.SetSpacing((1.5, 1.5, 10.0))
+        for sub in ("images", "labels"):
+            sitk.WriteImage(image, str(tmp_path / sub / f"c{k}.nii.gz"))
+    dataset = find_cases(tmp_path)
+    slices = {
+        precision: plan_for_config(
+            load_config(None, ["data.modality=MRI", "train.device=cpu", f"train.precision={precision}"]),
+            dataset,
+        ).samples_per_volume
+        for precision in ("fp32", "bf16")
+    }
+    assert slices == {"fp32": 6, "bf16": 12}
 
 
 def test_a_3d_network_can_be_asked_for_on_thick_slices():

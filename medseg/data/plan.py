@@ -29,6 +29,10 @@ MIN_FEATURE_MAP = 4  # voxels per axis at the lowest resolution
 MIN_COVERAGE = 1.0  # share of the median volume a 3D patch must cover before the spacing coarsens
 MAX_COARSENING = 2.0  # ...by at most this factor
 SLICE_COST = 0.6  # 2D cost per voxel over 3D: 0.12 s a step for 8 x 224 x 256, 0.18 s for 2 x 80 x 80 x 32
+# ... and on a CPU training in fp32 (no native bf16): 1.56 s a step for 12 x 224 x 256 against
+# 0.70 for 2 x 64 x 64 x 48 (AVX2, 2 cores). Half the slices ran 2.6x the steps in 10 minutes on
+# ACDC and scored 0.703 against 0.408 (docs/performance.md).
+SLICE_COST_FP32_CPU = 1.2
 MAX_SLICES = 32  # 2D patches (slices) per volume drawn
 
 log = logging.getLogger(__name__)
@@ -277,6 +281,7 @@ def make_plan(
     patch_size: list[int] | None = None,
     stem: bool = False,
     dims: int | None = None,
+    slice_cost: float = SLICE_COST,
 ) -> Plan:
     """Plan spacing, patch, pooling, network and normalisation from a fingerprint.
 
@@ -287,6 +292,8 @@ def make_plan(
         max_patch_voxels: memory budget of one 3D patch, in voxels.
         spacing, patch_size: fixed values to plan around instead of planning them.
         dims: 2 or 3 for a 2D or 3D network on volumes; None: planned.
+        slice_cost: a 2D network's cost per pixel over a 3D network's per voxel (``SLICE_COST``;
+            ``plan_for_config`` gives ``SLICE_COST_FP32_CPU`` on a CPU training in fp32).
 
     Rules:
         - network: on volumes with thick slices (the coarsest median spacing over 3x the
@@ -346,8 +353,8 @@ def make_plan(
     if fixed_patch is None:
         patch = np.maximum(patch // factor * factor, factor)
     if slice_axis is not None:
-        slice_cost = SLICE_COST * float(np.prod(patch))
-        samples = int(np.clip(round(2 * max_patch_voxels / slice_cost), 2, MAX_SLICES))
+        cost = slice_cost * float(np.prod(patch))
+        samples = int(np.clip(round(2 * max_patch_voxels / cost), 2, MAX_SLICES))
     plan = Plan(
         spacing=[round(float(s), 4) for s in spacing],
         patch_size=[int(p) for p in patch],
@@ -475,6 +482,7 @@ def plan_for_config(config: Config, dataset: Cases) -> Plan:
             fingerprint(dataset, modality),
             levels=len(model.channels),
             max_patch_voxels=data.max_patch_voxels or _device_budget(config),
+            slice_cost=_slice_cost(config),
             spacing=data.spacing,
             patch_size=data.patch_size,
             stem=_wants_stem(config),
@@ -516,6 +524,14 @@ def _device_budget(config: Config) -> int:
     """The patch budget of the device the run trains on (``medseg.device.patch_budget``)."""
     device = resolve_device(config.train.device)
     return patch_budget(device, config.model.channels[0], autocast_dtype(device, config.train.precision))
+
+
+def _slice_cost(config: Config) -> float:
+    """What a 2D network's pixel costs against a 3D network's voxel, on the device and in the
+    precision the run trains in: more on a CPU in fp32, where wide 2D batches fall out of cache."""
+    device = resolve_device(config.train.device)
+    fp32_cpu = device.type == "cpu" and autocast_dtype(device, config.train.precision) is None
+    return SLICE_COST_FP32_CPU if fp32_cpu else SLICE_COST
 
 
 def _wants_stem(config: Config) -> bool:
