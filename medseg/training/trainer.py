@@ -105,7 +105,7 @@ class Trainer:
 
         dataset, self.train_cases, self.val_cases = self._cases(config, train_cases, val_cases)
         source = config.data.root or "train_cases"
-        # Rank 0 alone reads every label and checks every case; the other ranks take its verdict.
+        # Rank 0 alone reads every label, checks every case and plans; the other ranks take its word.
         self.labels = self.dist.on_main(lambda: label_names(dataset, source))
         self.dist.on_main(lambda: refuse_bad_cases(dataset.training, self.labels, source))
         if config.train.init and model is None:
@@ -114,7 +114,7 @@ class Trainer:
             _check_channels(plan, dataset, config.train.init)
         # The plan owns the geometry (spacing, patch, pooling); the config keeps what was asked
         # for (null: planned). config.yaml and plan.yaml together reproduce the run.
-        self.plan = plan or plan_for_config(config, dataset)
+        self.plan = plan or self.dist.on_main(lambda: plan_for_config(config, dataset))
         self.config = config = Config.from_dict(config.to_dict())  # the caller's stays untouched
         train = config.train
         if train.lr is None:  # resolved here, so the saved config says which rate was used
