@@ -478,11 +478,12 @@ def plan_for_config(config: Config, dataset: Cases) -> Plan:
         plan = load_plan(data.plan)
     else:
         modality = resolve_modality(data.modality, dataset)
+        budget, slice_cost = _device_costs(config)
         plan = make_plan(
             fingerprint(dataset, modality),
             levels=len(model.channels),
-            max_patch_voxels=data.max_patch_voxels or _device_budget(config),
-            slice_cost=_slice_cost(config),
+            max_patch_voxels=data.max_patch_voxels or budget,
+            slice_cost=slice_cost,
             spacing=data.spacing,
             patch_size=data.patch_size,
             stem=_wants_stem(config),
@@ -520,18 +521,14 @@ def plan_for_config(config: Config, dataset: Cases) -> Plan:
     return plan
 
 
-def _device_budget(config: Config) -> int:
-    """The patch budget of the device the run trains on (``medseg.device.patch_budget``)."""
+def _device_costs(config: Config) -> tuple[int, float]:
+    """What the device the run trains on affords: its 3D patch budget
+    (``medseg.device.patch_budget``) and what a 2D network's pixel costs against a 3D voxel,
+    more on a CPU in fp32, where wide 2D batches fall out of cache."""
     device = resolve_device(config.train.device)
-    return patch_budget(device, config.model.channels[0], autocast_dtype(device, config.train.precision))
-
-
-def _slice_cost(config: Config) -> float:
-    """What a 2D network's pixel costs against a 3D network's voxel, on the device and in the
-    precision the run trains in: more on a CPU in fp32, where wide 2D batches fall out of cache."""
-    device = resolve_device(config.train.device)
-    fp32_cpu = device.type == "cpu" and autocast_dtype(device, config.train.precision) is None
-    return SLICE_COST_FP32_CPU if fp32_cpu else SLICE_COST
+    amp_dtype = autocast_dtype(device, config.train.precision)
+    budget = patch_budget(device, config.model.channels[0], amp_dtype)
+    return budget, SLICE_COST_FP32_CPU if device.type == "cpu" and amp_dtype is None else SLICE_COST
 
 
 def _wants_stem(config: Config) -> bool:
