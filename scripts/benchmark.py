@@ -40,6 +40,7 @@ import sys
 import time
 from pathlib import Path
 
+import ledger
 import numpy as np
 
 HERE = Path(__file__).resolve()
@@ -175,6 +176,26 @@ def _minutes(snapshots: str) -> list[float]:
     return sorted(float(m) for m in snapshots.split(",") if m)
 
 
+# A budget is "seconds=600" (train for that long) or "steps=1200" (that many optimizer steps,
+# whatever the machine is doing: the figure a ledger keeps). Snapshots are in the same unit
+# (minutes for a time budget).
+ITERS_PER_EPOCH = 25  # medseg's default epoch; a step budget is a whole number of them
+
+
+def _budget(budget: str) -> tuple[str, float]:
+    unit, value = budget.split("=")
+    return unit, float(value)
+
+
+def _medseg_overrides(budget: str, model: str, extra: str, seed: str) -> list[str]:
+    unit, value = _budget(budget)
+    if unit == "steps":
+        length = [f"train.iters_per_epoch={ITERS_PER_EPOCH}", f"train.epochs={int(value) // ITERS_PER_EPOCH}"]
+    else:
+        length = [f"train.max_time={value}"]
+    return [*length, f"model.name={model}", f"train.seed={seed}", *filter(None, extra.split(";"))]
+
+
 def _medseg_train(
     data: str, out: str, budget: str, model: str, extra: str, seed: str, snapshots: str
 ) -> dict:
@@ -183,23 +204,50 @@ def _medseg_train(
     import medseg
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    overrides = [
-        f"train.max_time={budget}",
-        f"model.name={model}",
-        f"train.seed={seed}",
-        *filter(None, extra.split(";")),
-    ]
-    config = medseg.load_config(None, overrides)
+    config = medseg.load_config(None, _medseg_overrides(budget, model, extra, seed))
     config.data.root, config.train.output_dir = data, out
     marks = _minutes(snapshots)
+    by_steps = _budget(budget)[0] == "steps"
 
-    class Snapshots:  # the weights as they stand after each mark's minutes of training
+    class Snapshots:  # the weights as they stand after each mark's minutes (or steps) of training
         def on_epoch_end(self, trainer, row):
-            while marks and trainer.elapsed >= 60 * marks[0]:
+            done = trainer.step if by_steps else trainer.elapsed / 60
+            while marks and done >= marks[0]:
                 trainer.checkpoint().save(Path(out) / f"snapshot_{marks.pop(0):g}.pt")
 
     summary = medseg.Trainer(config, overwrite=True, callbacks=[Snapshots()]).fit()
     return {"steps": summary["steps"], "train_seconds": summary["seconds"], "rss_mb": peak_rss_mb()}
+
+
+class _Measured(Exception):
+    """Raised by the speed probe once it has timed enough steps."""
+
+
+def _medseg_speed(data: str, out: str, model: str, extra: str, steps: str) -> dict:
+    """Seconds per optimizer step, over ``steps`` steps after one epoch of warm-up."""
+    import torch
+
+    import medseg
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    epochs = 1 + math.ceil(int(steps) / ITERS_PER_EPOCH)
+    config = medseg.load_config(None, _medseg_overrides(f"steps={(epochs + 1) * ITERS_PER_EPOCH}", model, extra, "0"))
+    config.data.root, config.train.output_dir = data, out
+    config.train.val_every = 10**6
+    marks = []
+
+    class Probe:  # epoch starts hold the steps only (checkpoints included, validation not)
+        def on_epoch_start(self, trainer, epoch):
+            marks.append((time.perf_counter(), trainer.step))
+            if epoch == epochs + 1:
+                raise _Measured
+
+    try:
+        medseg.Trainer(config, overwrite=True, callbacks=[Probe()]).fit()
+    except _Measured:
+        pass
+    (t0, s0), (t1, s1) = marks[1], marks[-1]
+    return {"seconds_per_step": (t1 - t0) / (s1 - s0), "steps": s1 - s0}
 
 
 def _medseg_predict(checkpoint: str, images: str, out: str) -> dict:
@@ -260,22 +308,34 @@ def _monai_train(
     loader = DataLoader(CacheDataset(files, train, progress=False), batch_size=1, shuffle=True)
     net = _monai_net(len(meta["labels"]))
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    optimizer = torch.optim.Adam(net.parameters(), 1e-3)
+    optimizer = torch.optim.Adam(net.parameters(), 1e-3)  # the tutorial's: constant, no schedule
     marks = _minutes(snapshots)
+    unit, limit = _budget(budget)
     steps, began = 0, time.monotonic()
-    while time.monotonic() - began < float(budget):
+    times = []  # each step's end, for the speed probe
+    done = lambda: steps if unit == "steps" else time.monotonic() - began  # noqa: E731
+    while done() < limit:
         for batch in loader:
             optimizer.zero_grad()
             loss = loss_fn(net(batch["image"]), batch["label"])
             loss.backward()
             optimizer.step()
             steps += 1
-            while marks and time.monotonic() - began >= 60 * marks[0]:
+            times.append(time.perf_counter())
+            mark = steps if unit == "steps" else (time.monotonic() - began) / 60
+            while marks and mark >= marks[0]:
                 torch.save(net.state_dict(), Path(out) / f"snapshot_{marks.pop(0):g}.pt")
-            if time.monotonic() - began >= float(budget):
+            if done() >= limit:
                 break
     torch.save(net.state_dict(), Path(out) / "monai.pt")
-    return {"steps": steps, "train_seconds": time.monotonic() - began, "rss_mb": peak_rss_mb()}
+    warm = min(ITERS_PER_EPOCH, len(times) // 4)
+    per_step = (times[-1] - times[warm]) / max(len(times) - 1 - warm, 1)
+    return {
+        "steps": steps,
+        "train_seconds": time.monotonic() - began,
+        "rss_mb": peak_rss_mb(),
+        "seconds_per_step": per_step,
+    }
 
 
 def _monai_predict(checkpoint: str, images: str, out: str, spacing: str, patch: str, classes: str) -> dict:
@@ -372,7 +432,7 @@ def run_arm(arm: str, data: Path, run: Path, args, seed: int) -> dict:
     if arm == "medseg":
         trained = _child(
             "medseg_train",
-            [str(data), str(run), str(args.budget), args.model, args.set, str(seed), args.snapshots],
+            [str(data), str(run), budget_of(args), args.model, args.set, str(seed), args.snapshots],
             args.threads,
         )
         checkpoint = run / "best.pt"
@@ -381,7 +441,7 @@ def run_arm(arm: str, data: Path, run: Path, args, seed: int) -> dict:
         flip = "1" if args.monai_flip else "0"
         trained = _child(
             "monai_train",
-            [str(data), str(run), str(args.budget), *monai, flip, str(seed), args.snapshots],
+            [str(data), str(run), budget_of(args), *monai, flip, str(seed), args.snapshots],
             args.threads,
         )
         checkpoint = run / "monai.pt"
@@ -409,10 +469,56 @@ def run_arm(arm: str, data: Path, run: Path, args, seed: int) -> dict:
             curve[f"{minutes:g}"] = score(run / f"predictions_{minutes:g}", data / "labelsTs", labels)[
                 "dice_mean"
             ]
-    curve[f"{args.budget / 60:g}"] = result["dice_mean"]
+    curve[f"{args.steps}" if args.steps else f"{args.budget / 60:g}"] = result["dice_mean"]
     result["curve"] = curve
     done.write_text(json.dumps(result, indent=1))
+    if args.steps:
+        ledger.append({**_ledger_fields(arm, data, args, seed), "kind": "run", "steps_budget": args.steps, **result}, args.ledger)
     return result
+
+
+def budget_of(args) -> str:
+    return f"steps={args.steps}" if args.steps else f"seconds={args.budget}"
+
+
+def _ledger_fields(arm: str, data: Path, args, seed: int) -> dict:
+    """What names a run in the ledger: the arm and its settings, the data, the machine."""
+    settings = (
+        f"{args.set}" + (f";model.name={args.model}" if args.model != "unet" else "")
+        if arm == "medseg"
+        else f"spacing={args.monai_spacing};patch={args.monai_patch};flip={int(args.monai_flip)}"
+    )
+    name = Path(args.data).name if args.data else "phantoms"
+    split = "imagesTs" if args.data and Path(args.data, "imagesTs").is_dir() else f"seeded {args.test} held out"
+    return {
+        "arm": arm,
+        "overrides": settings.strip(";"),
+        "data": name,
+        "split": split,
+        "seed": seed,
+        "threads": args.threads,
+        "date": time.strftime("%Y-%m-%d"),
+        **ledger.machine(),
+    }
+
+
+def measure_speed(arm: str, data: Path, args) -> dict:
+    """One arm's seconds per step, alone and short, after a warm-up; appended to the ledger."""
+    run = Path(args.work) / "speed" / arm
+    run.mkdir(parents=True, exist_ok=True)
+    if arm == "medseg":
+        timed = _child("medseg_speed", [str(data), str(run), args.model, args.set, str(args.speed)], args.threads)
+    else:
+        monai = [args.monai_spacing, args.monai_patch, "1" if args.monai_flip else "0"]
+        budget = f"steps={args.speed + ITERS_PER_EPOCH}"
+        timed = _child("monai_train", [str(data), str(run), budget, *monai, "0", ""], args.threads)
+    record = {
+        **_ledger_fields(arm, data, args, 0),
+        "kind": "speed",
+        "seconds_per_step": timed["seconds_per_step"],
+    }
+    ledger.append(record, args.ledger)
+    return record
 
 
 def _size(path: Path) -> tuple:
@@ -472,7 +578,17 @@ def main() -> None:
     )
     parser.add_argument("--data", help="a dataset folder (nnU-Net or MSD); default: phantoms")
     parser.add_argument("--budget", type=float, default=240.0, help="training seconds per arm")
+    parser.add_argument(
+        "--steps", type=int, help=f"train each arm for this many steps (a multiple of {ITERS_PER_EPOCH}) "
+        "instead of --budget seconds; finished runs go to the ledger, --snapshots are in steps"
+    )
+    parser.add_argument(
+        "--speed", type=int, metavar="STEPS", help="only time each arm's seconds per step over this many "
+        "steps after a warm-up (run it alone) and add them to the ledger"
+    )
+    parser.add_argument("--ledger", type=Path, default=ledger.LEDGER, help="where finished step-budgeted runs go")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--seeds", help="comma-separated seeds, one repeat each (default: 0..repeats-1)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--train", type=int, default=12, help="training phantoms")
     parser.add_argument("--test", type=int, default=8, help="test cases (phantoms, or drawn from --data)")
@@ -510,14 +626,21 @@ def main() -> None:
             work / f"data_{tag}", args.train, args.test, variety=args.variety, wide=args.wide
         )
     arms = args.arms.split(",")
+    if args.speed:
+        for arm in arms:
+            print(json.dumps(measure_speed(arm, data, args)))
+        return
+    if args.steps and args.steps % ITERS_PER_EPOCH:
+        sys.exit(f"--steps must be a multiple of {ITERS_PER_EPOCH}")
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(range(args.repeats))
     results: dict[str, list[dict]] = {arm: [] for arm in arms}
-    for repeat in range(args.repeats):
+    for repeat, seed in enumerate(seeds):
         # Alternate which arm goes first, so a drift in machine speed does not favour one.
         for arm in arms if repeat % 2 == 0 else arms[::-1]:
-            print(f"repeat {repeat + 1}/{args.repeats}: {arm}", file=sys.stderr, flush=True)
-            results[arm].append(run_arm(arm, data, work / f"r{repeat}" / arm, args, seed=repeat))
+            print(f"seed {seed} ({repeat + 1}/{len(seeds)}): {arm}", file=sys.stderr, flush=True)
+            results[arm].append(run_arm(arm, data, work / f"r{seed}" / arm, args, seed=seed))
             print(json.dumps(results[arm][-1]), file=sys.stderr, flush=True)
-    (work / "results.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+    (work / "results.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1, default=str))
     if args.snapshots:
         plot_curves(results, work / "curves.png", Path(args.data).name if args.data else "phantoms")
     print(" ".join(["python", *sys.argv]))
@@ -526,6 +649,7 @@ def main() -> None:
 
 STEPS = {
     "_medseg_train": _medseg_train,
+    "_medseg_speed": _medseg_speed,
     "_medseg_predict": _medseg_predict,
     "_monai_train": _monai_train,
     "_monai_predict": _monai_predict,
