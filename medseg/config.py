@@ -47,8 +47,8 @@ class DataConfig:
         patch_size: training patch, voxels per axis (also the sliding-window size); null: planned.
         max_patch_voxels: the 3D patch budget planning works to; null: from the device
             (``medseg.device.patch_budget``: 204800 voxels on CPUs, from the memory on GPUs).
-        samples_per_volume: patches cut from a volume each time it is drawn; null: planned (2 for
-            3D networks, more for 2D ones, whose patches are single slices).
+        samples_per_volume: patches cut from a volume each time it is drawn; null: planned (1:
+            a step's patches come from ``train.batch_size`` different cases).
         class_ratios: how often a patch is centred on each class (background first); null: equally.
         val_fraction: share of the training cases held out for validation (without ``folds``).
         folds: k-fold cross-validation: the cases are split into this many seeded folds
@@ -184,7 +184,9 @@ class TrainConfig:
         iters_per_epoch: optimiser steps per epoch.
         max_time: stop after this many seconds of training (null: no limit); with ``epochs``
             set too, whichever comes first.
-        batch_size: volumes per step; each gives ``data.samples_per_volume`` patches.
+        batch_size: volumes per step, each a different case giving ``data.samples_per_volume``
+            patches; null: planned (2, or for a 2D network's slices as many as cost two 3D
+            patches, each from its own case).
         lr: peak learning rate, reached after the warm-up; null: the model's own
             (``medseg.training.optim.DEFAULT_LR``: 1e-2 for ``unet``, 2e-3 for the others).
         weight_decay: weight decay (decoupled for AdamW).
@@ -229,7 +231,7 @@ class TrainConfig:
     epochs: int | None = None
     iters_per_epoch: int = 25
     max_time: float | None = None
-    batch_size: int = 1
+    batch_size: int | None = None
     lr: float | None = None
     weight_decay: float = 1e-4
     optimizer: str = "adamw"

@@ -142,7 +142,7 @@ def test_training_pipeline_with_every_augmentation_gives_patches_of_the_plan(tin
 def test_elastic_deformation_moves_label_and_image_together(spacing):
     dims = len(spacing)
     plan = Plan(spacing=spacing, patch_size=[48] * dims, strides=[[2] * dims])
-    steps = mt.Compose(spatial_steps(AugmentConfig(elastic_prob=1.0), plan, ["image", "label"]))
+    steps = mt.Compose(spatial_steps(AugmentConfig(elastic_prob=1.0, spatial_prob=0.0), plan, ["image", "label"]))
     steps.set_random_state(seed=0)
     sample = _blocks(plan.patch_size)
     out = steps(sample)
@@ -150,3 +150,63 @@ def test_elastic_deformation_moves_label_and_image_together(spacing):
     assert set(np.unique(label)) <= {0, 1, 2, 3} and not np.array_equal(label, np.asarray(sample["label"][0]))
     for c in (1, 2, 3):
         assert np.mean(np.abs(image[label == c] - 100 * c) < 30) > 0.85
+
+
+def _write_case(folder, image: np.ndarray, label: np.ndarray) -> dict:
+    import SimpleITK as sitk
+
+    case = {"id": "case"}
+    for key, array in (("image", image.astype(np.float32)), ("label", label.astype(np.uint8))):
+        path = folder / f"{key}.nii.gz"
+        sitk.WriteImage(sitk.GetImageFromArray(np.ascontiguousarray(array.transpose())), str(path))
+        case[key] = str(path)
+    return case
+
+
+def _patches(case: dict, plan: Plan, overrides: list[str], draws: int) -> list[dict]:
+    """``draws`` training patches of one case, each drawn with its own seed, as SeededSamples does."""
+    config = load_config(None, ["augment.flip_prob=0", "augment.intensity_prob=0", "augment.noise_prob=0", *overrides])
+    pipeline = train_transforms(config, plan, num_classes=2)
+    patches = []
+    for seed in range(draws):
+        pipeline.set_random_state(seed=seed)
+        patches += pipeline(case)
+    return patches
+
+
+def test_patches_move_over_a_volume_smaller_than_the_region_cut_for_rotation(tmp_path):
+    # The left atrium's fault: a preprocessed volume between the patch and the enlarged region
+    # was cut whole every time, and rotation took its centre: the same box again and again.
+    rng = np.random.default_rng(0)
+    image = rng.uniform(1.0, 2.0, size=(20, 20, 10))  # noise: every box looks different
+    label = np.zeros((20, 20, 10))
+    label[8:12, 8:12, 4:6] = 1
+    case = _write_case(tmp_path, image, label)
+    plan = Plan(spacing=[1.0, 1.0, 1.0], patch_size=[16, 16, 8], strides=[[2, 2, 2]], samples_per_volume=1)
+    assert all(c > s for c, s in zip(crop_size(AugmentConfig(spatial_prob=0.5), plan), image.shape))
+    # No rotation nor scaling, so a patch is the box the crop chose, resampled or not.
+    patches = _patches(case, plan, ["augment.spatial_prob=0.5", "augment.rotate_degrees=0", "augment.scale_range=[1,1]"], 30)
+    assert all(tuple(p["image"].shape) == (1, 16, 16, 8) for p in patches)
+    distinct = {np.asarray(p["image"]).round(3).tobytes() for p in patches}
+    assert len(distinct) >= 10
+
+
+def test_a_share_of_patches_holds_foreground_over_many_draws(tmp_path):
+    rng = np.random.default_rng(1)
+    image = rng.uniform(1.0, 2.0, size=(64, 64, 24))
+    label = np.zeros((64, 64, 24))
+    label[50:54, 6:10, 18:21] = 1  # 48 voxels in a corner: a random box rarely holds them
+    case = _write_case(tmp_path, image, label)
+    plan = Plan(spacing=[1.0, 1.0, 1.0], patch_size=[16, 16, 8], strides=[[2, 2, 2]], samples_per_volume=1)
+    patches = _patches(case, plan, ["augment.spatial_prob=0.35"], 60)
+    with_foreground = np.mean([bool((p["label"] == 1).any()) for p in patches])
+    assert with_foreground >= 0.35  # class-balanced: half are centred on the foreground
+
+
+def test_a_2d_plan_mirrors_only_within_the_slice():
+    from medseg.data.transforms import flipped_axes
+
+    plan = Plan(spacing=[1.5, 1.5, 10.0], patch_size=[32, 32, 1], strides=[[2, 2, 1]], slice_axis=2)
+    assert flipped_axes(AugmentConfig(flip_prob=0.5), plan) == [0, 1]
+    plan3d = Plan(spacing=[1.5, 1.5, 10.0], patch_size=[32, 32, 4], strides=[[2, 2, 1]])
+    assert flipped_axes(AugmentConfig(flip_prob=0.5), plan3d) == [0, 1, 2]

@@ -181,7 +181,7 @@ def test_resume_and_every_fold_use_the_saved_split(tiny_dataset, tmp_path):
         )
         cv.data.folds, cv.data.fold, cv.data.splits = 3, fold, str(shared)
         trainer = Trainer(cv)
-        trainer._prepare_output_dir()
+        trainer._write_run_files()
         return trainer
 
     fold_run(0)

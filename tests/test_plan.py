@@ -142,12 +142,12 @@ def test_acdc_like_thick_slices_get_a_2d_network_on_slices():
     # one median slice (216 x 256), rounded to the nearest 16 (what four poolings by 2 divide)
     assert plan.patch_size == [224, 256, 1]
     assert all(s[2] == 1 for s in [*plan.strides, plan.stem_stride])  # never pooled across slices
-    # two 3D patches' worth of slices per volume drawn: 2 * 204800 / (0.6 * 224 * 256)
-    assert plan.samples_per_volume == 12
+    # two 3D patches' worth of slices a step, one from each of 12 cases: 2 * 204800 / (0.6 * 224 * 256)
+    assert (plan.batch_size, plan.samples_per_volume) == (12, 1)
     assert "2D, on slices across axis 2" in plan.describe()
     assert plan.in_plane_axes == [0, 1]
     # a CPU training in fp32 pays twice as much per pixel: half the slices, twice the steps
-    assert make_plan(_fp(spacings, shapes), stem=True, slice_cost=1.2).samples_per_volume == 6
+    assert make_plan(_fp(spacings, shapes), stem=True, slice_cost=1.2).patches_per_step == 6
 
 
 def test_the_slice_count_follows_the_precision_the_run_trains_in(tmp_path):
@@ -165,7 +165,7 @@ def test_the_slice_count_follows_the_precision_the_run_trains_in(tmp_path):
         precision: plan_for_config(
             load_config(None, ["data.modality=MRI", "train.device=cpu", f"train.precision={precision}"]),
             dataset,
-        ).samples_per_volume
+        ).patches_per_step
         for precision in ("fp32", "bf16")
     }
     assert slices == {"fp32": 6, "bf16": 12}

@@ -252,3 +252,118 @@ def test_validation_dice_is_the_dice_of_what_the_model_says(tiny_dataset, tmp_pa
     # one piece per label: keeping the largest changes nothing, and a tie keeps it
     assert result["dice_mean_largest"] == pytest.approx(result["dice_mean"])
     assert trainer.keep_largest == [1, 2, 3]
+
+
+class _FakeClock:
+    """time.monotonic for the trainer: a training step costs 1 s, a validation 100 s."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_validation_is_off_the_time_budget(tiny_dataset, tmp_path, monkeypatch):
+    import medseg.training.trainer as trainer_module
+
+    clock = _FakeClock()
+    # the trainer's own view of time only (threads elsewhere keep the real clock)
+    monkeypatch.setattr(trainer_module, "time", type("FakeTime", (), {"monotonic": staticmethod(clock)}))
+
+    class Timed(Trainer):
+        def train_step(self, batch):
+            clock.now += 1.0
+            return super().train_step(batch)
+
+        def validate(self):
+            clock.now += 100.0
+            return super().validate()
+
+    overrides = [*TINY_OVERRIDES, "train.epochs=1000", "train.iters_per_epoch=2", "train.max_time=10", "train.val_every=1"]
+    config = load_config(None, overrides)
+    config.data.root, config.train.output_dir = str(tiny_dataset), str(tmp_path / "run")
+    summary = Timed(config).fit()
+    # 10 s of training buy 10 steps, however long the validations between them took
+    assert summary["steps"] == 10
+    assert summary["seconds"] == pytest.approx(10.0)
+
+
+def test_a_run_without_validation_cases_keeps_its_final_weights(tiny_dataset, tmp_path):
+    config = load_config(None, [*TINY_OVERRIDES, "train.epochs=2", "data.val_fraction=0"])
+    config.data.root, config.train.output_dir = str(tiny_dataset), str(tmp_path / "run")
+    trainer = Trainer(config)
+    validated = []
+    trainer.callbacks.append(type("Spy", (), {"on_validation_end": lambda self, t, m: validated.append(m)})())
+    trainer.fit()
+    assert not trainer.val_cases and not validated  # every case trained, no time spent validating
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    final = {k: v for k, v in trainer.model.state_dict().items()}
+    assert best["step"] == trainer.step == 2 * config.train.iters_per_epoch
+    for name, value in final.items():
+        torch.testing.assert_close(best["model"][name], value)
+
+
+def _break_dataset(source: Path, target: Path) -> list[Path]:
+    """A copy of a phantom dataset with an all-NaN scan, a truncated scan and a label holding
+    a value the label map does not name; returns the three bad files."""
+    import json
+    import shutil
+
+    import SimpleITK as sitk
+
+    shutil.copytree(source, target)
+    training = json.loads((target / "dataset.json").read_text())["training"]
+    nan_image, cut_image = (target / training[k]["image"] for k in (0, 1))
+    bad_label = target / training[2]["label"]
+    image = sitk.ReadImage(str(nan_image))
+    array = sitk.GetArrayFromImage(image).astype(np.float32) * np.nan
+    nan = sitk.GetImageFromArray(array)
+    nan.CopyInformation(image)
+    sitk.WriteImage(nan, str(nan_image))
+    cut_image.write_bytes(cut_image.read_bytes()[:-300])
+    label = sitk.ReadImage(str(bad_label))
+    array = sitk.GetArrayFromImage(label)
+    array[0, 0, 0] = 7
+    seven = sitk.GetImageFromArray(array)
+    seven.CopyInformation(label)
+    sitk.WriteImage(seven, str(bad_label))
+    return [nan_image, cut_image, bad_label]
+
+
+def test_bad_scans_over_a_finished_run_name_every_file_and_leave_the_model(tiny_dataset, tiny_run, tmp_path):
+    import hashlib
+    import shutil
+
+    from tests.conftest import run_cli
+
+    run = tmp_path / "run"
+    shutil.copytree(Path(tiny_run["best"]).parent, run)
+    kept = ("best.pt", "last.pt", "metrics.csv", "config.yaml", "plan.yaml", "splits.json")
+    before = {n: hashlib.sha256((run / n).read_bytes()).hexdigest() for n in kept}
+    bad = _break_dataset(tiny_dataset, tmp_path / "broken")
+    settings = [arg for setting in TINY_OVERRIDES for arg in ("--set", setting)]
+    for extra in ([], ["--overwrite"]):
+        done = run_cli("train", "--data", str(tmp_path / "broken"), "--output", str(run), *extra, *settings)
+        assert done.returncode == 2, done.stderr
+        assert "Traceback" not in done.stderr and "FATAL" not in done.stderr
+        errors = [line for line in done.stderr.splitlines() if line.startswith("error")]
+        for path in bad:
+            assert sum(str(path) in line for line in errors) == 1, (path, errors)
+    # a mistyped setting found only when the data are loaded: the run is kept too
+    done = run_cli("train", "--data", str(tiny_dataset), "--output", str(run), "--overwrite", *settings, "--set", "data.cache=dsk")
+    assert done.returncode == 2 and "data.cache" in done.stderr, done.stderr
+    assert {n: hashlib.sha256((run / n).read_bytes()).hexdigest() for n in kept} == before
+
+
+def test_a_training_batch_holds_patches_of_distinct_cases(tiny_dataset, tmp_path):
+    overrides = [o for o in TINY_OVERRIDES if not o.startswith(("train.batch_size", "data.samples_per_volume"))]
+    config = load_config(None, [*overrides, "data.val_fraction=0"])
+    config.data.root, config.train.output_dir = str(tiny_dataset), str(tmp_path / "run")
+    trainer = Trainer(config)
+    assert (trainer.plan.batch_size, trainer.plan.samples_per_volume) == (2, 1)  # planned for 3D
+    batches = iter(trainer._train_loader())
+    for _ in range(3):
+        batch = next(batches)
+        assert batch["image"].shape[0] == 2
+        assert len(set(batch["id"])) == 2, batch["id"]

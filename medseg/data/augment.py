@@ -19,7 +19,7 @@ from medseg.config import AugmentConfig
 from medseg.data.plan import Plan
 from medseg.errors import ConfigError
 
-__all__ = ["crop_size", "spatial_steps", "intensity_steps", "RandLowResolutiond"]
+__all__ = ["crop_size", "crop_margin", "spatial_steps", "intensity_steps", "RandLowResolutiond"]
 
 # How much larger than the patch the region cut before rotating and scaling is, along moved
 # axes: room for most rotations' corners without cutting a volume-sized region every time.
@@ -35,6 +35,14 @@ def crop_size(aug: AugmentConfig, plan: Plan) -> list[int]:
     return [int(math.ceil(p * CROP_MARGIN)) if a in moved else p for a, p in enumerate(plan.patch_size)]
 
 
+def crop_margin(aug: AugmentConfig, plan: Plan) -> list[int]:
+    """Padding on each side of a volume before the region is cut: half of what the region
+    exceeds the patch by, as nnU-Net lets its enlarged patch hang over the border. Without it a
+    volume barely larger than the region (the left atrium's) is cut the same way every time,
+    and the patch never moves."""
+    return [(c - p) // 2 for c, p in zip(crop_size(aug, plan), plan.patch_size)]
+
+
 def _rotation_degrees(aug: AugmentConfig, plan: Plan) -> float:
     if aug.rotate_degrees is not None:
         return aug.rotate_degrees
@@ -44,7 +52,11 @@ def _rotation_degrees(aug: AugmentConfig, plan: Plan) -> float:
 
 def spatial_steps(aug: AugmentConfig, plan: Plan, keys: list[str]) -> list:
     """Rotation and scaling (cutting the patch out of the larger region ``crop_size`` gave),
-    then elastic deformation. Empty when both are off."""
+    then elastic deformation. Empty when both are off.
+
+    A sample that is neither rotated nor scaled takes the region's centre as it is: MONAI's
+    ``RandAffined`` would resample it through an identity grid whenever the sizes differ,
+    which was most of a 2D step's data time."""
     steps = []
     dims, patch = plan.spatial_dims, list(plan.patch_size)
     modes = ["bilinear" if k == "image" else "nearest" for k in keys]
@@ -63,17 +75,19 @@ def spatial_steps(aug: AugmentConfig, plan: Plan, keys: list[str]) -> list:
         else:
             rotate = (angle,) * 3
         scale = tuple((low - 1, high - 1) if a in moved else (0.0, 0.0) for a in range(dims))
-        steps.append(
-            mt.RandAffined(
-                keys,
-                prob=aug.spatial_prob,
-                rotate_range=rotate,
-                scale_range=scale,
-                spatial_size=patch,
-                mode=modes,
-                padding_mode="zeros",
-            )
+        affine = mt.RandAffined(
+            keys,
+            prob=1.0 if aug.spatial_prob < 1 else aug.spatial_prob,
+            rotate_range=rotate,
+            scale_range=scale,
+            spatial_size=patch,
+            mode=modes,
+            padding_mode="zeros",
         )
+        if aug.spatial_prob < 1:
+            centre = mt.CenterSpatialCropd(keys, roi_size=patch)
+            affine = mt.OneOf([affine, centre], weights=[aug.spatial_prob, 1 - aug.spatial_prob])
+        steps.append(affine)
     if aug.elastic_prob > 0:
         if plan.slice_axis is not None or len(plan.in_plane_axes) < plan.spatial_dims:
             raise ConfigError(

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from medseg.errors import ConfigError, InputError
 from medseg.files import ChannelGroup, case_id, channel_groups, is_volume_file
-from medseg.io import grid_mismatch, image_files, read_channels, read_volume
+from medseg.io import check_voxel_values, grid_mismatch, image_files, read_channels, read_volume
 
 __all__ = [
     "Cases",
@@ -388,9 +388,10 @@ def read_label_map(path: str | Path) -> dict[int, str]:
 def check_cases(cases: list[dict], labels: dict[int, str]) -> list[tuple[str, str]]:
     """Find the cases that would spoil training, before it starts.
 
-    Checks that every image and label reads in full (a truncated file is caught here, not an
-    hour into training), that each label lies on its image's grid (size, spacing, origin,
-    direction) and that it holds only values the label map names.
+    Checks that every image and label reads in full and that no image is wholly NaN (caught
+    here, not in the loader's threads or an hour into training), that each label lies on its
+    image's grid (size, spacing, origin, direction) and that it holds only values the label
+    map names.
 
     Returns:
         ``(file, problem)`` for every problem found (empty when all is well).
@@ -400,6 +401,8 @@ def check_cases(cases: list[dict], labels: dict[int, str]) -> list[tuple[str, st
         files = image_files(case["image"])
         try:
             channels = [read_channels(f)[0] for f in files]
+            for f, channel in zip(files, channels):
+                check_voxel_values(channel, f)  # an all-NaN scan, named here with the rest
             label = read_volume(case["label"]) if case.get("label") else None
         except InputError as exc:
             problems.append((exc.where, exc.message))

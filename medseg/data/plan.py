@@ -77,6 +77,11 @@ class Plan:
         slice_axis: None for a 3D network; otherwise the axis a 2D network slices across (its
             patch is one slice thick, and its strides are 1 along it).
         samples_per_volume: patches cut from a volume each time it is drawn.
+        batch_size: volumes drawn per training step. Planned as one patch from each of several
+            cases (nnU-Net's way): a step of 12 slices from one ACDC patient repeats slices and
+            gives batch norm one patient's statistics; from 12 patients it scored 0.794 mean
+            Dice after 500 steps against 0.572 (docs/performance.md). Plans saved before it
+            existed load as 1 volume of ``samples_per_volume`` patches, as they trained.
     """
 
     spacing: list[float]
@@ -92,6 +97,12 @@ class Plan:
     channels: int = 1
     slice_axis: int | None = None
     samples_per_volume: int = 2
+    batch_size: int = 1
+
+    @property
+    def patches_per_step(self) -> int:
+        """Patches in a training step: ``batch_size`` volumes x ``samples_per_volume``."""
+        return self.batch_size * self.samples_per_volume
 
     @property
     def spatial_dims(self) -> int:
@@ -160,7 +171,8 @@ class Plan:
                     if self.slice_axis is not None
                     else f"{self.spatial_dims}D"
                 )
-                + f", {self.samples_per_volume} patches per volume drawn",
+                + f", {self.patches_per_step} patches a step"
+                + (f" ({self.samples_per_volume} per volume)" if self.samples_per_volume > 1 else ""),
                 f"normalisation     {norm}",
             ]
         )
@@ -364,7 +376,8 @@ def make_plan(
         median_shape=[int(math.ceil(s)) for s in median_shape],
         channels=fp.channels,
         slice_axis=slice_axis,
-        samples_per_volume=samples,
+        samples_per_volume=1,
+        batch_size=samples,
     )
     # CT statistics describe the first channel; several channels are z-scored one by one.
     if fp.modality == "CT" and fp.channels == 1 and fp.foreground is not None and fp.foreground.size:
@@ -495,6 +508,8 @@ def plan_for_config(config: Config, dataset: Cases) -> Plan:
         plan.patch_size = list(data.patch_size)
     if data.samples_per_volume:
         plan.samples_per_volume = data.samples_per_volume
+    if config.train.batch_size:
+        plan.batch_size = config.train.batch_size
     if model.strides:
         plan.strides = [[s] * plan.spatial_dims if isinstance(s, int) else list(s) for s in model.strides]
     if not _wants_stem(config):

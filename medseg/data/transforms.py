@@ -15,7 +15,7 @@ from monai import transforms as mt
 from monai.data import MetaTensor
 
 from medseg.config import AugmentConfig, Config
-from medseg.data.augment import crop_size, intensity_steps, spatial_steps
+from medseg.data.augment import crop_margin, crop_size, intensity_steps, spatial_steps
 from medseg.data.plan import Plan
 from medseg.errors import ConfigError, InputError
 from medseg.io import check_voxel_values, grid_mismatch, ras_affine, read_channels, read_volume
@@ -170,8 +170,12 @@ def train_transforms(config: Config, plan: Plan, num_classes: int) -> mt.Compose
     patch = plan.patch_size
     aug = config.augment
     ratios = config.data.class_ratios or [1.0] * num_classes
+    margin = crop_margin(aug, plan)
     cached_steps = [
-        mt.SpatialPadd(keys, spatial_size=patch),
+        # Padded so that the region cut around a patch can hang over the border by half its
+        # margin, and is never smaller than itself: patches then move over the whole volume.
+        *([mt.BorderPadd(keys, spatial_border=[m for m in margin for _ in "lr"])] if any(margin) else []),
+        mt.SpatialPadd(keys, spatial_size=crop_size(aug, plan)),
         # Finding each class's voxels once here, not for every patch, saves a scan of the
         # whole label per sample.
         mt.ClassesToIndicesd("label", num_classes=num_classes, max_samples_per_class=MAX_INDICES),
@@ -180,7 +184,7 @@ def train_transforms(config: Config, plan: Plan, num_classes: int) -> mt.Compose
         mt.RandCropByLabelClassesd(
             keys,
             label_key="label",
-            # larger than the patch when rotation follows; a volume smaller than that keeps its size
+            # larger than the patch when rotation follows (the volume is padded to at least that)
             spatial_size=crop_size(aug, plan),
             num_classes=num_classes,
             ratios=ratios,
@@ -190,15 +194,19 @@ def train_transforms(config: Config, plan: Plan, num_classes: int) -> mt.Compose
             allow_smaller=True,
         ),
         *spatial_steps(aug, plan, keys),
-        *[
-            mt.RandFlipd(keys, prob=aug.flip_prob, spatial_axis=a)
-            for a in mirrored_axes(aug, plan.spatial_dims)
-        ],
+        *[mt.RandFlipd(keys, prob=aug.flip_prob, spatial_axis=a) for a in flipped_axes(aug, plan)],
         *intensity_steps(aug, plan),
         mt.EnsureTyped(keys, track_meta=False),
         mt.DeleteItemsd(INDICES),
     ]
     return mt.Compose(list(eval_transforms(plan).transforms) + cached_steps + random_steps)
+
+
+def flipped_axes(augment: AugmentConfig, plan: Plan) -> list[int]:
+    """The axes training mirrors patches along: ``mirrored_axes``, less the slice axis of a
+    2D plan (a one-slice patch mirrored along it is the same patch)."""
+    axes = mirrored_axes(augment, plan.spatial_dims)
+    return [a for a in axes if a != plan.slice_axis]
 
 
 def pretrain_transforms(config: Config, plan: Plan) -> mt.Compose:

@@ -227,7 +227,7 @@ class Trainer:
         cases = cached_dataset(self.train_cases, transform, self.plan, data.cache, data.cache_dir)
         if data.cache == "disk" and self.dist.is_main:
             self.dist.barrier()
-        batch = train.batch_size
+        batch = self.plan.batch_size  # train.batch_size, or planned
         return DataLoader(
             SeededSamples(cases, train.seed),
             batch_size=batch,
@@ -256,10 +256,13 @@ class Trainer:
         of ``metrics.csv`` per epoch and ``curves.png`` at the end (rank 0 only under torchrun).
         """
         train = self.config.train
-        self._prepare_output_dir()
+        self._refuse_earlier_run()
+        # Every case is loaded (and checked) before the run folder is touched: a bad scan or
+        # setting found here leaves an earlier run there as it was.
+        batches = iter(self._train_loader())
+        self._write_run_files()
         if train.init and not self.resumed and self.step == 0 and not self.custom_model:
             self._load_init()
-        batches = iter(self._train_loader())
         epochs = train.epoch_limit
         total_steps = epochs * train.iters_per_epoch
         clock = time.monotonic() - self.elapsed
@@ -307,7 +310,10 @@ class Trainer:
             if self._validation_due(done):
                 began = time.monotonic()
                 row.update(self.validate())
-                self._validated = (time.monotonic() - clock, time.monotonic() - began)
+                seconds = time.monotonic() - began
+                # Off the training clock: train.max_time buys training steps, not validations.
+                clock += seconds
+                self._validated = (time.monotonic() - clock, seconds)
             self._end_epoch(row)
         if self.dist.is_main and self.history:
             plot_curves(self.output_dir / "metrics.csv", self.output_dir / "curves.png")
@@ -405,7 +411,7 @@ class Trainer:
                 model,
                 item["image"],
                 self.plan.window_size,
-                overlap=0.25,
+                overlap=self.config.infer.overlap,  # as prediction will use
                 sw_batch_size=windows,
                 amp_dtype=self.amp_dtype,
                 channels_last=self.channels_last,
@@ -467,19 +473,20 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = train.lr * lr_factor(progress, train.schedule, train.warmup)
 
-    def _prepare_output_dir(self) -> None:
-        """Refuse to overwrite an earlier run unless asked; write config, plan and splits."""
+    def _refuse_earlier_run(self) -> None:
+        """Refuse a folder that holds another run, unless asked to overwrite it. Nothing is
+        deleted: the new run's files replace the old ones as they are written, so a run that
+        fails before its first checkpoint leaves the old model in place."""
         problem = None
-        if self.dist.is_main and not self.resumed:
-            earlier = [self.output_dir / n for n in ("last.pt", "best.pt", "metrics.csv")]
-            earlier = [p for p in earlier if p.exists()]
-            if earlier and not self.overwrite:
+        if self.dist.is_main and not self.resumed and not self.overwrite:
+            if any((self.output_dir / n).exists() for n in ("last.pt", "best.pt", "metrics.csv")):
                 problem = "already holds a training run; resume it, choose another folder or overwrite it"
-            for path in [] if problem else earlier:
-                path.unlink()
         problem = self.dist.from_main(problem)
         if problem:
             raise InputError(self.output_dir, problem)
+
+    def _write_run_files(self) -> None:
+        """Write config, plan and splits (rank 0)."""
         if not self.dist.is_main:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
