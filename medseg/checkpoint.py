@@ -123,7 +123,11 @@ class Checkpoint:
             payload = torch.load(path, map_location=map_location, weights_only=True)
         except Exception as exc:  # torch raises several types for corrupt or unsafe files
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CheckpointError(path, f"cannot load checkpoint ({reason[:120]})") from None
+            raise CheckpointError(
+                path,
+                "is not a medseg checkpoint (the best.pt or last.pt that medseg train writes in its "
+                f"run folder; give that file or the folder): cannot load it ({reason[:120]})",
+            ) from None
         return cls.from_payload(payload, str(path))
 
     # -- what it says --------------------------------------------------------------------
@@ -150,38 +154,54 @@ class Checkpoint:
             )
 
 
-def checkpoint_file(path: str | Path) -> Path:
-    """The checkpoint file a path names: the file itself, or a run folder's ``best.pt``.
+CHECKPOINT_NAMES = ("best", "last")  # the two files a run folder holds
+
+
+def checkpoint_file(path: str | Path, which: str = "best") -> Path:
+    """The checkpoint file a path names: the file itself, or a run folder's ``best.pt``
+    (``which="last"``: its ``last.pt``).
 
     Raises:
         CheckpointError: there is no such file.
     """
     path = Path(path)
     if path.is_dir():
-        path = path / "best.pt"
+        path = path / f"{which}.pt"
     if not path.is_file():
         raise CheckpointError(path, "no such checkpoint")
     return path
 
 
-def checkpoint_files(paths: str | Path | list) -> list[Path]:
+def checkpoint_files(
+    paths: str | Path | list, which: str = "best", folds: list[int] | None = None
+) -> list[Path]:
     """The checkpoint files of a model or an ensemble.
 
-    Each path is a checkpoint file, a run folder (its ``best.pt``), or a cross-validation
-    folder (``medseg train --fold K`` writes ``fold_K/``), which stands for every fold's
-    ``best.pt``.
+    Each path is a checkpoint file, a run folder (its ``best.pt``, or ``last.pt`` with
+    ``which="last"``), or a cross-validation folder (``medseg train --fold K`` writes
+    ``fold_K/``), which stands for every fold's checkpoint, or those of ``folds``.
 
     Raises:
-        CheckpointError: a path names no checkpoint, or a fold has no ``best.pt`` yet.
+        CheckpointError: a path names no checkpoint, or a fold has no checkpoint yet.
     """
+    if which not in CHECKPOINT_NAMES:
+        raise CheckpointError("--checkpoint", f"must be best or last, not {which!r}")
+    name = f"{which}.pt"
     files: list[Path] = []
     for item in [paths] if isinstance(paths, (str, Path)) else list(paths):
         item = Path(item)
-        folds = [] if (item / "best.pt").exists() else _fold_folders(item)
-        for fold in folds:
-            if not (fold / "best.pt").is_file():
-                raise CheckpointError(fold, "has no best.pt (is that fold still training?)")
-        files += [fold / "best.pt" for fold in folds] or [checkpoint_file(item)]
+        found = [] if (item / name).exists() else _fold_folders(item)
+        if folds is not None and found:
+            missing = sorted(set(folds) - {int(f.name[5:]) for f in found})
+            if missing:
+                raise CheckpointError(item, f"has no fold {', '.join(map(str, missing))}")
+            found = [f for f in found if int(f.name[5:]) in folds]
+        elif folds is not None:
+            raise CheckpointError(item, "is not a cross-validation folder (fold_K/): --fold needs one")
+        for fold in found:
+            if not (fold / name).is_file():
+                raise CheckpointError(fold, f"has no {name} (is that fold still training?)")
+        files += [fold / name for fold in found] or [checkpoint_file(item, which)]
     if not files:
         raise CheckpointError("--model", "no checkpoint given")
     return files

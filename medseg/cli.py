@@ -96,10 +96,37 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
+def _flag_settings(args) -> list[str]:
+    """The config settings that a run's flags stand for (``--max-time 60`` is
+    ``--set train.max_time=60``), after the ``--set`` ones so that the flags win."""
+    flags = {
+        "device": "train.device",
+        "max_time": "train.max_time",
+        "epochs": "train.epochs",
+        "seed": "train.seed",
+    }
+    chosen = [
+        f"{key}={getattr(args, name)}" for name, key in flags.items() if getattr(args, name, None) is not None
+    ]
+    return [*args.set, *chosen]
+
+
+def _set_threads(threads: int | None) -> None:
+    """``--threads``: the CPU threads torch computes with (default: torch's, one per core)."""
+    if threads is not None:
+        if threads < 1:
+            raise ConfigError("--threads", f"must be 1 or more, not {threads}")
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def _trainer(kind, args):
     """A Trainer (or Pretrainer) from the command line: a new run, or ``--resume``."""
     from medseg.config import load_config
 
+    _set_threads(args.threads)
+    args.set = _flag_settings(args)
     if args.resume:
         if (
             args.data
@@ -130,10 +157,14 @@ def cmd_plan(args) -> int:
     from medseg.config import load_config
     from medseg.data.datasets import find_cases
     from medseg.data.plan import plan_for_config
+    from medseg.device import autocast_dtype, precision_name, resolve_device
 
-    config = load_config(args.config, args.set)
+    config = load_config(args.config, _flag_settings(args))
     config.data.modality = args.modality or config.data.modality
     plan = plan_for_config(config, find_cases(args.data))
+    device = resolve_device(config.train.device)
+    precision = precision_name(autocast_dtype(device, config.train.precision))
+    print(f"planned for training on {device.type} in {precision} (--device chooses)")
     print(plan.describe())
     if args.out:
         refuse_existing(args.out, overwrite=args.overwrite)
@@ -148,11 +179,15 @@ def cmd_predict(args) -> int:
     from medseg.inference.predictor import Predictor
 
     shard = parse_shard(args.shard) if args.shard else None
+    _set_threads(args.threads)
     predictor = Predictor(
         args.model,
         device=_device_for_this_process(args.device),
         tta=args.tta,
         keep_largest=_keep_largest(args.keep_largest),
+        which=args.checkpoint,
+        folds=args.fold,
+        overlap=args.overlap,
     )
     if not args.quiet and (predictor.passes > 1):
         print(
@@ -353,7 +388,12 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="train on the bundled heart data, predict and evaluate (2-7 min on 2 CPU cores)"
     )
     p.add_argument(
-        "--output", default="medseg_demo", help="folder for the demo's results (default: %(default)s)"
+        "-o",
+        "--output",
+        "--out",
+        dest="output",
+        default="medseg_demo",
+        help="folder for the demo's results (default: %(default)s)",
     )
     p.add_argument(
         "--epochs", type=int, help="epochs of 25 steps to train (default: medseg.demo.DEMO_EPOCHS, 20)"
@@ -394,8 +434,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML config (its model depth and any fixed values are respected)")
     p.add_argument("--set", **overrides)
     _modality_argument(p)
-    p.add_argument("--out", help="also save the plan as YAML here")
+    p.add_argument("-o", "--out", "--output", dest="out", help="also save the plan as YAML here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.add_argument(
+        "--device", help="plan for training on this device: auto, cpu, cuda, cuda:N or mps (train.device)"
+    )
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser(
@@ -404,7 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Segment every case of a file, a folder (searched recursively; its sub-folders "
         "are mirrored in the output), a .csv/.txt list, or DICOM series. Writes the masks, "
         "labels.json, predictions.csv and run.json. Exit status: 0 all cases written or already "
-        "done, 1 some cases failed, 2 usage or fatal error.",
+        "done, 1 some cases failed, 2 usage or fatal error, 3 a crash (a bug: its traceback is "
+        "printed), 130 interrupted.",
     )
     p.add_argument(
         "-m",
@@ -422,9 +466,35 @@ def build_parser() -> argparse.ArgumentParser:
         "or a .csv (column 'image', optionally 'id') or .txt list of files",
     )
     p.add_argument(
-        "-o", "--output", required=True, help="folder for the masks (not the input folder nor inside it)"
+        "-o",
+        "--output",
+        "--out",
+        dest="output",
+        required=True,
+        help="folder for the masks (not the input folder nor inside it)",
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
+    p.add_argument(
+        "--checkpoint",
+        choices=["best", "last"],
+        default="best",
+        help="which checkpoint of a run folder: best (by validation) or last (default: %(default)s)",
+    )
+    p.add_argument(
+        "-f",
+        "--fold",
+        type=int,
+        nargs="+",
+        metavar="K",
+        help="of a cross-validation folder, only these folds (e.g. -f 0 1 2; default: every fold)",
+    )
+    p.add_argument(
+        "--overlap",
+        type=float,
+        help="of neighbouring sliding windows, 0 to below 1 (nnU-Net's step size is 1 - overlap; "
+        "default: the model's infer.overlap, 0.25)",
+    )
+    _threads_argument(p)
     p.add_argument(
         "--format",
         default="same",
@@ -475,7 +545,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--pred", required=True, help="folder of predicted masks (sub-folders included)")
     p.add_argument("--ref", required=True, help="folder of reference masks (matched by case name)")
-    p.add_argument("--out", help="folder for metrics.csv and summary.json (default: PRED)")
+    p.add_argument(
+        "-o", "--out", "--output", dest="out", help="folder for metrics.csv and summary.json (default: PRED)"
+    )
     _scoring_arguments(p)
     p.set_defaults(func=cmd_evaluate)
 
@@ -483,7 +555,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pred", required=True, help="folder of predicted masks (sub-folders included)")
     p.add_argument("--images", help="folder of the scans the masks were predicted from (matched by name)")
     p.add_argument("--ref", help="folder of reference masks: score the cases and draw both contours")
-    p.add_argument("--out", required=True, help="folder for index.html, the pictures and the metrics")
+    p.add_argument(
+        "-o",
+        "--out",
+        "--output",
+        dest="out",
+        required=True,
+        help="folder for index.html, the pictures and the metrics",
+    )
     _scoring_arguments(p)
     p.set_defaults(func=cmd_report)
     return parser
@@ -507,13 +586,26 @@ def _scoring_arguments(p: argparse.ArgumentParser) -> None:
 
 def _run_arguments(p: argparse.ArgumentParser, overrides: dict, data_help: str) -> None:
     """The options every training run takes (train and pretrain)."""
-    p.add_argument("--data", help=data_help)
-    p.add_argument("--output", help="run folder for checkpoints, metrics and pictures")
+    p.add_argument("-d", "--data", help=data_help)
+    p.add_argument(
+        "-o", "--output", "--out", dest="output", help="run folder for checkpoints, metrics and pictures"
+    )
     p.add_argument("--config", help="YAML config (default: the built-in heart settings; see configs/)")
     p.add_argument("--set", **overrides)
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --output")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last.pt")
     _modality_argument(p)
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (train.device; default: auto)")
+    p.add_argument("--max-time", type=float, metavar="SECONDS", help="train this long (train.max_time)")
+    p.add_argument(
+        "--epochs", type=int, help="train this many epochs of train.iters_per_epoch steps (train.epochs)"
+    )
+    p.add_argument("--seed", type=int, help="the run's random seed (train.seed)")
+    _threads_argument(p)
+
+
+def _threads_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, help="CPU threads to compute with (default: one per core)")
 
 
 def _modality_argument(p: argparse.ArgumentParser) -> None:

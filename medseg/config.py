@@ -373,7 +373,28 @@ def _build(cls, data: Any, prefix: str, source: str):
             values[name] = _coerce(data[name], kind, prefix + name, source)
             if prefix + name in _POSITIVE and values[name] is not None and values[name] <= 0:
                 raise ConfigError(source, f"'{prefix}{name}' must be more than 0, got {values[name]!r}")
+            _check_value(prefix + name, values[name], source)
     return cls(**values)
+
+
+def _check_value(key: str, value: Any, source: str) -> None:
+    """Refuse values a run would accept and then fail on, or misuse, later (when set, not
+    after an hour of training: an overlap of 1.5 trains and then can never predict)."""
+    if value is None:
+        return
+    if key.endswith("_prob") or key == "infer.overlap" or key == "data.val_fraction":
+        top, closed = (1.0, True) if key.endswith("_prob") else (1.0, False)
+        if not (0 <= value <= top if closed else 0 <= value < top):
+            bound = "at most 1" if closed else "below 1"
+            raise ConfigError(source, f"'{key}' must be at least 0 and {bound}, got {value!r}")
+    if key in _POSITIVE_LISTS:
+        if not value or any(v <= 0 for v in value):
+            raise ConfigError(source, f"'{key}' must be a list of positive numbers, got {value!r}")
+    if key == "model.channels" and len(value) < 2:
+        raise ConfigError(source, f"'{key}' needs 2 or more levels, e.g. [16, 32, 64, 128]; got {value!r}")
+
+
+_POSITIVE_LISTS = {"data.spacing", "data.patch_size", "model.channels"}
 
 
 # Counts and budgets where 0 or less is a mistake (``train.epochs=-3`` would "train" no step).

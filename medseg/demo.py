@@ -43,6 +43,7 @@ def run_demo(output: str | Path = "medseg_demo", epochs: int = DEMO_EPOCHS, over
         ``"report"`` (the page's path).
     """
     output = Path(output)
+    _claim(output)
     data = SAMPLE_DATA
     if not (data / "dataset.json").is_file():
         data = output / "data"
@@ -69,3 +70,21 @@ def run_demo(output: str | Path = "medseg_demo", epochs: int = DEMO_EPOCHS, over
     result["report"] = report["index"]
     result["train"] = summary
     return result
+
+
+MARK = ".medseg-demo"  # written into a demo's folder, so a rerun knows the folder is its own
+
+
+def _claim(output: Path) -> None:
+    """Make ``output`` the demo's folder, refusing one that holds anything else: the demo
+    replaces its own earlier results there, and nobody else's."""
+    from medseg.errors import InputError
+
+    if output.exists() and not output.is_dir():
+        raise InputError(output, "is a file; the demo needs a folder")
+    if output.is_dir() and any(output.iterdir()) and not (output / MARK).is_file():
+        raise InputError(output, "holds files that are not the demo's; give the demo a new or empty folder")
+    output.mkdir(parents=True, exist_ok=True)
+    (output / MARK).write_text(
+        "medseg demo results; a rerun of medseg demo replaces them\n", encoding="utf-8"
+    )

@@ -231,7 +231,9 @@ def _medseg_speed(data: str, out: str, model: str, extra: str, steps: str) -> di
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     epochs = 1 + math.ceil(int(steps) / ITERS_PER_EPOCH)
-    config = medseg.load_config(None, _medseg_overrides(f"steps={(epochs + 1) * ITERS_PER_EPOCH}", model, extra, "0"))
+    config = medseg.load_config(
+        None, _medseg_overrides(f"steps={(epochs + 1) * ITERS_PER_EPOCH}", model, extra, "0")
+    )
     config.data.root, config.train.output_dir = data, out
     config.train.val_every = 10**6
     marks = []
@@ -473,7 +475,10 @@ def run_arm(arm: str, data: Path, run: Path, args, seed: int) -> dict:
     result["curve"] = curve
     done.write_text(json.dumps(result, indent=1))
     if args.steps:
-        ledger.append({**_ledger_fields(arm, data, args, seed), "kind": "run", "steps_budget": args.steps, **result}, args.ledger)
+        ledger.append(
+            {**_ledger_fields(arm, data, args, seed), "kind": "run", "steps_budget": args.steps, **result},
+            args.ledger,
+        )
     return result
 
 
@@ -489,7 +494,9 @@ def _ledger_fields(arm: str, data: Path, args, seed: int) -> dict:
         else f"spacing={args.monai_spacing};patch={args.monai_patch};flip={int(args.monai_flip)}"
     )
     name = Path(args.data).name if args.data else "phantoms"
-    split = "imagesTs" if args.data and Path(args.data, "imagesTs").is_dir() else f"seeded {args.test} held out"
+    split = (
+        "imagesTs" if args.data and Path(args.data, "imagesTs").is_dir() else f"seeded {args.test} held out"
+    )
     return {
         "arm": arm,
         "overrides": settings.strip(";"),
@@ -507,7 +514,9 @@ def measure_speed(arm: str, data: Path, args) -> dict:
     run = Path(args.work) / "speed" / arm
     run.mkdir(parents=True, exist_ok=True)
     if arm == "medseg":
-        timed = _child("medseg_speed", [str(data), str(run), args.model, args.set, str(args.speed)], args.threads)
+        timed = _child(
+            "medseg_speed", [str(data), str(run), args.model, args.set, str(args.speed)], args.threads
+        )
     else:
         monai = [args.monai_spacing, args.monai_patch, "1" if args.monai_flip else "0"]
         budget = f"steps={args.speed + ITERS_PER_EPOCH}"
@@ -579,14 +588,21 @@ def main() -> None:
     parser.add_argument("--data", help="a dataset folder (nnU-Net or MSD); default: phantoms")
     parser.add_argument("--budget", type=float, default=240.0, help="training seconds per arm")
     parser.add_argument(
-        "--steps", type=int, help=f"train each arm for this many steps (a multiple of {ITERS_PER_EPOCH}) "
-        "instead of --budget seconds; finished runs go to the ledger, --snapshots are in steps"
+        "--steps",
+        type=int,
+        help=f"train each arm for this many steps (a multiple of {ITERS_PER_EPOCH}) "
+        "instead of --budget seconds; finished runs go to the ledger, --snapshots are in steps",
     )
     parser.add_argument(
-        "--speed", type=int, metavar="STEPS", help="only time each arm's seconds per step over this many "
-        "steps after a warm-up (run it alone) and add them to the ledger"
+        "--speed",
+        type=int,
+        metavar="STEPS",
+        help="only time each arm's seconds per step over this many "
+        "steps after a warm-up (run it alone) and add them to the ledger",
     )
-    parser.add_argument("--ledger", type=Path, default=ledger.LEDGER, help="where finished step-budgeted runs go")
+    parser.add_argument(
+        "--ledger", type=Path, default=ledger.LEDGER, help="where finished step-budgeted runs go"
+    )
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--seeds", help="comma-separated seeds, one repeat each (default: 0..repeats-1)")
     parser.add_argument("--threads", type=int, default=2)
@@ -640,7 +656,9 @@ def main() -> None:
             print(f"seed {seed} ({repeat + 1}/{len(seeds)}): {arm}", file=sys.stderr, flush=True)
             results[arm].append(run_arm(arm, data, work / f"r{seed}" / arm, args, seed=seed))
             print(json.dumps(results[arm][-1]), file=sys.stderr, flush=True)
-    (work / "results.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1, default=str))
+    (work / "results.json").write_text(
+        json.dumps({"args": vars(args), "results": results}, indent=1, default=str)
+    )
     if args.snapshots:
         plot_curves(results, work / "curves.png", Path(args.data).name if args.data else "phantoms")
     print(" ".join(["python", *sys.argv]))

@@ -9,6 +9,7 @@ arm's measured speed on a machine of that CPU.
 
     python scripts/ledger.py                      # the tables, as Markdown, to stdout
     python scripts/ledger.py --curves docs/curves_steps.png --data acdc
+    python scripts/ledger.py --page docs/performance.md   # redraw the page's ledger block and curves
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def machine() -> dict:
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
         for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name") and not model.strip(" x86_64"):
+            if line.startswith("model name") and model in ("", "x86_64"):
                 model = line.split(":", 1)[1].strip()
             if line.startswith("flags") and not flags:
                 flags = line
@@ -79,38 +80,72 @@ def _mean_spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
+def minutes(records: list[dict], run: dict) -> str:
+    """A run's step budget in minutes of training alone, at the latest speed the ledger holds
+    for that arm on that data and CPU ('-' when it holds none)."""
+    same = [
+        r
+        for r in records
+        if r.get("kind") == "speed"
+        and (r["data"], arm_name(r), r["cpu"], r["bf16"])
+        == (run["data"], arm_name(run), run["cpu"], run["bf16"])
+    ]
+    return f"{run['steps_budget'] * same[-1]['seconds_per_step'] / 60:.1f}" if same else "-"
+
+
 def table(records: list[dict], data: str | None = None) -> str:
     """Mean Dice ± std over seeds per data set, arm and step budget, with each seed's figure."""
     groups = defaultdict(list)
     for r in records:
         if r.get("kind") == "run" and (data is None or r["data"] == data):
-            groups[(r["data"], r["steps_budget"], arm_name(r))].append(r)
+            groups[(r["data"], r["steps_budget"], r["commit"], arm_name(r))].append(r)
     lines = [
-        "| data | steps | arm | seeds | mean Dice | per seed | worst case | per class |",
-        "|---|---|---|---|---|---|---|---|",
+        "| data | steps | minutes alone | commit | arm | seeds | mean Dice | per seed | worst case "
+        "| per class |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for (dataset, steps, arm), runs in sorted(groups.items()):
+    for (dataset, steps, commit, arm), runs in sorted(groups.items()):
         runs = sorted(runs, key=lambda r: r["seed"])
         classes = [k for k in runs[0] if k.startswith("dice_") and k not in ("dice_mean", "dice_worst_case")]
         seeds = ", ".join(f"{r['dice_mean']:.3f}" for r in runs)
         per_class = " / ".join(f"{k[5:]} {_mean_spread([r[k] for r in runs])}" for k in classes)
-        lines.append(
-            f"| {dataset} | {steps} | `{arm}` | {len(runs)} | {_mean_spread([r['dice_mean'] for r in runs])} "
-            f"| {seeds} "
-            f"| {_mean_spread([r['dice_worst_case'] for r in runs])} | {per_class} |"
-        )
+        mean, worst = (_mean_spread([r[k] for r in runs]) for k in ("dice_mean", "dice_worst_case"))
+        cells = [
+            dataset,
+            steps,
+            minutes(records, runs[0]),
+            commit,
+            f"`{arm}`",
+            len(runs),
+            mean,
+            seeds,
+            worst,
+            per_class,
+        ]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
 
 def speeds(records: list[dict]) -> str:
     """Seconds per step of each arm, per data set and CPU."""
-    lines = ["| data | arm | CPU (bf16) | threads | s/step | steps in 600 s |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| data | commit | arm | CPU (bf16) | threads | s/step | steps in 600 s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in records:
         if r.get("kind") == "speed":
-            lines.append(
-                f"| {r['data']} | `{arm_name(r)}` | {r['cpu']} ({'yes' if r['bf16'] else 'no'}) | "
-                f"{r['threads']} | {r['seconds_per_step']:.3f} | {600 / r['seconds_per_step']:.0f} |"
-            )
+            cpu = f"{r['cpu']} ({'yes' if r['bf16'] else 'no'})"
+            per_step = r["seconds_per_step"]
+            cells = [
+                r["data"],
+                r["commit"],
+                f"`{arm_name(r)}`",
+                cpu,
+                r["threads"],
+                f"{per_step:.3f}",
+                f"{600 / per_step:.0f}",
+            ]
+            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
 
@@ -141,13 +176,44 @@ def plot_curves(records: list[dict], data: str, path: Path) -> None:
     plt.close(fig)
 
 
+BEGIN, END = "<!-- ledger: drawn by scripts/ledger.py --page; do not edit -->", "<!-- ledger end -->"
+
+
+def write_page(records: list[dict], page: Path) -> None:
+    """Replace the block between the page's ledger markers with the tables, and draw each data
+    set's learning curves beside the page (``curves_steps_DATA.png``)."""
+    text = page.read_text(encoding="utf-8")
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{page}: no ledger block (the lines {BEGIN!r} and {END!r})")
+    parts = ["**Seconds per step** (each arm alone, short, after a warm-up):", "", speeds(records), ""]
+    for data in sorted({r["data"] for r in records if r.get("kind") == "run"}):
+        picture = page.parent / f"curves_steps_{data}.png"
+        plot_curves(records, data, picture)
+        parts += [
+            f"**{data}**",
+            "",
+            table(records, data),
+            "",
+            f"![{data}: Dice against steps]({picture.name})",
+            "",
+        ]
+    head, rest = text.split(BEGIN, 1)
+    page.write_text(head + BEGIN + "\n" + "\n".join(parts) + END + rest.split(END, 1)[1], encoding="utf-8")
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--ledger", type=Path, default=LEDGER)
     parser.add_argument("--data", help="only this data set (its folder's name)")
     parser.add_argument("--curves", type=Path, help="draw the learning curves of --data to this PNG")
+    parser.add_argument("--page", type=Path, help="redraw this page's ledger block and its curves")
     args = parser.parse_args()
     records = read(args.ledger)
+    if args.page:
+        write_page(records, args.page)
+        return
     if args.curves:
         plot_curves(records, args.data, args.curves)
         return

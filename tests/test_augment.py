@@ -142,7 +142,9 @@ def test_training_pipeline_with_every_augmentation_gives_patches_of_the_plan(tin
 def test_elastic_deformation_moves_label_and_image_together(spacing):
     dims = len(spacing)
     plan = Plan(spacing=spacing, patch_size=[48] * dims, strides=[[2] * dims])
-    steps = mt.Compose(spatial_steps(AugmentConfig(elastic_prob=1.0, spatial_prob=0.0), plan, ["image", "label"]))
+    steps = mt.Compose(
+        spatial_steps(AugmentConfig(elastic_prob=1.0, spatial_prob=0.0), plan, ["image", "label"])
+    )
     steps.set_random_state(seed=0)
     sample = _blocks(plan.patch_size)
     out = steps(sample)
@@ -165,7 +167,9 @@ def _write_case(folder, image: np.ndarray, label: np.ndarray) -> dict:
 
 def _patches(case: dict, plan: Plan, overrides: list[str], draws: int) -> list[dict]:
     """``draws`` training patches of one case, each drawn with its own seed, as SeededSamples does."""
-    config = load_config(None, ["augment.flip_prob=0", "augment.intensity_prob=0", "augment.noise_prob=0", *overrides])
+    config = load_config(
+        None, ["augment.flip_prob=0", "augment.intensity_prob=0", "augment.noise_prob=0", *overrides]
+    )
     pipeline = train_transforms(config, plan, num_classes=2)
     patches = []
     for seed in range(draws):
@@ -185,7 +189,9 @@ def test_patches_move_over_a_volume_smaller_than_the_region_cut_for_rotation(tmp
     plan = Plan(spacing=[1.0, 1.0, 1.0], patch_size=[16, 16, 8], strides=[[2, 2, 2]], samples_per_volume=1)
     assert all(c > s for c, s in zip(crop_size(AugmentConfig(spatial_prob=0.5), plan), image.shape))
     # No rotation nor scaling, so a patch is the box the crop chose, resampled or not.
-    patches = _patches(case, plan, ["augment.spatial_prob=0.5", "augment.rotate_degrees=0", "augment.scale_range=[1,1]"], 30)
+    patches = _patches(
+        case, plan, ["augment.spatial_prob=0.5", "augment.rotate_degrees=0", "augment.scale_range=[1,1]"], 30
+    )
     assert all(tuple(p["image"].shape) == (1, 16, 16, 8) for p in patches)
     distinct = {np.asarray(p["image"]).round(3).tobytes() for p in patches}
     assert len(distinct) >= 10

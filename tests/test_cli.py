@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import yaml
 
 from medseg.cli import main
 from medseg.io import read_volume
@@ -193,3 +194,101 @@ def test_a_crash_has_its_own_exit_code(monkeypatch, tmp_path, capsys):
     assert main(["evaluate", "--pred", str(tmp_path), "--ref", str(tmp_path)]) == 3
     err = capsys.readouterr().err
     assert "Traceback" in err and "medseg crashed: RuntimeError: a bug" in err
+
+
+def test_train_flags_stand_for_settings_and_predict_picks_the_checkpoint(tiny_dataset, tmp_path, capsys):
+    run = tmp_path / "run"
+    flags = ["--device", "cpu", "--max-time", "60", "--seed", "1", "--epochs", "1", "--threads", "1"]
+    assert main(["train", "-d", str(tiny_dataset), "-o", str(run), *_set(TINY_OVERRIDES), *flags]) == 0
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert (saved["train"]["device"], saved["train"]["max_time"], saved["train"]["seed"]) == ("cpu", 60.0, 1)
+    out = tmp_path / "preds"
+    args = ["predict", "-m", str(run), "--checkpoint", "last", "--overlap", "0.5", "--device", "cpu"]
+    assert main([*args, "-i", str(tiny_dataset / "imagesTs"), "-o", str(out)]) == 0
+    report = json.loads((out / "run.json").read_text())
+    assert report["checkpoint"].endswith("last.pt")
+    assert report["identity"]["options"]["overlap"] == 0.5
+    capsys.readouterr()
+    assert main([*args[:-4], "--overlap", "1.5", "-i", str(tiny_dataset / "imagesTs"), "-o", str(out)]) == 2
+    assert "'infer.overlap' must be at least 0 and below 1" in capsys.readouterr().err
+
+
+def test_a_cross_validation_folder_predicts_with_the_folds_asked(tiny_run, tmp_path):
+    import shutil
+    from pathlib import Path
+
+    from medseg.errors import CheckpointError
+    from medseg.inference.predictor import Predictor
+
+    for k in (0, 1, 2):
+        shutil.copytree(Path(tiny_run["best"]).parent, tmp_path / "cv" / f"fold_{k}")
+    assert len(Predictor(tmp_path / "cv", device="cpu").members) == 3
+    chosen = Predictor(tmp_path / "cv", device="cpu", folds=[0, 2], which="last")
+    assert [Path(p).parent.name for p in chosen.checkpoints] == ["fold_0", "fold_2"]
+    assert all(p.endswith("last.pt") for p in chosen.checkpoints)
+    with pytest.raises(CheckpointError, match="has no fold 5"):
+        Predictor(tmp_path / "cv", device="cpu", folds=[5])
+
+
+def test_a_scan_given_as_a_model_says_what_a_checkpoint_is(tiny_dataset, tmp_path):
+    scan = next((tiny_dataset / "imagesTs").iterdir())
+    done = run_cli("predict", "-m", str(scan), "-i", str(scan), "-o", str(tmp_path / "out"))
+    assert done.returncode == 2
+    assert "is not a medseg checkpoint (the best.pt or last.pt that medseg train writes" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_predict_help_lists_every_exit_code(capsys):
+    with pytest.raises(SystemExit):
+        main(["predict", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for code in ("0 all cases", "1 some cases failed", "2 usage", "3 a crash", "130 interrupted"):
+        assert code in text
+
+
+def test_plan_says_which_device_it_planned_for(tiny_dataset, capsys):
+    assert main(["plan", "--data", str(tiny_dataset), "--device", "cpu", "--modality", "MRI"]) == 0
+    assert "planned for training on cpu in" in capsys.readouterr().out
+
+
+def test_a_dataset_json_names_every_missing_file(tiny_dataset, tmp_path, capsys):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    meta = json.loads((data / "dataset.json").read_text())
+    gone = [data / meta["training"][0]["image"], data / meta["training"][1]["label"]]
+    for path in gone:
+        path.unlink()
+    assert main(["plan", "--data", str(data)]) == 2
+    err = capsys.readouterr().err
+    for path in gone:
+        assert f"{path.resolve()}: listed in dataset.json but missing" in err
+    assert "lists 2 files that are missing" in err
+
+
+def test_the_demo_refuses_a_folder_that_is_not_its_own(tmp_path):
+    from medseg.demo import run_demo
+    from medseg.errors import InputError
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "predictions").mkdir()
+    (tmp_path / "mine" / "predictions" / "precious.nii.gz").write_bytes(b"keep me")
+    with pytest.raises(InputError, match="holds files that are not the demo's"):
+        run_demo(tmp_path / "mine")
+    assert (tmp_path / "mine" / "predictions" / "precious.nii.gz").read_bytes() == b"keep me"
+
+
+def test_a_run_resumes_from_another_working_directory(tiny_dataset, tmp_path, monkeypatch):
+    from medseg.config import load_config
+    from medseg.training.trainer import Trainer
+
+    monkeypatch.chdir(tiny_dataset.parent)
+    run = tmp_path / "run"
+    config = load_config(None, [*TINY_OVERRIDES, f"data.root={tiny_dataset.name}", f"train.output_dir={run}"])
+    Trainer(config).fit()
+    saved = load_config(run / "config.yaml")
+    assert saved.data.root == str(tiny_dataset.resolve())
+    monkeypatch.chdir(tmp_path)
+    resumed = Trainer.resume(run, ["train.epochs=2"])
+    assert resumed.fit()["epochs"] == 2

@@ -49,6 +49,14 @@ def test_yaml_round_trip(tmp_path):
         ("train.epochs=0", "'train.epochs' must be more than 0, got 0"),
         ("train.max_time=0", "'train.max_time' must be more than 0, got 0.0"),
         ("train.iters_per_epoch=-1", "'train.iters_per_epoch' must be more than 0"),
+        # accepted once, then failing at prediction or misused without a word
+        ("infer.overlap=1.5", "'infer.overlap' must be at least 0 and below 1, got 1.5"),
+        ("infer.overlap=1", "'infer.overlap' must be at least 0 and below 1"),
+        ("data.val_fraction=1.5", "'data.val_fraction' must be at least 0 and below 1, got 1.5"),
+        ("augment.flip_prob=2", "'augment.flip_prob' must be at least 0 and at most 1"),
+        ("model.channels=[]", "'model.channels' must be a list of positive numbers, got []"),
+        ("model.channels=[16]", "'model.channels' needs 2 or more levels"),
+        ("data.spacing=[1, 0, 1]", "'data.spacing' must be a list of positive numbers"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):

@@ -267,3 +267,22 @@ def test_a_dicom_series_says_its_modality(tiny_dataset, tmp_path, caplog):
     series = write_dicom_series(image, tmp_path / "s", modality="CT")
     assert resolve_modality(None, Cases([{"image": str(series), "label": None}])) == "CT"
     assert "is a DICOM CT series" in caplog.text
+
+
+@pytest.mark.parametrize(("key", "value"), [("data.spacing", "[1, 1]"), ("data.patch_size", "[32, 32]")])
+def test_a_fixed_spacing_or_patch_needs_one_value_per_axis(tiny_dataset, key, value):
+    from medseg.errors import ConfigError
+
+    config = load_config(None, [f"{key}={value}", "data.modality=MRI"])
+    with pytest.raises(ConfigError, match=f"{key}: has 2 values; the images have 3 axes"):
+        plan_for_config(config, find_cases(tiny_dataset))
+
+
+def test_a_modality_medseg_does_not_know_is_named_in_a_warning(tiny_dataset, caplog):
+    from medseg.data.plan import resolve_modality
+
+    cases = find_cases(tiny_dataset)
+    assert resolve_modality("cineMRI", cases) == "MRI" and resolve_modality("ct", cases) == "CT"
+    assert not caplog.records
+    assert resolve_modality("pet", cases) == "PET"
+    assert "'pet' is neither CT nor MRI" in caplog.text

@@ -98,7 +98,7 @@ def test_bad_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         Predictor(tmp_path / "none.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="cannot load checkpoint"):
+    with pytest.raises(CheckpointError, match="is not a medseg checkpoint .*: cannot load it"):
         Predictor(tmp_path / "junk.pt")
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="not a medseg checkpoint"):

@@ -280,7 +280,13 @@ def test_validation_is_off_the_time_budget(tiny_dataset, tmp_path, monkeypatch):
             clock.now += 100.0
             return super().validate()
 
-    overrides = [*TINY_OVERRIDES, "train.epochs=1000", "train.iters_per_epoch=2", "train.max_time=10", "train.val_every=1"]
+    overrides = [
+        *TINY_OVERRIDES,
+        "train.epochs=1000",
+        "train.iters_per_epoch=2",
+        "train.max_time=10",
+        "train.val_every=1",
+    ]
     config = load_config(None, overrides)
     config.data.root, config.train.output_dir = str(tiny_dataset), str(tmp_path / "run")
     summary = Timed(config).fit()
@@ -351,13 +357,25 @@ def test_bad_scans_over_a_finished_run_name_every_file_and_leave_the_model(tiny_
         for path in bad:
             assert sum(str(path) in line for line in errors) == 1, (path, errors)
     # a mistyped setting found only when the data are loaded: the run is kept too
-    done = run_cli("train", "--data", str(tiny_dataset), "--output", str(run), "--overwrite", *settings, "--set", "data.cache=dsk")
+    done = run_cli(
+        "train",
+        "--data",
+        str(tiny_dataset),
+        "--output",
+        str(run),
+        "--overwrite",
+        *settings,
+        "--set",
+        "data.cache=dsk",
+    )
     assert done.returncode == 2 and "data.cache" in done.stderr, done.stderr
     assert {n: hashlib.sha256((run / n).read_bytes()).hexdigest() for n in kept} == before
 
 
 def test_a_training_batch_holds_patches_of_distinct_cases(tiny_dataset, tmp_path):
-    overrides = [o for o in TINY_OVERRIDES if not o.startswith(("train.batch_size", "data.samples_per_volume"))]
+    overrides = [
+        o for o in TINY_OVERRIDES if not o.startswith(("train.batch_size", "data.samples_per_volume"))
+    ]
     config = load_config(None, [*overrides, "data.val_fraction=0"])
     config.data.root, config.train.output_dir = str(tiny_dataset), str(tmp_path / "run")
     trainer = Trainer(config)

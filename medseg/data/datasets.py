@@ -138,22 +138,30 @@ def _read_json(path: Path):
 def _from_msd_json(path: Path, meta: dict, need_labels: bool = True) -> Cases:
     labels = parse_label_map(meta.get("labels", {}), path)
 
+    absent: list[str] = []  # every listed file that is missing, named together at the end
+
     def case(entry) -> dict:
         entry = {"image": entry} if isinstance(entry, str) else dict(entry)
         if "image" not in entry:
             raise InputError(path, f"entry without 'image': {entry}")
-        image = _resolve(path.parent, entry["image"], path)
-        label = _resolve(path.parent, entry["label"], path) if entry.get("label") else None
+        image = _resolve(path.parent, entry["image"], absent)
+        label = _resolve(path.parent, entry["label"], absent) if entry.get("label") else None
         return {"image": image, "label": label, "id": case_id(image)}
 
     training = [case(e) for e in meta.get("training", [])]
+    test = [case(e) for e in meta.get("test", [])]
+    unlabeled = [dict(case(e), label=None) for e in meta.get("unlabeled", [])]
+    if absent:
+        for missing_file in absent:
+            log.error("%s: listed in %s but missing", missing_file, path.name)
+        if len(absent) == 1:
+            raise InputError(absent[0], f"listed in {path.name} but missing")
+        raise InputError(path, f"lists {len(absent)} files that are missing (named above)")
     if not training and need_labels:
         raise InputError(path, "lists no training cases")
     missing = [c["image"] for c in training if c["label"] is None]
     if missing:
         raise InputError(missing[0], "training case has no label")
-    test = [case(e) for e in meta.get("test", [])]
-    unlabeled = [dict(case(e), label=None) for e in meta.get("unlabeled", [])]
     return Cases(training, test, labels, _modality(meta), unlabeled)
 
 
@@ -172,10 +180,11 @@ def parse_label_map(raw: dict, source: str | Path) -> dict[int, str]:
         raise InputError(source, f"cannot read the label map {raw}") from None
 
 
-def _resolve(base: Path, name: str, source: Path) -> str:
+def _resolve(base: Path, name: str, absent: list[str]) -> str:
+    """The absolute path of a listed file; a missing one is added to ``absent``."""
     path = (base / name).resolve()
     if not path.exists():
-        raise InputError(path, f"listed in {source.name} but missing")
+        absent.append(str(path))
     return str(path)
 
 

@@ -210,6 +210,24 @@ def _case_geometry(case: dict) -> tuple[np.ndarray, np.ndarray, int]:
 AIR_HU = -500  # below any tissue's Hounsfield units: air (-1000) and the scanner's padding
 
 
+# Names datasets give the two modalities medseg normalises differently (CT: clipped HU; MRI:
+# z-scored per image). Anything else is z-scored as MRI, with a warning.
+MODALITY_NAMES = {
+    "CT": "CT",
+    "MR": "MRI",
+    "MRI": "MRI",
+    "CINEMRI": "MRI",
+    "LGEMRI": "MRI",
+    "T1": "MRI",
+    "T2": "MRI",
+    "FLAIR": "MRI",
+    "ADC": "MRI",
+    "T1W": "MRI",
+    "T2W": "MRI",
+    "DWI": "MRI",
+}
+
+
 def resolve_modality(asked: str | None, dataset: Cases, looked_at: int = 3) -> str:
     """The modality a plan normalises for: the one asked for (``data.modality``, ``--modality``),
     the dataset's own (dataset.json), or, when nothing says, what the first training images
@@ -219,7 +237,16 @@ def resolve_modality(asked: str | None, dataset: Cases, looked_at: int = 3) -> s
     Hounsfield units no MRI holds. A CT normalised as MRI loses its HU scale (and a z-score over
     non-zero voxels drops every voxel at exactly 0 HU, water)."""
     if asked or dataset.modality:
-        return str(asked or dataset.modality).upper()
+        said = str(asked or dataset.modality)
+        modality = MODALITY_NAMES.get(said.upper().replace(" ", ""))
+        if modality is None:
+            log.warning(
+                "modality %r is neither CT nor MRI: the images are normalised as MRI (z-scored per "
+                "image); pass --modality CT for Hounsfield units",
+                said,
+            )
+            return said.upper()
+        return modality
     guess, why = "MRI", f"none of the first {looked_at} images holds values below {AIR_HU} (CT's air)"
     for case in dataset.training[:looked_at]:
         path = image_files(case["image"])[0]
@@ -324,11 +351,15 @@ def make_plan(
           the finest and it keeps at least 4 voxels; so thick slices are pooled later.
         - patch (3D): the median resampled shape in whole pooling units, shrunk one unit at a
           time along its longest axis (in mm) until it fits the budget.
-        - patch (2D): one slice of the median in-plane shape; each volume drawn gives as many
-          slices as cost what two 3D patches of the budget do (2 to 32).
+        - patch (2D): one slice of the median in-plane shape; a step trains as many slices,
+          each from its own case, as cost what two 3D patches of the budget do (2 to 32).
     """
     fixed_spacing, fixed_patch = spacing, patch_size
-    volumes = fp.spacings.shape[1] == 3
+    axes = fp.spacings.shape[1]
+    for key, given in (("data.spacing", spacing), ("data.patch_size", patch_size)):
+        if given is not None and len(given) != axes:
+            raise ConfigError(key, f"has {len(given)} values; the images have {axes} axes: give one per axis")
+    volumes = axes == 3
     spacing = _target_spacing(fp.spacings) if fixed_spacing is None else np.asarray(fixed_spacing, float)
     if dims not in (None, 2, 3) or (dims == 3 and not volumes):
         raise ConfigError("model.dims", f"must be 2 or 3 (3 only for volumes), not {dims!r}")

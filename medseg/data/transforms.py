@@ -167,7 +167,6 @@ def train_transforms(config: Config, plan: Plan, num_classes: int) -> mt.Compose
     rather than copied for every sample.
     """
     keys = ["image", "label"]
-    patch = plan.patch_size
     aug = config.augment
     ratios = config.data.class_ratios or [1.0] * num_classes
     margin = crop_margin(aug, plan)

@@ -116,6 +116,10 @@ class Predictor:
         keep_largest: ``all``, ``none`` or label indices to keep only the largest piece of,
             or ``auto`` (what training's validation chose); None: the checkpoint's
             ``infer.keep_largest``.
+        which: ``best`` or ``last``: the checkpoint a run folder gives.
+        folds: of a cross-validation folder, these folds only (None: every fold).
+        overlap: of neighbouring sliding windows, 0 to below 1; None: the checkpoint's
+            ``infer.overlap``.
 
     Example:
         >>> predictor = Predictor("runs/heart/best.pt")
@@ -125,8 +129,18 @@ class Predictor:
         >>> result = ensemble.segment(ensemble.load("scan.nii.gz"), uncertainty=True)
     """
 
-    def __init__(self, checkpoint, device: str = "auto", *, tta: bool | None = None, keep_largest=None):
-        paths = checkpoint_files(checkpoint)
+    def __init__(
+        self,
+        checkpoint,
+        device: str = "auto",
+        *,
+        tta: bool | None = None,
+        keep_largest=None,
+        which: str = "best",
+        folds: list[int] | None = None,
+        overlap: float | None = None,
+    ):
+        paths = checkpoint_files(checkpoint, which, folds)
         members, labels, config, decided = [], None, None, None
         for path in paths:
             found = Checkpoint.load(path)
@@ -135,6 +149,8 @@ class Predictor:
             if config is None:
                 config = found.settings()
                 decided = found.keep_largest  # what training chose for "auto"
+        if overlap is not None:
+            config = config.override([f"infer.overlap={overlap}"])  # checked as --set would be
         self._setup(members, labels, config, device, tta, keep_largest, decided)
         self.checkpoints = [str(p) for p in paths]
         self.checkpoint = self.checkpoints[0] if len(paths) == 1 else ";".join(self.checkpoints)

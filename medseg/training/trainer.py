@@ -116,6 +116,7 @@ class Trainer:
         # for (null: planned). config.yaml and plan.yaml together reproduce the run.
         self.plan = plan or self.dist.on_main(lambda: plan_for_config(config, dataset))
         self.config = config = Config.from_dict(config.to_dict())  # the caller's stays untouched
+        _absolute_paths(config)
         train = config.train
         if train.lr is None:  # resolved here, so the saved config says which rate was used
             train.lr = default_lr(config.model.name)
@@ -573,6 +574,16 @@ class Trainer:
         self.history = list(state.get("history", []))
         set_rng_state(state.get("rng", {}))
         self.resumed = True
+
+
+def _absolute_paths(config: Config) -> None:
+    """Paths in the config made absolute, so that config.yaml (and --resume) finds the data
+    from any working directory."""
+    data, train = config.data, config.train
+    for owner, key in ((data, "root"), (data, "plan"), (data, "splits"), (train, "init")):
+        value = getattr(owner, key)
+        if value:
+            setattr(owner, key, str(Path(value).resolve()))
 
 
 def _check_channels(plan: Plan, dataset: Cases, init: str) -> None:
