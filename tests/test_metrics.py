@@ -258,7 +258,7 @@ def test_a_case_empty_in_both_masks_scores_and_does_not_crash(tmp_path):
 def test_an_unreadable_reference_is_left_out_and_named(tmp_path):
     pred, ref = _folders(tmp_path)
     (ref / "b.nii.gz").write_bytes(b"not a volume")
-    result = evaluate(pred, ref, labels={1: "LV"})
+    result = evaluate(pred, ref, labels={1: "LV", 2: "RV"})
     assert result["summary"]["cases_not_scored"] == ["b"] and "b" in result["errors"]
     assert [c["id"] for c in result["cases"]] == ["a", "c", "d"]
 
@@ -281,7 +281,7 @@ def test_evaluate_reads_one_case_at_a_time(tmp_path, monkeypatch):
     for module in (metrics, folders):
         monkeypatch.setattr(module, "read_volume", read)
     monkeypatch.setattr(folders, "evaluate_pair", score)
-    evaluate(pred, ref, labels={1: "LV"})
+    evaluate(pred, ref, labels={1: "LV", 2: "RV"})
     assert reads_when_scored == [2, 4]  # a, then b: each pair is read just before it is scored
 
 
@@ -355,3 +355,44 @@ def test_agrees_with_monai_metrics():
     assert got["nsd"] == pytest.approx(
         compute_surface_dice(p, r, class_thresholds=[2.0], **kw).item(), rel=1e-5
     )
+
+
+def test_masks_that_are_not_label_maps_fail_by_name_and_count_in_the_means(tmp_path, capsys):
+    from medseg.cli import main
+
+    ref = np.zeros((6, 6, 6))
+    ref[1:3, 1:3, 1:3] = 1
+    for name in ("nan", "half", "seven", "good"):
+        _write(tmp_path / "ref" / f"{name}.nii.gz", ref)
+    masks = {"nan": np.full((6, 6, 6), np.nan), "half": ref * 0.5 + ref, "seven": ref * 7, "good": ref}
+    for name, array in masks.items():
+        image = sitk.GetImageFromArray(np.asarray(array, np.float32))
+        (tmp_path / "pred").mkdir(exist_ok=True)
+        sitk.WriteImage(image, str(tmp_path / "pred" / f"{name}.nii.gz"))
+    labels = tmp_path / "labels.json"
+    labels.write_text('{"0": "background", "1": "LV"}')
+    for command in (["evaluate", "--out", str(tmp_path / "ev")], ["report", "--out", str(tmp_path / "rep")]):
+        code = main(
+            [
+                *command,
+                "--pred",
+                str(tmp_path / "pred"),
+                "--ref",
+                str(tmp_path / "ref"),
+                "--labels",
+                str(labels),
+            ]
+        )
+        err = capsys.readouterr().err
+        assert code == 1 and "Traceback" not in err
+        lines = err.splitlines()
+        for case, problem in (
+            ("nan", "holds NaN or infinite values: not a label map"),
+            ("half", "holds values that are not whole numbers (1.5): not a label map"),
+            ("seven", "holds label [7] that the label map (0, 1) does not name"),
+        ):
+            assert sum(line.startswith(f"scored 0: {case}: ") and problem in line for line in lines) == 1, err
+    summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    assert summary["classes"]["LV"]["dice"]["n"] == 4  # the three failures count, as Dice 0
+    assert summary["classes"]["LV"]["dice"]["mean"] == pytest.approx(0.25)
+    assert (tmp_path / "rep" / "index.html").is_file()

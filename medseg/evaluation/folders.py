@@ -125,6 +125,9 @@ def score_case(
         if pred is None:
             return _missing_rows(case, ref, labels, discover, MISSING)
         pred_array, ref_array, spacing = pair_arrays(pred, ref)
+        check_label_map(
+            pred_array, pred if isinstance(pred, (str, Path)) else "prediction", None if discover else labels
+        )
         if discover:
             _add_found(labels, pred_array)
             _add_found(labels, ref_array)
@@ -155,6 +158,29 @@ def _missing_rows(case, ref, labels, discover, status, reason=None) -> list[dict
         for c, n in _foreground(labels)
     ]
     return rows or [{"case": case, "label": None, **extra}]
+
+
+def check_label_map(array: np.ndarray, where, labels: dict[int, str] | None = None) -> None:
+    """Refuse a mask that is not a label map: NaN, fractions (a probability map), or, when the
+    classes are known, a label they do not name. Each is a failed case, scored under POLICY,
+    never a crash nor a silent truncation.
+
+    Raises:
+        InputError: naming the file and what it holds.
+    """
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise InputError(where, "holds NaN or infinite values: not a label map")
+        fractions = array[array != np.round(array)]
+        if fractions.size:
+            raise InputError(
+                where, f"holds values that are not whole numbers ({fractions.flat[0]:g}): not a label map"
+            )
+    if labels is not None:
+        unknown = sorted({int(v) for v in np.unique(array)} - {0, *map(int, labels)})
+        if unknown:
+            named = ", ".join(str(c) for c in sorted({0, *map(int, labels)}))
+            raise InputError(where, f"holds label {unknown} that the label map ({named}) does not name")
 
 
 def is_scored(row: dict) -> bool:
