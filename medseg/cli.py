@@ -111,6 +111,9 @@ def _flag_settings(args) -> list[str]:
     return [*args.set, *chosen]
 
 
+_threads_before: list[int] = []  # torch's thread count before --threads, restored when main() ends
+
+
 def _set_threads(threads: int | None) -> None:
     """``--threads``: the CPU threads torch computes with (default: torch's, one per core)."""
     if threads is not None:
@@ -118,6 +121,7 @@ def _set_threads(threads: int | None) -> None:
             raise ConfigError("--threads", f"must be 1 or more, not {threads}")
         import torch
 
+        _threads_before.append(torch.get_num_threads())
         torch.set_num_threads(threads)
 
 
@@ -654,6 +658,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         logger.removeHandler(lines)
         logger.setLevel(level)
+        if _threads_before:  # a program that calls main() keeps its own thread count too
+            import torch
+
+            torch.set_num_threads(_threads_before[0])
+            _threads_before.clear()
 
 
 if __name__ == "__main__":
