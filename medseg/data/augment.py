@@ -77,7 +77,7 @@ def spatial_steps(aug: AugmentConfig, plan: Plan, keys: list[str]) -> list:
         scale = tuple((low - 1, high - 1) if a in moved else (0.0, 0.0) for a in range(dims))
         affine = mt.RandAffined(
             keys,
-            prob=1.0 if aug.spatial_prob < 1 else aug.spatial_prob,
+            prob=1.0,  # how often it runs is OneOf's choice below (or always, at spatial_prob 1)
             rotate_range=rotate,
             scale_range=scale,
             spatial_size=patch,
