@@ -17,11 +17,8 @@ from medseg.models import build_model
 from medseg.models.factory import model_from_config
 from medseg.training.pretrain import (
     Pretrainer,
-    add_noise,
-    alphas_cumprod,
-    cosine_betas,
     denoising_loss,
-    linear_betas,
+    noise_scheduler,
     sample_timesteps,
 )
 from medseg.training.transfer import load_matching, network_of
@@ -29,28 +26,33 @@ from tests.conftest import TINY_OVERRIDES, run_cli
 
 
 def test_linear_schedule_matches_its_closed_form():
-    betas = linear_betas(1000)
-    assert betas[0].item() == pytest.approx(1e-4) and betas[-1].item() == pytest.approx(0.02)
-    abar = alphas_cumprod(betas)
+    abar = noise_scheduler(1000, "linear").alphas_cumprod
+    betas = [1e-4 + (0.02 - 1e-4) * k / 999 for k in range(1000)]  # DDPM's linear betas
     assert torch.all(abar[1:] < abar[:-1]) and 0 < abar[-1] < 1e-4 < abar[0] < 1
-    t = 499
-    assert abar[t].item() == pytest.approx(math.prod(1 - b for b in betas[: t + 1].tolist()), rel=1e-9)
+    for t in (0, 499, 999):
+        assert abar[t].item() == pytest.approx(math.prod(1 - b for b in betas[: t + 1]), rel=1e-4)
 
 
 def test_cosine_schedule_matches_its_closed_form():
-    abar = alphas_cumprod(cosine_betas(1000))
+    abar = noise_scheduler(1000, "cosine").alphas_cumprod
     f = lambda t: math.cos((t / 1000 + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
     for t in (0, 100, 500, 900):
-        assert abar[t].item() == pytest.approx(f(t + 1) / f(0), rel=1e-6)
+        assert abar[t].item() == pytest.approx(f(t + 1) / f(0), rel=1e-5)
     assert torch.all(abar[1:] <= abar[:-1])
 
 
+def test_an_unknown_schedule_is_named():
+    with pytest.raises(ConfigError, match="pretrain.schedule.*must be linear or cosine, not 'sigmoid'"):
+        noise_scheduler(1000, "sigmoid")
+
+
 def test_noising_has_the_mean_and_variance_of_q():
-    abar = alphas_cumprod(linear_betas(1000))
+    scheduler = noise_scheduler(1000, "linear")
+    abar = scheduler.alphas_cumprod
     x0 = torch.full((20000, 1), 1.5)
     for step in (10, 250, 900):
         t = torch.full((20000,), step)
-        xt = add_noise(x0, torch.randn_like(x0), t, abar)
+        xt = scheduler.add_noise(x0, torch.randn_like(x0), t)
         assert xt.mean().item() == pytest.approx(abar[step].sqrt().item() * 1.5, abs=0.03)
         assert xt.var().item() == pytest.approx(1 - abar[step].item(), abs=0.03)
 
@@ -73,15 +75,15 @@ def test_timestep_sampling():
 def test_one_step_lowers_the_denoising_loss_on_a_fixed_batch(name):
     torch.manual_seed(0)
     model = build_model(name, 3, 1, 1, channels=(8, 16), time_conditioning=True, norm="group")
-    abar = alphas_cumprod(linear_betas(1000))
+    scheduler = noise_scheduler(1000, "linear")
     x0 = torch.randn(2, 1, 16, 16, 8)
     noise, t = torch.randn_like(x0), torch.tensor([100, 300])
-    before = denoising_loss(model, x0, t, abar, noise)
+    before = denoising_loss(model, x0, t, scheduler, noise)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     before.backward()
     optimizer.step()
     with torch.no_grad():
-        after = denoising_loss(model, x0, t, abar, noise)
+        after = denoising_loss(model, x0, t, scheduler, noise)
     assert after.item() < before.item() - 1e-3
 
 

@@ -1,18 +1,19 @@
 """Diffusion-denoising pretraining: a U-Net learns to predict the noise added to unlabelled
 scans (DDPM's epsilon objective), then its weights start the segmentation training.
 
-The math is a few pure functions (schedules, noising, timestep sampling); ``Pretrainer`` is the
-``Trainer`` with images for data and the denoising loss for a step, so resume, checkpoints,
-mixed precision and torchrun work as they do for segmentation.
+The noise schedule and the noising are MONAI's ``DDPMScheduler``; the timestep sampling and the
+loss are small functions here. ``Pretrainer`` is the ``Trainer`` with images for data and the
+denoising loss for a step, so resume, checkpoints, mixed precision and torchrun work as they do
+for segmentation.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
 import torch
+from monai.networks.schedulers import DDPMScheduler
 from torch import nn
 from torch.nn import functional as F
 
@@ -24,38 +25,19 @@ from medseg.errors import ConfigError, InputError
 from medseg.models.factory import model_for_plan
 from medseg.training.trainer import Trainer
 
-__all__ = [
-    "linear_betas",
-    "cosine_betas",
-    "alphas_cumprod",
-    "add_noise",
-    "sample_timesteps",
-    "denoising_loss",
-    "Pretrainer",
-]
+__all__ = ["noise_scheduler", "sample_timesteps", "denoising_loss", "Pretrainer"]
+
+# MONAI's names for the two schedules medseg offers: DDPM's linear betas (Ho et al., 2020) and
+# the cosine alpha-bar (Nichol & Dhariwal, 2021).
+SCHEDULES = {"linear": "linear_beta", "cosine": "cosine"}
 
 
-def linear_betas(steps: int = 1000, start: float = 1e-4, end: float = 0.02) -> torch.Tensor:
-    """DDPM's linear noise schedule (Ho et al., 2020): beta_t from ``start`` to ``end``."""
-    return torch.linspace(start, end, steps, dtype=torch.float64)
-
-
-def cosine_betas(steps: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
-    """The cosine schedule (Nichol & Dhariwal, 2021): alpha-bar follows cos^2 of the time."""
-    x = torch.arange(steps + 1, dtype=torch.float64) / steps
-    abar = torch.cos((x + s) / (1 + s) * math.pi / 2) ** 2
-    return (1 - abar[1:] / abar[:-1]).clamp(max=max_beta)
-
-
-def alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:
-    """alpha-bar_t = prod_{s<=t} (1 - beta_s): the share of signal left after t steps."""
-    return torch.cumprod(1 - betas, dim=0)
-
-
-def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
-    """A sample of q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I), given the noise."""
-    a = abar.to(x0.device)[t].float().reshape(-1, *([1] * (x0.ndim - 1)))
-    return a.sqrt() * x0 + (1 - a).sqrt() * noise
+def noise_scheduler(steps: int = 1000, schedule: str = "linear") -> DDPMScheduler:
+    """MONAI's DDPM scheduler for ``steps`` noise levels: its ``alphas_cumprod`` is alpha-bar_t,
+    the share of signal left after t steps, and ``add_noise`` draws from q(x_t | x_0)."""
+    if schedule not in SCHEDULES:
+        raise ConfigError("pretrain.schedule", f"must be linear or cosine, not {schedule!r}")
+    return DDPMScheduler(num_train_timesteps=steps, schedule=SCHEDULES[schedule])
 
 
 def sample_timesteps(
@@ -76,20 +58,13 @@ def sample_timesteps(
     return (u * steps).long().clamp(max=steps - 1)
 
 
-def denoising_loss(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, abar: torch.Tensor, noise=None):
+def denoising_loss(
+    model: nn.Module, x0: torch.Tensor, t: torch.Tensor, scheduler: DDPMScheduler, noise=None
+) -> torch.Tensor:
     """The epsilon-prediction MSE of ``model`` on clean images ``x0`` at timesteps ``t``."""
     noise = torch.randn_like(x0) if noise is None else noise
-    predicted = model(add_noise(x0, noise, t, abar), t)
-    return F.mse_loss(predicted.float(), noise)
-
-
-def schedule(config: Config) -> torch.Tensor:
-    """alpha-bar of the configured schedule."""
-    noise = config.pretrain
-    makers = {"linear": linear_betas, "cosine": cosine_betas}
-    if noise.schedule not in makers:
-        raise ConfigError("pretrain.schedule", f"must be linear or cosine, not {noise.schedule!r}")
-    return alphas_cumprod(makers[noise.schedule](noise.steps))
+    predicted = model(scheduler.add_noise(x0.float(), noise.float(), t), t)
+    return F.mse_loss(predicted.float(), noise.float())
 
 
 def pretrain_cases(dataset: Cases) -> list[dict]:
@@ -120,7 +95,7 @@ class Pretrainer(Trainer):
             config.model.timestep = 0  # drawn at random: segmentation will see clean images
         # Checks the mode and the fixed timestep now, before any image is read.
         sample_timesteps(1, config.pretrain.steps, config.pretrain.timesteps, fixed=config.model.timestep)
-        self.abar = schedule(config)
+        self.scheduler = noise_scheduler(config.pretrain.steps, config.pretrain.schedule)
         super().__init__(config, **kwargs)
 
     def _cases(self, config: Config, train_cases, val_cases) -> tuple[Cases, list, list]:
@@ -156,21 +131,21 @@ class Pretrainer(Trainer):
             image.shape[0], noise.steps, noise.timesteps, fixed=self.config.model.timestep
         ).to(self.device)
         with self.autocast():
-            return denoising_loss(self.net, image, t, self.abar)
+            return denoising_loss(self.net, image, t, self.scheduler)
 
     def on_train_end(self, summary: dict) -> None:
         if self.dist.is_main and getattr(self, "last_patch", None) is not None:
             fixed = self.config.pretrain.timesteps == "fixed"  # the one noise level it knows
             times = (self.config.model.timestep,) if fixed else (50, 150, 250, 500)
             draw_denoising(
-                self.eval_model, self.last_patch, self.abar, self.output_dir / "denoising.png", times
+                self.eval_model, self.last_patch, self.scheduler, self.output_dir / "denoising.png", times
             )
         super().on_train_end(summary)
 
 
 @torch.no_grad()
 def draw_denoising(
-    model: nn.Module, x0: torch.Tensor, abar: torch.Tensor, png, times=(50, 150, 250, 500)
+    model: nn.Module, x0: torch.Tensor, scheduler: DDPMScheduler, png, times=(50, 150, 250, 500)
 ) -> Path:
     """A grid: a training patch noised at a few t (top) and the network's estimate of the clean
     patch from it (bottom), x0_hat = (x_t - sqrt(1 - abar) eps_hat) / sqrt(abar)."""
@@ -185,6 +160,7 @@ def draw_denoising(
     device = x0.device
     was_training = model.training
     model.eval()
+    abar = scheduler.alphas_cumprod
     times = [t for t in times if t < len(abar)]
     fig, axes = plt.subplots(2, len(times) + 1, figsize=(2.6 * (len(times) + 1), 5.4))
     middle = lambda v: v[0, 0, ..., v.shape[-1] // 2] if v.ndim == 5 else v[0, 0]  # noqa: E731
@@ -197,7 +173,7 @@ def draw_denoising(
     for k, t in enumerate(times, 1):
         step = torch.full((1,), t, dtype=torch.long, device=device)
         noise = torch.randn(x0.shape, generator=generator).to(device)
-        noisy = add_noise(x0, noise, step, abar)
+        noisy = scheduler.add_noise(x0, noise, step)
         a = abar[t].float().to(device)
         estimate = (noisy - (1 - a).sqrt() * model(noisy, step).float()) / a.sqrt()
         axes[0, k].imshow(middle(noisy).cpu().numpy().T, cmap="gray", vmin=low, vmax=high, origin="lower")
