@@ -216,11 +216,8 @@ def _fold_folders(folder: Path) -> list[Path]:
 
 def file_sha256(path: str | Path) -> str:
     """The SHA-256 of a file, as ``sha256sum`` prints it."""
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def weights_sha256(model: nn.Module) -> str:

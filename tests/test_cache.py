@@ -1,4 +1,6 @@
+import hashlib
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -8,6 +10,15 @@ from medseg.data.datasets import find_cases
 from medseg.data.plan import fingerprint, make_plan
 from medseg.data.transforms import eval_transforms
 from medseg.errors import ConfigError
+
+
+def test_a_case_key_is_the_sha256_of_its_files_bytes_so_caches_outlive_versions(tiny_dataset):
+    case = find_cases(tiny_dataset).training[0]
+    by_hand = hashlib.sha256()
+    for key in ("image", "label"):
+        by_hand.update(key.encode() + Path(case[key]).read_bytes())
+    assert content_hash(case) == by_hand.hexdigest().encode()
+    assert content_hash({"image": case["image"]}) != content_hash(case)
 
 
 def test_disk_cache_survives_runs_and_notices_changes(tiny_dataset, tmp_path, monkeypatch):
