@@ -143,12 +143,21 @@ def _read_file(path: Path) -> sitk.Image:
 
 def _check_nifti_data(path: Path, image: sitk.Image) -> sitk.Image:
     """ITK fills a truncated NIfTI with zeros without a word, and reads NaN voxels as 0; nibabel
-    does neither, so ask it. NaNs are put back, for ``check_voxel_values`` to judge."""
+    does neither, so ask it, reading the data a second time only where the header and the file's
+    length cannot answer: float voxels (NaN) and a length that disagrees. NaNs are put back, for
+    ``check_voxel_values`` to judge."""
     try:
-        data = np.asanyarray(nib.load(str(path), mmap=False).dataobj)
+        proxy = nib.load(str(path)).dataobj  # the header alone: nibabel reads data lazily
     except (EOFError, OSError, ValueError, zlib.error):
         raise InputError(path, "cannot read: file is truncated (the image data ends early)") from None
-    if not np.issubdtype(data.dtype, np.floating) or np.isfinite(data).all():
+    floating = np.issubdtype(proxy.dtype, np.floating)
+    if not floating and _data_length_fits(path, proxy):
+        return image  # whole, and integer voxels hold no NaN
+    try:
+        data = np.asanyarray(nib.load(str(path), mmap=False).dataobj.get_unscaled())
+    except (EOFError, OSError, ValueError, zlib.error):
+        raise InputError(path, "cannot read: file is truncated (the image data ends early)") from None
+    if not floating or np.isfinite(data).all():
         return image
     array = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
     missing = ~np.isfinite(data).T
@@ -158,6 +167,18 @@ def _check_nifti_data(path: Path, image: sitk.Image) -> sitk.Image:
     restored = sitk.GetImageFromArray(array, isVector=False)
     restored.CopyInformation(image)
     return restored
+
+
+def _data_length_fits(path: Path, proxy) -> bool:
+    """Whether the file is as long as its header promises: the size of a .nii, or the length a
+    .nii.gz's gzip trailer records (mod 2**32; a file cut short ends in other bytes). False
+    also for a valid file that gzip wrote in several members: the caller then reads it all."""
+    expected = proxy.offset + int(np.prod(proxy.shape)) * proxy.dtype.itemsize
+    if volume_suffix(path) == ".nii":
+        return path.stat().st_size >= expected
+    with open(path, "rb") as handle:
+        handle.seek(-4, 2)
+        return int.from_bytes(handle.read(4), "little") == expected % 2**32
 
 
 def check_voxel_values(image: sitk.Image, where=None) -> tuple[sitk.Image, str]:

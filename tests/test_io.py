@@ -16,14 +16,46 @@ def oblique_image():
     return image
 
 
+@pytest.mark.parametrize("pixel", [sitk.sitkInt16, sitk.sitkFloat32])
 @pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".nrrd", ".mha"])
-def test_truncated_files_are_caught_in_every_format(tmp_path, oblique_image, suffix):
+def test_truncated_files_are_caught_in_every_format(tmp_path, oblique_image, suffix, pixel):
     whole = tmp_path / f"whole{suffix}"
-    sitk.WriteImage(oblique_image, str(whole), useCompression=suffix != ".nii")
+    sitk.WriteImage(sitk.Cast(oblique_image, pixel), str(whole), useCompression=suffix != ".nii")
     cut = tmp_path / f"cut{suffix}"
     cut.write_bytes(whole.read_bytes()[: whole.stat().st_size * 2 // 3])
     with pytest.raises(InputError, match="truncated"):
         read_volume(cut)
+
+
+def test_whole_nifti_files_with_integer_voxels_are_read_once(tmp_path, oblique_image, monkeypatch):
+    """Their header and length vouch for them; nibabel reads the data only to look for NaN."""
+    import nibabel as nib
+
+    reads = []
+    get_unscaled = nib.arrayproxy.ArrayProxy.get_unscaled
+    monkeypatch.setattr(
+        nib.arrayproxy.ArrayProxy, "get_unscaled", lambda self: reads.append(1) or get_unscaled(self)
+    )
+    for pixel, suffix, second_reads in [
+        (sitk.sitkInt16, ".nii.gz", 0),
+        (sitk.sitkUInt8, ".nii", 0),
+        (sitk.sitkFloat32, ".nii.gz", 1),
+    ]:
+        path = tmp_path / f"image{suffix}"
+        sitk.WriteImage(sitk.Cast(oblique_image, pixel), str(path))
+        reads.clear()
+        assert read_volume(path).GetSize() == oblique_image.GetSize()
+        assert len(reads) == second_reads, (pixel, suffix)
+
+
+def test_a_nifti_gzipped_in_two_members_is_whole(tmp_path, oblique_image):
+    """gzip's trailer then records only the last member's length; the full read settles it."""
+    whole = tmp_path / "whole.nii"
+    sitk.WriteImage(sitk.Cast(oblique_image, sitk.sitkInt16), str(whole))
+    raw = whole.read_bytes()
+    two = tmp_path / "two.nii.gz"
+    two.write_bytes(gzip.compress(raw[:1000]) + gzip.compress(raw[1000:]))
+    np.testing.assert_array_equal(to_array(read_volume(two)), to_array(read_volume(whole)))
 
 
 @pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".nrrd", ".mha"])
