@@ -334,6 +334,7 @@ def test_agrees_with_monai_metrics():
     import torch
     from monai.metrics import (
         compute_average_surface_distance,
+        compute_dice,
         compute_hausdorff_distance,
         compute_surface_dice,
     )
@@ -346,6 +347,7 @@ def test_agrees_with_monai_metrics():
     got = class_metrics(pred, ref, spacing, tolerance=2.0)
     p, r = (torch.tensor(a, dtype=torch.float32)[None, None] for a in (pred, ref))
     kw = {"include_background": True, "spacing": list(spacing)}
+    assert got["dice"] == pytest.approx(compute_dice(p, r).item(), rel=1e-5)
     assert got["hd95"] == pytest.approx(
         compute_hausdorff_distance(p, r, percentile=95, **kw).item(), rel=1e-5
     )

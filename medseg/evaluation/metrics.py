@@ -3,7 +3,10 @@
 Overlap (Dice, IoU, TP/FP/FN voxels, volumes in mL) and surface distances (HD95, ASSD, surface
 Dice at a tolerance in mm), all in the image's spacing. Surfaces and distances are MONAI's
 (``get_mask_edges``: mask voxels with a neighbour outside the mask; ``get_surface_distance``:
-Euclidean, scaled by the spacing), so the figures match ``monai.metrics``.
+Euclidean, scaled by the spacing), so the figures match ``monai.metrics`` (a test holds them to
+it). Not its ``compute_hausdorff_distance``/``_average_surface_distance``/``_surface_dice``: each
+finds the surfaces and distances again, 3.7x the time of one pass for the three (0.97 s against
+0.26 s on an LA label, AMD EPYC), and a batch evaluation scores thousands of classes.
 
 Empty masks (docs/metrics.md): both empty is a perfect score; one empty is Dice 0 with the
 worst-case distance (the image's diagonal) and a status saying which; a missing prediction
