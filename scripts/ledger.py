@@ -15,6 +15,7 @@ arm's measured speed on a machine of that CPU.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -93,14 +94,35 @@ def minutes(records: list[dict], run: dict) -> str:
     return f"{run['steps_budget'] * same[-1]['seconds_per_step'] / 60:.1f}" if same else "-"
 
 
+# Commits that changed what a run trains (medseg's defaults, or the MONAI script): the runs of
+# one arm from such a commit up to the next share a recipe, and their seeds pool in one row.
+# A change to the recipe adds its commit here.
+RECIPES = ["d575b9f", "d0b7a59"]
+
+
+@functools.cache
+def recipe(commit: str) -> str:
+    """The newest commit of ``RECIPES`` at or before ``commit``; the commit itself otherwise."""
+    commit = commit.removesuffix("-dirty")
+    for candidate in reversed(RECIPES):
+        if candidate == commit:
+            return candidate
+        ancestor = subprocess.run(
+            ["git", "merge-base", "--is-ancestor", candidate, commit], cwd=ROOT, capture_output=True
+        )
+        if ancestor.returncode == 0:
+            return candidate
+    return commit
+
+
 def table(records: list[dict], data: str | None = None) -> str:
-    """Mean Dice ± std over seeds per data set, arm and step budget, with each seed's figure."""
+    """Mean Dice ± std over seeds per data set, arm, recipe and step budget, with each seed's figure."""
     groups = defaultdict(list)
     for r in records:
         if r.get("kind") == "run" and (data is None or r["data"] == data):
-            groups[(r["data"], r["steps_budget"], r["commit"], arm_name(r))].append(r)
+            groups[(r["data"], r["steps_budget"], recipe(r["commit"]), arm_name(r))].append(r)
     lines = [
-        "| data | steps | minutes alone | commit | arm | seeds | mean Dice | per seed | worst case "
+        "| data | steps | minutes alone | recipe of | arm | seeds | mean Dice | per seed | worst case "
         "| per class |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
