@@ -24,6 +24,7 @@ _WHERE = {
     "evaluate_pair": "medseg.evaluation.metrics",
     "qc_report": "medseg.evaluation.report",
     "predict_many": "medseg.inference.batch",
+    "export_model": "medseg.inference.export",
     "Predictor": "medseg.inference.predictor",
     "Segmentation": "medseg.inference.predictor",
     "keep_largest_component": "medseg.inference.postprocess",

@@ -27,6 +27,7 @@ __all__ = [
     "Checkpoint",
     "checkpoint_file",
     "checkpoint_files",
+    "EXPORTED_MODEL_FILE",
     "file_sha256",
     "weights_sha256",
 ]
@@ -155,18 +156,20 @@ class Checkpoint:
 
 
 CHECKPOINT_NAMES = ("best", "last")  # the two files a run folder holds
+EXPORTED_MODEL_FILE = "medseg-model.json"  # what a folder from medseg export holds
 
 
 def checkpoint_file(path: str | Path, which: str = "best") -> Path:
-    """The checkpoint file a path names: the file itself, or a run folder's ``best.pt``
-    (``which="last"``: its ``last.pt``).
+    """The checkpoint file a path names: the file itself, a run folder's ``best.pt``
+    (``which="last"``: its ``last.pt``), or an exported model folder's description.
 
     Raises:
         CheckpointError: there is no such file.
     """
     path = Path(path)
     if path.is_dir():
-        path = path / f"{which}.pt"
+        exported = path / EXPORTED_MODEL_FILE
+        path = exported if exported.is_file() else path / f"{which}.pt"
     if not path.is_file():
         raise CheckpointError(path, "no such checkpoint")
     return path

@@ -192,6 +192,8 @@ def cmd_predict(args) -> int:
         which=args.checkpoint,
         folds=args.fold,
         overlap=args.overlap,
+        precision=args.precision,
+        runtime=args.runtime,
     )
     if not args.quiet and (predictor.passes > 1):
         print(
@@ -283,6 +285,15 @@ class _CaseProgress:
     def close(self) -> None:
         if self.bar:
             self.bar.close()
+
+
+def cmd_export(args) -> int:
+    from medseg.inference.export import export_model
+
+    _set_threads(args.threads)
+    written = export_model(args.model, args.output, which=args.checkpoint, overwrite=args.overwrite)
+    print(f"wrote {written.parent}: predict with medseg predict -m {written.parent} (runs on the CPU)")
+    return 0
 
 
 def cmd_evaluate(args) -> int:
@@ -541,8 +552,40 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also write CASE_uncertainty: where the TTA passes or ensemble models disagree (0..1)",
     )
+    p.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        help="auto: bf16 where the CPU or GPU computes it natively, else fp32 (default: the model's "
+        "train.precision)",
+    )
+    p.add_argument(
+        "--runtime",
+        choices=["auto", "openvino", "onnxruntime"],
+        default="auto",
+        help="for a model folder from medseg export: auto is OpenVINO where installed, else ONNX Runtime",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="print only errors, warnings and the summary")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser(
+        "export",
+        help="write a model folder for CPU servers: the network as ONNX and what prediction needs",
+        description="Write the network of a checkpoint as ONNX (needs medseg[export]) beside its plan, "
+        "labels and settings. medseg predict -m FOLDER runs it with OpenVINO or ONNX Runtime "
+        "(medseg[deploy]) on the CPU, with every option predict has. Exit status: 0 written, 2 usage "
+        "or fatal error, 3 a crash (a bug: its traceback is printed), 130 interrupted.",
+    )
+    p.add_argument("-m", "--model", required=True, help="checkpoint file or run folder (its best.pt)")
+    p.add_argument("-o", "--output", "--out", dest="output", required=True, help="the model folder to write")
+    p.add_argument(
+        "--checkpoint",
+        choices=["best", "last"],
+        default="best",
+        help="which checkpoint of a run folder (default: %(default)s)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an exported model in the folder")
+    _threads_argument(p)
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(
         "evaluate", help="Dice, IoU, HD95, ASSD and surface Dice per case and class against references"

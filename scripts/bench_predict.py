@@ -11,9 +11,13 @@ the weights). The arms:
 - ``prefetch``: medseg reading the next case in a second thread (``predict_many(prefetch=True)``);
 - ``tta``: ``--tta`` on a model trained with mirrors along 2 axes (4 passes);
 - ``ensemble``: two models (``-m A -m B``);
-- ``probabilities``: ``--save-probabilities``; ``uncertainty``: ``--tta --uncertainty``.
+- ``probabilities``: ``--save-probabilities``; ``uncertainty``: ``--tta --uncertainty``;
+- ``openvino``, ``onnxruntime``: the plain checkpoint exported (``medseg export``) and predicted
+  from its model folder with that runtime (``--runtime``).
 
 Speed is input voxels per second of the whole process (start-up, reading, writing included).
+``--windows`` first times one window of the network in torch (fp32; bf16 with channels-last,
+medseg's default on a CPU with native bf16), ONNX Runtime and OpenVINO (fp32, bf16).
 With ``--big`` it also segments one 512 x 512 x 300 float volume (a CT's size) with the medseg
 and MONAI arms, with probabilities and with TTA, and reports their peak RSS. Run it alone on
 the machine: another job on the cores changes the figures.
@@ -39,12 +43,24 @@ HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parent))
 from benchmark import make_phantoms, peak_rss_mb  # noqa: E402
 
-ARMS = ("medseg", "monai", "prefetch", "tta", "ensemble", "probabilities", "uncertainty")
+ARMS = (
+    "medseg",
+    "monai",
+    "prefetch",
+    "tta",
+    "ensemble",
+    "probabilities",
+    "uncertainty",
+    "openvino",
+    "onnxruntime",
+)
 
 
 def _checkpoints(work: Path, data: Path) -> dict[str, str]:
-    """A plain checkpoint and one trained with mirrors along axes 1 and 2 (for TTA)."""
+    """A plain checkpoint, one trained with mirrors along axes 1 and 2 (for TTA), and the plain
+    one exported."""
     from medseg.config import load_config
+    from medseg.inference.export import export_model
     from medseg.training.trainer import Trainer
 
     found = {}
@@ -55,6 +71,9 @@ def _checkpoints(work: Path, data: Path) -> dict[str, str]:
             config.data.root, config.train.output_dir = str(data), str(run)
             Trainer(config, overwrite=True).fit()
         found[name] = str(run / "best.pt")
+    if not (work / "exported" / "medseg-model.json").is_file():
+        export_model(found["plain"], work / "exported")
+    found["exported"] = str(work / "exported")
     return found
 
 
@@ -65,6 +84,8 @@ def _cli_args(arm: str, models: dict[str, str]) -> list[str]:
         "ensemble": ["-m", models["plain"], "-m", models["mirrored"]],
         "probabilities": ["-m", models["plain"], "--save-probabilities"],
         "uncertainty": ["-m", models["mirrored"], "--tta", "--uncertainty"],
+        "openvino": ["-m", models["exported"], "--runtime", "openvino"],
+        "onnxruntime": ["-m", models["exported"], "--runtime", "onnxruntime"],
     }[arm]
 
 
@@ -176,6 +197,50 @@ def _big_volume(folder: Path) -> Path:
     return folder
 
 
+def _window_costs(models: dict[str, str], threads: int, runs: int = 20) -> None:
+    """Milliseconds per window of the plain model's network in each runtime and precision
+    (median of ``runs`` after a warm-up), and the share of voxels whose argmax agrees with
+    torch fp32, on windows of a test phantom."""
+    import torch
+
+    from medseg.checkpoint import Checkpoint
+    from medseg.device import channels_last_format
+    from medseg.inference.export import NETWORK_FILE
+    from medseg.inference.runtime import RuntimeNetwork
+    from medseg.models.factory import model_from_checkpoint
+
+    torch.set_num_threads(threads)
+    found = Checkpoint.load(models["plain"])
+    plan = found.preprocessing()
+    torch.manual_seed(0)
+    windows = torch.randn(4, plan.channels, *plan.patch_size)  # speed does not depend on content
+    net = model_from_checkpoint(found)
+    fp32 = lambda x: net(x)  # noqa: E731
+    net_cl = model_from_checkpoint(found).to(memory_format=channels_last_format(3))
+
+    def bf16(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return net_cl(x.contiguous(memory_format=channels_last_format(3))).float()
+
+    arms = {"torch fp32": fp32, "torch bf16 + channels-last (medseg)": bf16}
+    for runtime, precision in (("onnxruntime", None), ("openvino", None), ("openvino", torch.bfloat16)):
+        exported = RuntimeNetwork(Path(models["exported"]) / NETWORK_FILE, runtime)
+        name = f"{runtime} {exported.prepare(precision)}"
+        arms[name] = exported
+    with torch.inference_mode():
+        reference = fp32(windows[:1]).argmax(1)
+        print(f"\nms per window ({'x'.join(map(str, plan.patch_size))}), median of {runs}, {threads} threads")
+        for name, run in arms.items():
+            run(windows[:1])
+            times = []
+            for k in range(runs):
+                began = time.perf_counter()
+                run(windows[k % 4 : k % 4 + 1])
+                times.append((time.perf_counter() - began) * 1e3)
+            agree = (run(windows[:1]).argmax(1) == reference).float().mean().item()
+            print(f"{name:>36}: {statistics.median(times):7.1f} ms  argmax agrees {agree:.4f}")
+
+
 def _voxels(folder: Path) -> int:
     from medseg.io import read_header
 
@@ -201,11 +266,14 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     parser.add_argument("--big", action="store_true", help="also the peak RSS on a 512 x 512 x 300 volume")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--windows", action="store_true", help="also ms per window in each runtime")
     parser.add_argument("--work", default="bench_predict_work")
     args = parser.parse_args()
     work = Path(args.work).resolve()
     data = make_phantoms(work / "data", n_train=4, n_test=args.cases)
     models = _checkpoints(work, data)
+    if args.windows:
+        _window_costs(models, args.threads)
     images = data / "imagesTs"
     voxels = _voxels(images)
     print(f"{args.cases} volumes, {voxels / args.cases / 1e3:.0f}k voxels each, {args.threads} threads")

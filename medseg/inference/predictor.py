@@ -29,8 +29,10 @@ from medseg.device import (
 from medseg.dicom import DicomSeries, read_series, write_dicom_seg
 from medseg.errors import CheckpointError, ConfigError, InputError
 from medseg.inference.cases import ChannelFiles
+from medseg.inference.export import is_exported, load_exported
 from medseg.inference.grid import onto_network_grid, resample_onto, to_input_grid
 from medseg.inference.postprocess import keep_largest_component, keep_largest_labels
+from medseg.inference.runtime import is_runtime_network
 from medseg.inference.sliding import sliding_window_probs
 from medseg.inference.tta import ProbabilityMean, flip_passes
 from medseg.io import check_voxel_values, image_files, read_channels, write_volume
@@ -99,6 +101,7 @@ class Member:
     plan: Plan
     sha256: str
     channels_last: bool = False
+    precision: str | None = None  # an exported network's, set by its runtime; else the predictor's
 
 
 class Predictor:
@@ -120,12 +123,16 @@ class Predictor:
         folds: of a cross-validation folder, these folds only (None: every fold).
         overlap: of neighbouring sliding windows, 0 to below 1; None: the checkpoint's
             ``infer.overlap``.
+        precision: ``auto``, ``fp32`` or ``bf16``; None: the checkpoint's ``train.precision``.
+        runtime: for exported models (``medseg export``): ``auto`` (OpenVINO where it is
+            installed, else ONNX Runtime), ``openvino`` or ``onnxruntime``.
 
     Example:
         >>> predictor = Predictor("runs/heart/best.pt")
         >>> predictor.predict_file("scan.nii.gz", "scan_mask.nii.gz")
         >>> mask, probs = predictor.predict("dicom_folder/", probabilities=True)
         >>> ensemble = Predictor("runs/cv", tta=True)  # every fold_K/best.pt, mirrored passes
+        >>> deployed = Predictor("model/")  # a folder medseg export wrote; runs on the CPU
         >>> result = ensemble.segment(ensemble.load("scan.nii.gz"), uncertainty=True)
     """
 
@@ -139,18 +146,28 @@ class Predictor:
         which: str = "best",
         folds: list[int] | None = None,
         overlap: float | None = None,
+        precision: str | None = None,
+        runtime: str = "auto",
     ):
         paths = checkpoint_files(checkpoint, which, folds)
         members, labels, config, decided = [], None, None, None
         for path in paths:
-            found = Checkpoint.load(path)
-            members.append(Member(model_from_checkpoint(found), found.preprocessing(), file_sha256(path)))
+            if is_exported(path):
+                found, model, sha256 = load_exported(path, runtime)
+            else:
+                found = Checkpoint.load(path)
+                model, sha256 = model_from_checkpoint(found), file_sha256(path)
+            members.append(Member(model, found.preprocessing(), sha256))
             labels = _same_labels(labels, found.labels, path)
             if config is None:
                 config = found.settings()
                 decided = found.keep_largest  # what training chose for "auto"
         if overlap is not None:
             config = config.override([f"infer.overlap={overlap}"])  # checked as --set would be
+        if precision is not None:
+            config = config.override([f"train.precision={precision}"])
+        if device == "auto" and all(is_runtime_network(m.model) for m in members):
+            device = "cpu"  # where exported networks run, though a GPU be present
         self._setup(members, labels, config, device, tta, keep_largest, decided)
         self.checkpoints = [str(p) for p in paths]
         self.checkpoint = self.checkpoints[0] if len(paths) == 1 else ";".join(self.checkpoints)
@@ -204,6 +221,9 @@ class Predictor:
         self.amp_dtype = autocast_dtype(self.device, config.train.precision)
         for member in members:
             member.model = member.model.to(self.device)
+            if is_runtime_network(member.model):
+                member.precision = self._prepare_exported(member.model)
+                continue
             if hasattr(member.model, "fold_time"):  # at its one timestep: no time embedding
                 member.model.fold_time()
             member.channels_last = use_channels_last(
@@ -226,6 +246,12 @@ class Predictor:
         setting = config.infer.keep_largest if keep_largest is None else keep_largest
         self.keep_largest = keep_largest_labels(setting, self.labels, decided)
 
+    def _prepare_exported(self, model: nn.Module) -> str:
+        """Compile an exported network for the CPU in the precision resolved for it."""
+        if self.device.type != "cpu":
+            raise ConfigError("--device", f"an exported model runs on the CPU, not on {self.device.type}")
+        return (model.net if hasattr(model, "net") else model).prepare(self.amp_dtype)
+
     @property
     def sha256(self) -> str:
         """The SHA-256 of the checkpoint; of an ensemble, of its members' SHA-256s in order."""
@@ -247,7 +273,9 @@ class Predictor:
             "tta_axes": list(self.tta_axes) if self.tta else None,
             "keep_largest": self.keep_largest,
             # bf16 and fp32, or a GPU's kernels and a CPU's, can differ in a few voxels
-            "precision": precision_name(self.amp_dtype),
+            "precision": "+".join(
+                sorted({m.precision or precision_name(self.amp_dtype) for m in self.members})
+            ),
             "device": self.device.type,
         }
 
