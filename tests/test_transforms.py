@@ -59,9 +59,11 @@ def test_the_body_crop_crops_and_never_pads(tmp_path):
 
 def test_disk_cache_hashes_each_file_once_and_keeps_volumes_in_memory(tiny_dataset, tmp_path, monkeypatch):
     hashed = []
-    original = cache_module._hash_file
+    original = cache_module.hashlib.file_digest
     monkeypatch.setattr(
-        cache_module, "_hash_file", lambda path, digest: hashed.append(path) or original(path, digest)
+        cache_module.hashlib,
+        "file_digest",
+        lambda handle, digest: hashed.append(handle.name) or original(handle, digest),
     )
     plan = _plan(tiny_dataset)
     cases = find_cases(tiny_dataset).training[:2]
