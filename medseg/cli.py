@@ -178,8 +178,8 @@ def cmd_plan(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from medseg.inference.batch import predict_many
     from medseg.inference.cases import parse_shard
+    from medseg.inference.dicomweb import is_dicomweb, predict_dicomweb
     from medseg.inference.predictor import Predictor
 
     shard = parse_shard(args.shard) if args.shard else None
@@ -203,19 +203,19 @@ def cmd_predict(args) -> int:
         )
     progress = _CaseProgress(quiet=args.quiet)
     try:
-        result = predict_many(
-            predictor,
-            args.input,
-            args.output,
-            overwrite=args.overwrite,
-            fmt=args.format,
-            shard=shard,
-            statistics=args.statistics,
-            preview=args.preview,
-            probabilities=args.save_probabilities,
-            uncertainty=args.uncertainty,
-            on_case=progress,
-        )
+        if is_dicomweb(args.input):
+            result = predict_dicomweb(
+                predictor,
+                args.input,
+                args.output,
+                study=args.study,
+                series=args.series,
+                store_to=args.store_to,
+                overwrite=args.overwrite,
+                on_case=progress,
+            )
+        else:
+            result = _predict_files(predictor, args, shard, progress)
     finally:
         progress.close()
     print(
@@ -229,6 +229,24 @@ def cmd_predict(args) -> int:
                 print(f"  {source}: {reason}", file=sys.stderr)
         return 1
     return 0
+
+
+def _predict_files(predictor, args, shard, progress):
+    from medseg.inference.batch import predict_many
+
+    return predict_many(
+        predictor,
+        args.input,
+        args.output,
+        overwrite=args.overwrite,
+        fmt=args.format,
+        shard=shard,
+        statistics=args.statistics,
+        preview=args.preview,
+        probabilities=args.save_probabilities,
+        uncertainty=args.uncertainty,
+        on_case=progress,
+    )
 
 
 def _keep_largest(text: str | None):
@@ -478,7 +496,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--input",
         required=True,
         help="an image file, a folder of image files and DICOM series (searched recursively), "
-        "or a .csv (column 'image', optionally 'id') or .txt list of files",
+        "a .csv (column 'image', optionally 'id') or .txt list of files, or a DICOMweb server, "
+        "dicomweb://HOST:PORT/PATH (dicomwebs:// for TLS; needs medseg[pacs]): its series are "
+        "segmented and a DICOM-SEG of each is stored back",
     )
     p.add_argument(
         "-o",
@@ -563,6 +583,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "openvino", "onnxruntime"],
         default="auto",
         help="for a model folder from medseg export: auto is OpenVINO where installed, else ONNX Runtime",
+    )
+    p.add_argument("--study", metavar="UID", help="with -i dicomweb://...: segment this study's image series")
+    p.add_argument("--series", metavar="UID", help="with -i dicomweb://...: only this series")
+    p.add_argument(
+        "--store-to",
+        metavar="ADDRESS",
+        help="with -i dicomweb://...: store the DICOM-SEGs on this DICOMweb server (default: the source)",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="print only errors, warnings and the summary")
     p.set_defaults(func=cmd_predict)

@@ -1,0 +1,144 @@
+"""Segmenting straight from a PACS over DICOMweb, against a real Orthanc (Debian's orthanc and
+orthanc-dicomweb; the tests skip, saying so, where it is not installed)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medseg.errors import ConfigError
+from medseg.inference.batch import predict_many
+from medseg.inference.dicomweb import connect, predict_dicomweb
+from medseg.inference.predictor import Predictor
+from tests.conftest import learned_phantom, run_cli, write_dicom_series
+
+ORTHANC = shutil.which("Orthanc")
+PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+needs_orthanc = pytest.mark.skipif(
+    not ORTHANC or not PLUGIN.is_file(),
+    reason="Orthanc with its DICOMweb plugin is not installed (apt-get install orthanc orthanc-dicomweb)",
+)
+pydicom = pytest.importorskip("pydicom")
+pytest.importorskip("dicomweb_client", reason='pip install "medseg[pacs]"')
+pytest.importorskip("highdicom", reason='pip install "medseg[dicom]"')
+
+
+UIDS = ("0020000D", "0020000E", "00080018")  # study, series, instance
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def orthanc(tmp_path):
+    """A private Orthanc on free localhost ports, with DICOMweb; its address and REST root."""
+    http = _free_port()
+    config = {
+        "Name": "medseg-test",
+        "StorageDirectory": str(tmp_path / "orthanc"),
+        "IndexDirectory": str(tmp_path / "orthanc"),
+        "HttpPort": http,
+        "DicomPort": _free_port(),
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "Plugins": [str(PLUGIN)],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+    }
+    (tmp_path / "orthanc.json").write_text(json.dumps(config))
+    log = open(tmp_path / "orthanc.log", "w")
+    server = subprocess.Popen([ORTHANC, str(tmp_path / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
+    rest = f"http://127.0.0.1:{http}"
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(f"{rest}/system", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.2)
+    else:
+        server.kill()
+        pytest.fail("Orthanc did not start: " + (tmp_path / "orthanc.log").read_text()[-2000:])
+    yield f"dicomweb://127.0.0.1:{http}/dicom-web", rest
+    server.terminate()
+    server.wait(timeout=30)
+    log.close()
+
+
+def _upload(address: str, folder: Path) -> None:
+    client = connect(address)
+    client.store_instances([pydicom.dcmread(p) for p in sorted(folder.glob("*.dcm"))])
+
+
+def _instances(rest: str, modality: str) -> list[str]:
+    query = json.dumps({"Level": "Instance", "Query": {"Modality": modality}}).encode()
+    request = urllib.request.Request(f"{rest}/tools/find", data=query, method="POST")
+    return json.loads(urllib.request.urlopen(request).read())
+
+
+@needs_orthanc
+def test_series_are_pulled_segmented_and_stored_back_as_dicom_seg(learned_run, orthanc, tmp_path):
+    address, rest = orthanc
+    _, summary = learned_run
+    series = {"1.2.826.0.1.3680043.2.1125.71": (501, ()), "1.2.826.0.1.3680043.2.1125.72": (502, ())}
+    series["1.2.826.0.1.3680043.2.1125.73"] = (503, (5,))  # a slice missing: a gap in the series
+    for uid, (seed, skip) in series.items():
+        image, _ = learned_phantom(seed)
+        _upload(address, write_dicom_series(image, tmp_path / "sent" / uid, uid=uid, skip=skip))
+    predictor = Predictor(summary["best"], device="cpu")
+
+    result = predict_dicomweb(predictor, address, tmp_path / "out")
+    stored = _instances(rest, "SEG")
+    assert len(stored) == 2 and len(result.written) == 2
+    assert list(result.failed) and all(".73" in where for where in result.failed)  # the gap, named
+
+    # What the server holds is the SEG a folder prediction writes, referencing its source series.
+    for uid in list(series)[:2]:
+        local = predict_many(predictor, tmp_path / "sent" / uid, tmp_path / "local" / uid, fmt="dicom-seg")
+        ours = pydicom.dcmread(local.written[0])
+        client = connect(address)
+        found = client.search_for_instances(search_filters={"Modality": "SEG"})
+        theirs = [client.retrieve_instance(*(f[t]["Value"][0] for t in UIDS)) for f in found]
+        match = [s for s in theirs if s.ReferencedSeriesSequence[0].SeriesInstanceUID == uid]
+        assert len(match) == 1
+        np.testing.assert_array_equal(match[0].pixel_array, ours.pixel_array)
+        assert match[0].StudyInstanceUID == uid + ".0"
+
+    # A rerun stores nothing new and fetches nothing again: the stored series are markers now.
+    again = predict_dicomweb(predictor, address, tmp_path / "out")
+    assert len(_instances(rest, "SEG")) == 2 and not again.written
+    spool = tmp_path / "out.spool"
+    assert sorted(p.parent.name for p in spool.rglob(".stored")) == list(series)[:2]
+    assert not [p for p in spool.rglob("*.dcm") if ".73" not in str(p)]
+
+    # The command line, for one series, into another folder: one more SEG on the server.
+    proc = run_cli(
+        "predict",
+        "-m",
+        summary["best"],
+        "-i",
+        address,
+        "--series",
+        list(series)[1],
+        "-o",
+        str(tmp_path / "cli"),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "1 written, 0 skipped, 0 failed" in proc.stdout and "Traceback" not in proc.stderr
+    assert len(_instances(rest, "SEG")) == 3
+
+
+def test_credentials_are_refused_in_the_address():
+    with pytest.raises(ConfigError, match="credentials in an address"):
+        connect("dicomweb://doctor:secret@127.0.0.1:8042/dicom-web")
+    with pytest.raises(ConfigError, match="is not dicomweb://HOST:PORT/PATH"):
+        connect("http://127.0.0.1:8042/dicom-web")
