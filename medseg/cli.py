@@ -726,6 +726,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {known}", file=sys.stderr)
         return 2
     finally:
+        _leave_process_group()
         logger.removeHandler(lines)
         logger.setLevel(level)
         if _threads_before:  # a program that calls main() keeps its own thread count too
@@ -733,6 +734,15 @@ def main(argv: list[str] | None = None) -> int:
 
             torch.set_num_threads(_threads_before[0])
             _threads_before.clear()
+
+
+def _leave_process_group() -> None:
+    """Under torchrun, leave the process group before the interpreter exits: left to exit,
+    gloo's threads were once torn down running, and a rank died of SIGABRT ("terminate called
+    without an active exception") after its run had finished."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
