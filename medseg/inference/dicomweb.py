@@ -144,7 +144,9 @@ def predict_dicomweb(
         study, series: the study to segment (every image series of it), or one series of it;
             neither: every series the server holds.
         store_to: where to store the SEGs (a DICOMweb address); None: the source server.
-        overwrite: segment and store again series this model already did.
+        overwrite: segment again the series waiting in the spool though masks of them exist.
+            Series whose SEG was stored (their ``.stored`` marker) are not fetched again:
+            remove ``OUTPUT.spool`` to redo them.
 
     Returns:
         The batch run's result; series that could not be fetched or stored are in ``failed``.
