@@ -18,7 +18,7 @@ from torch import nn
 from medseg.atomic import atomic_path
 from medseg.config import Config
 from medseg.data.plan import Plan
-from medseg.errors import CheckpointError
+from medseg.errors import CheckpointError, first_line
 
 __all__ = [
     "FORMAT",
@@ -123,7 +123,7 @@ class Checkpoint:
         try:
             payload = torch.load(path, map_location=map_location, weights_only=True)
         except Exception as exc:  # torch raises several types for corrupt or unsafe files
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            reason = first_line(exc)
             raise CheckpointError(
                 path,
                 "is not a medseg checkpoint (the best.pt or last.pt that medseg train writes in its "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["MedsegError", "InputError", "ConfigError", "CheckpointError", "find_medseg_error"]
+__all__ = ["MedsegError", "InputError", "ConfigError", "CheckpointError", "find_medseg_error", "first_line"]
 
 
 class MedsegError(Exception):
@@ -50,3 +50,9 @@ def find_medseg_error(exc: BaseException) -> MedsegError | None:
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of a library's error message, or its type's name if it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -18,7 +18,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from medseg.atomic import atomic_path
-from medseg.errors import ConfigError, InputError
+from medseg.errors import ConfigError, InputError, first_line
 from medseg.inference.batch import BatchResult, predict_many
 
 __all__ = ["is_dicomweb", "connect", "predict_dicomweb", "SPOOL_SUFFIX"]
@@ -77,11 +77,10 @@ def _retried(what: str, call):
         try:
             return call()
         except Exception as exc:  # requests' and the server's errors alike: a network step failed
-            if attempt == ATTEMPTS - 1:
-                reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-                raise InputError(what, f"failed after {ATTEMPTS} tries ({reason})") from None
+            last = exc
+        if attempt < ATTEMPTS - 1:
             time.sleep(BACKOFF_S * 2**attempt)
-    raise AssertionError("unreachable")
+    raise InputError(what, f"failed after {ATTEMPTS} tries ({first_line(last)[:160]})")
 
 
 def _value(item: dict, tag: str) -> str:

@@ -56,12 +56,12 @@ def export_model(checkpoint, output: str | Path, which: str = "best", overwrite:
         InputError: ``output`` holds an exported model and ``overwrite`` is off.
     """
     source = checkpoint_file(checkpoint, which)
+    output = Path(output)
+    refuse_existing(output / MODEL_FILE, overwrite=overwrite)  # before any work
     found = Checkpoint.load(source)
     model = model_from_checkpoint(found)
     if hasattr(model, "fold_time"):
         model.fold_time()  # one timestep for good: no time input in the exported graph
-    output = Path(output)
-    refuse_existing(output / MODEL_FILE, overwrite=overwrite)
     plan = found.preprocessing()
     network, axis = (model.net, model.axis) if isinstance(model, SliceWise) else (model, None)
     window = [w for a, w in enumerate(plan.patch_size) if a != axis]

@@ -32,7 +32,7 @@ from medseg.inference.cases import ChannelFiles
 from medseg.inference.export import is_exported, load_exported
 from medseg.inference.grid import onto_network_grid, resample_onto, to_input_grid
 from medseg.inference.postprocess import keep_largest_component, keep_largest_labels
-from medseg.inference.runtime import is_runtime_network
+from medseg.inference.runtime import is_runtime_network, runtime_of
 from medseg.inference.sliding import sliding_window_probs
 from medseg.inference.tta import ProbabilityMean, flip_passes
 from medseg.io import check_voxel_values, image_files, read_channels, write_volume
@@ -250,7 +250,7 @@ class Predictor:
         """Compile an exported network for the CPU in the precision resolved for it."""
         if self.device.type != "cpu":
             raise ConfigError("--device", f"an exported model runs on the CPU, not on {self.device.type}")
-        return (model.net if hasattr(model, "net") else model).prepare(self.amp_dtype)
+        return runtime_of(model).prepare(self.amp_dtype)
 
     @property
     def sha256(self) -> str:

@@ -16,7 +16,7 @@ from torch import nn
 
 from medseg.errors import ConfigError
 
-__all__ = ["RUNTIMES", "RuntimeNetwork", "is_runtime_network", "available_runtime"]
+__all__ = ["RUNTIMES", "RuntimeNetwork", "runtime_of", "is_runtime_network", "available_runtime"]
 
 RUNTIMES = ("auto", "openvino", "onnxruntime")
 _PACKAGES = {"openvino": "openvino", "onnxruntime": "onnxruntime"}
@@ -85,9 +85,17 @@ class RuntimeNetwork(nn.Module):
         return torch.from_numpy(self._run(window))
 
 
+def runtime_of(model: nn.Module) -> RuntimeNetwork | None:
+    """A predictor network's exported part (itself, or inside a ``SliceWise``), or None."""
+    for candidate in (model, getattr(model, "net", None)):
+        if isinstance(candidate, RuntimeNetwork):
+            return candidate
+    return None
+
+
 def is_runtime_network(model: nn.Module) -> bool:
-    """Whether a predictor's network is an exported one (itself, or inside a ``SliceWise``)."""
-    return isinstance(model, RuntimeNetwork) or isinstance(getattr(model, "net", None), RuntimeNetwork)
+    """Whether a predictor's network is an exported one."""
+    return runtime_of(model) is not None
 
 
 def _openvino(path: Path, precision: str, threads: int):
