@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import sys
@@ -309,7 +310,22 @@ def cmd_export(args) -> int:
     from medseg.inference.export import export_model
 
     _set_threads(args.threads)
-    written = export_model(args.model, args.output, which=args.checkpoint, overwrite=args.overwrite)
+    written = export_model(
+        args.model,
+        args.output,
+        which=args.checkpoint,
+        overwrite=args.overwrite,
+        int8=args.int8,
+        calibrate=args.calibrate,
+        validate=args.validate,
+        max_dice_drop=args.max_dice_drop,
+    )
+    guard = json.loads(written.read_text(encoding="utf-8")).get("int8")
+    if guard:
+        print(
+            f"int8: mean Dice {guard['dice_int8']:.4f} against fp32's {guard['dice_fp32']:.4f} "
+            f"on {guard['validation']['cases']} validation case(s)"
+        )
     print(f"wrote {written.parent}: predict with medseg predict -m {written.parent} (runs on the CPU)")
     return 0
 
@@ -611,6 +627,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="which checkpoint of a run folder (default: %(default)s)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an exported model in the folder")
+    p.add_argument(
+        "--int8",
+        action="store_true",
+        help="quantize to int8 for OpenVINO (needs medseg[export,deploy]); refused when its Dice "
+        "falls more than --max-dice-drop below fp32's on validation cases",
+    )
+    p.add_argument(
+        "--calibrate",
+        metavar="DIR",
+        help="with --int8: images to calibrate on (default: 8 of the run's training images)",
+    )
+    p.add_argument(
+        "--validate",
+        metavar="DIR",
+        help="with --int8: a labelled dataset to check Dice on (default: the run's validation cases)",
+    )
+    p.add_argument(
+        "--max-dice-drop",
+        type=float,
+        metavar="D",
+        help="with --int8: the most int8's mean Dice may fall below fp32's (default: 0.005)",
+    )
     _threads_argument(p)
     p.set_defaults(func=cmd_export)
 

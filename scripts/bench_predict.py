@@ -13,11 +13,13 @@ the weights). The arms:
 - ``ensemble``: two models (``-m A -m B``);
 - ``probabilities``: ``--save-probabilities``; ``uncertainty``: ``--tta --uncertainty``;
 - ``openvino``, ``onnxruntime``: the plain checkpoint exported (``medseg export``) and predicted
-  from its model folder with that runtime (``--runtime``).
+  from its model folder with that runtime (``--runtime``);
+- ``int8``: the plain checkpoint exported with ``--int8`` (calibrated on the training phantoms,
+  its Dice checked on them), in OpenVINO.
 
 Speed is input voxels per second of the whole process (start-up, reading, writing included).
 ``--windows`` first times one window of the network in torch (fp32; bf16 with channels-last,
-medseg's default on a CPU with native bf16), ONNX Runtime and OpenVINO (fp32, bf16).
+medseg's default on a CPU with native bf16), ONNX Runtime and OpenVINO (fp32, bf16, int8).
 With ``--big`` it also segments one 512 x 512 x 300 float volume (a CT's size) with the medseg
 and MONAI arms, with probabilities and with TTA, and reports their peak RSS. Run it alone on
 the machine: another job on the cores changes the figures.
@@ -53,6 +55,7 @@ ARMS = (
     "uncertainty",
     "openvino",
     "onnxruntime",
+    "int8",
 )
 
 
@@ -74,6 +77,9 @@ def _checkpoints(work: Path, data: Path) -> dict[str, str]:
     if not (work / "exported" / "medseg-model.json").is_file():
         export_model(found["plain"], work / "exported")
     found["exported"] = str(work / "exported")
+    if not (work / "int8" / "medseg-model.json").is_file():
+        export_model(found["plain"], work / "int8", int8=True, validate=data, max_dice_drop=1.0)
+    found["int8"] = str(work / "int8")  # (the guard is off: a 5-step network's Dice says nothing)
     return found
 
 
@@ -86,6 +92,7 @@ def _cli_args(arm: str, models: dict[str, str]) -> list[str]:
         "uncertainty": ["-m", models["mirrored"], "--tta", "--uncertainty"],
         "openvino": ["-m", models["exported"], "--runtime", "openvino"],
         "onnxruntime": ["-m", models["exported"], "--runtime", "onnxruntime"],
+        "int8": ["-m", models["int8"]],
     }[arm]
 
 
@@ -205,7 +212,7 @@ def _window_costs(models: dict[str, str], threads: int, runs: int = 20) -> None:
 
     from medseg.checkpoint import Checkpoint
     from medseg.device import channels_last_format
-    from medseg.inference.export import NETWORK_FILE
+    from medseg.inference.export import INT8_FILES, NETWORK_FILE
     from medseg.inference.runtime import RuntimeNetwork
     from medseg.models.factory import model_from_checkpoint
 
@@ -227,6 +234,8 @@ def _window_costs(models: dict[str, str], threads: int, runs: int = 20) -> None:
         exported = RuntimeNetwork(Path(models["exported"]) / NETWORK_FILE, runtime)
         name = f"{runtime} {exported.prepare(precision)}"
         arms[name] = exported
+    int8 = RuntimeNetwork(Path(models["int8"]) / INT8_FILES[0])
+    arms[f"openvino {int8.prepare(torch.bfloat16)}"] = int8
     with torch.inference_mode():
         reference = fp32(windows[:1]).argmax(1)
         print(f"\nms per window ({'x'.join(map(str, plan.patch_size))}), median of {runs}, {threads} threads")

@@ -4,6 +4,7 @@ Runtime; its refusals; the CLI."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import SimpleITK as sitk
 
 from medseg.config import load_config
 from medseg.errors import CheckpointError, ConfigError, InputError
-from medseg.inference.export import MODEL_FILE, NETWORK_FILE, export_model
+from medseg.inference.export import INT8_FILES, MODEL_FILE, NETWORK_FILE, export_model
 from medseg.inference.predictor import Predictor
 from medseg.inference.runtime import available_runtime
 from medseg.training.trainer import Trainer
@@ -115,3 +116,83 @@ def test_cli_export_then_predict_with_the_folder(exported, tmp_path):
     np.testing.assert_array_equal(sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b))
     proc = run_cli("export", "-m", str(run), "-o", str(tmp_path / "model"))
     assert proc.returncode == 2 and "already exists" in proc.stderr and "Traceback" not in proc.stderr
+
+
+needs_int8 = pytest.mark.skipif(
+    any(__import__("importlib").util.find_spec(m) is None for m in ("nncf", "openvino")),
+    reason="int8 needs NNCF and OpenVINO: pip install medseg[export,deploy]",
+)
+
+
+@pytest.fixture(scope="module")
+def int8_model(learned_run, tmp_path_factory):
+    root, summary = learned_run  # trained without a validation split: its dataset validates
+    folder = tmp_path_factory.mktemp("int8") / "model"
+    export_model(summary["best"], folder, int8=True, validate=root)
+    return summary["best"], folder
+
+
+@needs_int8
+def test_int8_keeps_the_masks_and_says_how_it_was_checked(int8_model):
+    checkpoint, folder = int8_model
+    assert sorted(p.name for p in folder.iterdir()) == [MODEL_FILE, *sorted(INT8_FILES)]
+    description = json.loads((folder / MODEL_FILE).read_text())
+    guard = description["int8"]
+    assert description["precision"] == "int8" and description["network"] == "network.xml"
+    # A phantom fits one window: one window per training image
+    assert guard["calibration"] == {"from": "the run's training images", "images": 4, "windows": 4}
+    assert guard["validation"]["cases"] == 6 and guard["dice_fp32"] > 0.9
+    assert guard["dice_int8"] >= guard["dice_fp32"] - 0.005
+    deployed = Predictor(folder, device="cpu")
+    assert deployed.options["precision"].startswith("int8+")
+    ours = Predictor(checkpoint, device="cpu", precision="fp32")
+    image, label = learned_phantom(503, "lps")
+    mask, reference = deployed.predict(image), ours.predict(image)
+    assert np.mean(mask == reference) > 0.99 and mean_dice(mask, label) > 0.85
+
+
+@needs_int8
+def test_int8_is_refused_when_dice_falls_and_nothing_is_written(learned_run, tmp_path):
+    root, summary = learned_run
+    with pytest.raises(
+        ConfigError, match=r"int8's mean Dice 0\.\d+ is -?0\.\d+ below fp32's .* nothing written"
+    ):
+        export_model(summary["best"], tmp_path / "model", int8=True, validate=root, max_dice_drop=-1.0)
+    assert list((tmp_path / "model").iterdir()) == []  # nor the staging folder
+
+
+@needs_int8
+def test_int8_needs_cases_and_runs_in_openvino_only(int8_model, learned_run, tmp_path):
+    checkpoint, folder = int8_model
+    with pytest.raises(ConfigError, match="int8 needs labelled cases to check Dice on"):
+        export_model(checkpoint, tmp_path / "a", int8=True)  # the run has no validation split
+    alone = tmp_path / "alone.pt"
+    alone.write_bytes(Path(checkpoint).read_bytes())  # no run folder beside it
+    with pytest.raises(ConfigError, match="int8 needs images to calibrate on"):
+        export_model(alone, tmp_path / "b", int8=True)
+    with pytest.raises(ConfigError, match="go with --int8"):
+        export_model(checkpoint, tmp_path / "c", calibrate=learned_run[0])
+    with pytest.raises(ConfigError, match="runs in OpenVINO, not ONNX Runtime"):
+        Predictor(folder, runtime="onnxruntime")
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for path in folder.iterdir():
+        (copy / path.name).write_bytes(path.read_bytes())
+    weights = copy / INT8_FILES[1]
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(CheckpointError, match="network.bin: differs from the network exported"):
+        Predictor(copy)
+
+
+@needs_int8
+def test_cli_int8_export_calibrates_on_a_folder_and_reports_the_guard(learned_run, tmp_path):
+    root, summary = learned_run
+    run = Path(summary["best"]).parent
+    args = ["--int8", "--calibrate", str(root / "imagesTs"), "--validate", str(root)]
+    proc = run_cli("export", "-m", str(run), "-o", str(tmp_path / "model"), *args)
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(
+        r"int8: mean Dice 0\.\d{4} against fp32's 0\.\d{4} on 6 validation case\(s\)", proc.stdout
+    )
+    guard = json.loads((tmp_path / "model" / MODEL_FILE).read_text())["int8"]
+    assert guard["calibration"]["from"] == str(root / "imagesTs") and guard["calibration"]["images"] == 2

@@ -50,15 +50,20 @@ class RuntimeNetwork(nn.Module):
     Call ``prepare`` once with the precision the predictor resolved before the first forward.
 
     Args:
-        path: the ``.onnx`` file (its input: ``(N, C, *window)``, N free).
+        path: the ``.onnx`` file, or an int8 network's OpenVINO IR ``.xml`` (OpenVINO only);
+            its input: ``(N, C, *window)``, N free.
         runtime: ``auto``, ``openvino`` or ``onnxruntime``.
     """
 
     def __init__(self, path: str | Path, runtime: str = "auto"):
         super().__init__()
         self.path = Path(path)
-        self.runtime = available_runtime(runtime)
+        self.int8 = self.path.suffix == ".xml"
+        if self.int8 and runtime == "onnxruntime":
+            raise ConfigError("--runtime", "an int8 model (OpenVINO IR) runs in OpenVINO, not ONNX Runtime")
+        self.runtime = available_runtime("openvino" if self.int8 else runtime)
         self.precision = "fp32"
+        self.seen: list | None = None  # a list to collect the windows fed (int8 calibration)
         # Where the sliding window looks for the device; the network itself is not torch's.
         self.anchor = nn.Parameter(torch.zeros(1), requires_grad=False)
         self._run = None
@@ -73,6 +78,8 @@ class RuntimeNetwork(nn.Module):
         if self.runtime == "openvino":
             self.precision = "bf16" if amp_dtype == torch.bfloat16 else "fp32"
             self._run = _openvino(self.path, self.precision, threads)
+            if self.int8:
+                self.precision = f"int8+{self.precision}"  # what int8 leaves out runs in that
         else:
             self.precision = "fp32"  # ONNX Runtime's CPU kernels have no bf16 convolutions
             self._run = _onnxruntime(self.path, threads)
@@ -82,6 +89,8 @@ class RuntimeNetwork(nn.Module):
         if self._run is None:
             self.prepare(None)
         window = np.ascontiguousarray(x.detach().float().cpu().numpy())
+        if self.seen is not None:
+            self.seen.append(window.copy())
         return torch.from_numpy(self._run(window))
 
 
