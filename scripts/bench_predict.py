@@ -20,8 +20,8 @@ the weights). The arms:
 Speed is input voxels per second of the whole process (start-up, reading, writing included).
 ``--windows`` first times one window of the network in torch (fp32; bf16 with channels-last,
 medseg's default on a CPU with native bf16), ONNX Runtime and OpenVINO (fp32, bf16, int8).
-With ``--big`` it also segments one 512 x 512 x 300 float volume (a CT's size) with the medseg
-and MONAI arms, with probabilities and with TTA, and reports their peak RSS. Run it alone on
+With ``--big`` it also segments one 512 x 512 x 300 float volume (a CT's size) with the arms
+among medseg, monai, probabilities, tta, openvino and int8, and reports their peak RSS. Run it alone on
 the machine: another job on the cores changes the figures.
 
     python scripts/bench_predict.py --cases 16 --repeats 3 --big
@@ -57,6 +57,10 @@ ARMS = (
     "onnxruntime",
     "int8",
 )
+
+
+# The arms ``--big`` runs on the CT-sized volume (of those ``--arms`` names).
+BIG_ARMS = ("medseg", "monai", "probabilities", "tta", "openvino", "int8")
 
 
 def _checkpoints(work: Path, data: Path) -> dict[str, str]:
@@ -212,7 +216,7 @@ def _window_costs(models: dict[str, str], threads: int, runs: int = 20) -> None:
 
     from medseg.checkpoint import Checkpoint
     from medseg.device import channels_last_format
-    from medseg.inference.export import INT8_FILES, NETWORK_FILE
+    from medseg.inference.model_folder import INT8_FILES, NETWORK_FILE
     from medseg.inference.runtime import RuntimeNetwork
     from medseg.models.factory import model_from_checkpoint
 
@@ -304,7 +308,7 @@ def main() -> None:
     if args.big:
         big = _big_volume(work / "big")
         print("\none 512 x 512 x 300 float volume:")
-        for arm in ("medseg", "monai", "probabilities", "tta"):
+        for arm in [a for a in args.arms if a in BIG_ARMS]:
             result = _child(arm, models, big, work / "out" / f"big_{arm}", args.threads)
             print(f"{arm:>14}: {result['seconds']:6.1f} s, peak RSS {result['rss_mb']:6.0f} MB", flush=True)
 

@@ -14,7 +14,8 @@ import SimpleITK as sitk
 
 from medseg.config import load_config
 from medseg.errors import CheckpointError, ConfigError, InputError
-from medseg.inference.export import INT8_FILES, MODEL_FILE, NETWORK_FILE, export_model
+from medseg.inference.export import export_model
+from medseg.inference.model_folder import INT8_FILES, MODEL_FILE, NETWORK_FILE
 from medseg.inference.predictor import Predictor
 from medseg.inference.runtime import available_runtime
 from medseg.training.trainer import Trainer

@@ -3,7 +3,8 @@ the weights (the plan, labels and settings of the checkpoint it came from). ``me
 FOLDER`` runs it with OpenVINO or ONNX Runtime (``medseg.inference.runtime``) through the same
 preprocessing, sliding window, TTA, post-processing and writers as a checkpoint.
 
-This module is the one reader and writer of the folder's layout:
+This module writes the folder; ``medseg.inference.model_folder`` names its files and reads it
+(the predictor needs the reading, and this module needs the predictor for int8's Dice guard):
 
 - ``network.onnx``: the network for a batch of windows, ``(N, channels, *window)`` -> logits;
   a 2D network on slices is exported as the 2D network (``N`` slices of the window's plane);
@@ -29,26 +30,15 @@ from torch import nn
 
 from medseg._version import __version__
 from medseg.atomic import atomic_path, refuse_existing, write_text_atomic
-from medseg.checkpoint import EXPORTED_MODEL_FILE, Checkpoint, checkpoint_file, file_sha256
+from medseg.checkpoint import Checkpoint, checkpoint_file, file_sha256
 from medseg.data.datasets import find_cases, read_splits
-from medseg.errors import CheckpointError, ConfigError, InputError
+from medseg.errors import ConfigError, InputError
+from medseg.inference.model_folder import EXPORT_FORMAT, INT8_FILES, MODEL_FILE, NETWORK_FILE
 from medseg.models.factory import model_from_checkpoint
 from medseg.models.slicewise import SliceWise
 
-__all__ = [
-    "EXPORT_FORMAT",
-    "MODEL_FILE",
-    "NETWORK_FILE",
-    "INT8_FILES",
-    "export_model",
-    "is_exported",
-    "load_exported",
-]
+__all__ = ["export_model"]
 
-EXPORT_FORMAT = "medseg-export/1"
-MODEL_FILE = EXPORTED_MODEL_FILE
-NETWORK_FILE = "network.onnx"
-INT8_FILES = ("network.xml", "network.bin")  # OpenVINO IR: the graph, then its weights
 GUARD_CASES = 20  # validation cases both networks predict for the int8 Dice guard, at most
 OPSET = 18  # the lowest the exporter writes; OpenVINO and ONNX Runtime of 2024 on read it
 
@@ -263,58 +253,3 @@ class _Logits(nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.network(image)
-
-
-def is_exported(path: str | Path) -> bool:
-    """Whether ``path`` is an exported model's ``medseg-model.json`` or its folder."""
-    path = Path(path)
-    return path.name == MODEL_FILE or (path / MODEL_FILE).is_file()
-
-
-def load_exported(path: str | Path, runtime: str = "auto") -> tuple[Checkpoint, nn.Module, str]:
-    """An exported model: its description as a weightless ``Checkpoint`` (config, labels,
-    plan, keep-largest), its network under a runtime, and the network file's SHA-256.
-
-    Raises:
-        CheckpointError: not an exported model, a network file missing or changed since export.
-        ConfigError: the runtime is not installed.
-    """
-    from medseg.inference.runtime import RuntimeNetwork
-
-    path = Path(path)
-    file = path if path.name == MODEL_FILE else path / MODEL_FILE
-    try:
-        description = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(file, f"cannot read the exported model's description ({exc})") from None
-    if not isinstance(description, dict) or description.get("format") != EXPORT_FORMAT:
-        raise CheckpointError(file, f"not a medseg exported model (expected format {EXPORT_FORMAT})")
-    name = description.get("network", NETWORK_FILE)
-    if name not in (NETWORK_FILE, INT8_FILES[0]):  # a name, never a path the file could steer
-        raise CheckpointError(file, f"names an unknown network file {name!r}")
-    network_file = file.parent / name
-    sha256 = _checked(network_file, description.get("network_sha256"))
-    if name == INT8_FILES[0]:
-        _checked(file.parent / INT8_FILES[1], description.get("network_weights_sha256"))
-    found = Checkpoint(
-        weights={},
-        config=description["config"],
-        labels={int(k): v for k, v in description["labels"].items()},
-        plan=description["plan"],
-        keep_largest=description.get("keep_largest"),
-        source=str(file),
-    )
-    network: nn.Module = RuntimeNetwork(network_file, runtime)
-    if description.get("slice_axis") is not None:
-        network = SliceWise(network, int(description["slice_axis"]))
-    return found, network, sha256
-
-
-def _checked(path: Path, sha256: str | None) -> str:
-    """A network file's SHA-256, checked against the one recorded at export."""
-    if not path.is_file():
-        raise CheckpointError(path, "is missing: the model folder is incomplete")
-    found = file_sha256(path)
-    if found != sha256:
-        raise CheckpointError(path, "differs from the network exported (its SHA-256 changed)")
-    return found

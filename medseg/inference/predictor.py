@@ -29,8 +29,8 @@ from medseg.device import (
 from medseg.dicom import DicomSeries, read_series, write_dicom_seg
 from medseg.errors import CheckpointError, ConfigError, InputError
 from medseg.inference.cases import ChannelFiles
-from medseg.inference.export import is_exported, load_exported
 from medseg.inference.grid import onto_network_grid, resample_onto, to_input_grid
+from medseg.inference.model_folder import is_exported, load_exported
 from medseg.inference.postprocess import keep_largest_component, keep_largest_labels
 from medseg.inference.runtime import is_runtime_network, runtime_of
 from medseg.inference.sliding import sliding_window_probs
