@@ -188,7 +188,7 @@ class TrainConfig:
             patches; null: planned (2, or for a 2D network's slices as many as cost two 3D
             patches, each from its own case).
         lr: peak learning rate, reached after the warm-up; null: the model's own
-            (``medseg.training.optim.DEFAULT_LR``: 1e-2 for ``unet``, 2e-3 for the others).
+            (``medseg.training.optim.DEFAULT_LR``: 3e-3 for ``unet``, 2e-3 for the others).
         weight_decay: weight decay (decoupled for AdamW).
         optimizer: ``adamw``, or ``sgd`` (Nesterov, momentum ``momentum``, as nnU-Net).
         momentum: SGD momentum.

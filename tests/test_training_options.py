@@ -36,7 +36,7 @@ def test_schedules_warm_up_then_decay():
 
 
 def test_each_model_has_its_own_learning_rate_unless_one_is_set(tiny_dataset, tmp_path):
-    expected = {"unet": 1e-2, "residual_unet": 2e-3, "attention_unet": 2e-3}
+    expected = {"unet": 3e-3, "residual_unet": 2e-3, "attention_unet": 2e-3}
     for name, lr in expected.items():
         trainer = _trainer(tiny_dataset, tmp_path / name, f"model.name={name}")
         assert trainer.config.train.lr == lr  # resolved, so config.yaml records it
