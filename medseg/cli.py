@@ -183,6 +183,8 @@ def cmd_predict(args) -> int:
     from medseg.inference.dicomweb import is_dicomweb, predict_dicomweb
     from medseg.inference.predictor import Predictor
 
+    if is_dicomweb(args.input):
+        _refuse_for_dicomweb(args)
     shard = parse_shard(args.shard) if args.shard else None
     _set_threads(args.threads)
     predictor = Predictor(
@@ -213,15 +215,18 @@ def cmd_predict(args) -> int:
                 series=args.series,
                 store_to=args.store_to,
                 overwrite=args.overwrite,
+                statistics=args.statistics,
+                preview=args.preview,
                 on_case=progress,
             )
         else:
             result = _predict_files(predictor, args, shard, progress)
     finally:
         progress.close()
+    report = f", report in {result.report}" if result.report else ""  # none: nothing was new
     print(
         f"{len(result.written)} written, {len(result.skipped)} skipped, {len(result.failed)} failed; "
-        f"masks in {args.output}, report in {result.report}"
+        f"masks in {args.output}{report}"
     )
     if result.failed:
         if len(result.records) > 1:  # the errors scrolled by among the other cases: list them again
@@ -230,6 +235,19 @@ def cmd_predict(args) -> int:
                 print(f"  {source}: {reason}", file=sys.stderr)
         return 1
     return 0
+
+
+def _refuse_for_dicomweb(args) -> None:
+    """The options a DICOMweb source cannot honour, refused rather than ignored."""
+    if args.format not in ("same", "dicom-seg"):
+        raise ConfigError("--format", "a DICOMweb source gets DICOM-SEGs, stored back; leave --format out")
+    for given, option in (
+        (args.shard, "--shard"),
+        (args.save_probabilities, "--save-probabilities"),
+        (args.uncertainty, "--uncertainty"),
+    ):
+        if given:
+            raise ConfigError(option, "is for files and folders; a DICOMweb source does not take it")
 
 
 def _predict_files(predictor, args, shard, progress):

@@ -27,6 +27,7 @@ __all__ = [
 ]
 
 # Objects that share series and studies with images but hold none to segment.
+SHA256_PARAMETER = "model_sha256"  # in a SEG's algorithm parameters: which model made it
 NON_IMAGE_MODALITIES = {"SEG", "RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD", "SR", "PR", "KO", "REG", "DOC"}
 _TAGS = [
     "SOPClassUID",
@@ -261,6 +262,7 @@ def write_dicom_seg(
     path: str | Path,
     overwrite: bool = False,
     algorithm: str = "medseg",
+    model_sha256: str | None = None,
 ) -> Path:
     """Write a label map as a DICOM-SEG object that references the source series slice by slice.
 
@@ -273,6 +275,8 @@ def write_dicom_seg(
         path: the ``.dcm`` file to write.
         overwrite: replace an existing file.
         algorithm: the algorithm name recorded in the segments.
+        model_sha256: the model's SHA-256, recorded as the algorithm's parameter
+            ``model_sha256`` (a PACS can then tell which model made a SEG).
     """
     try:
         import highdicom as hd
@@ -290,7 +294,10 @@ def write_dicom_seg(
     # DICOM frames are (rows, columns) = (j, i): the transpose of each k-slice.
     frames = np.ascontiguousarray(np.transpose(mask, (2, 1, 0))).astype(np.uint8)
     identity = hd.AlgorithmIdentificationSequence(
-        name=algorithm, version=__version__, family=codes.cid7162.ArtificialIntelligence
+        name=algorithm,
+        version=__version__,
+        family=codes.cid7162.ArtificialIntelligence,
+        parameters={SHA256_PARAMETER: model_sha256} if model_sha256 else None,
     )
     segments = [
         hd.seg.SegmentDescription(

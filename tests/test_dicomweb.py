@@ -113,27 +113,31 @@ def test_series_are_pulled_segmented_and_stored_back_as_dicom_seg(learned_run, o
         np.testing.assert_array_equal(match[0].pixel_array, ours.pixel_array)
         assert match[0].StudyInstanceUID == uid + ".0"
 
-    # A rerun stores nothing new and fetches nothing again: the stored series are markers now.
-    again = predict_dicomweb(predictor, address, tmp_path / "out")
-    assert len(_instances(rest, "SEG")) == 2 and not again.written
+    # A rerun stores nothing new: the server, asked, holds this model's SEG of both series (each
+    # SEG names the model's SHA-256), so they are not fetched again, though the spool is gone.
     spool = tmp_path / "out.spool"
-    assert sorted(p.parent.name for p in spool.rglob(".stored")) == list(series)[:2]
+    assert not [p for p in spool.rglob("*.dcm") if ".73" not in str(p)]  # stored: spool emptied
+    shutil.rmtree(spool)
+    again = predict_dicomweb(predictor, address, tmp_path / "out")
+    assert len(_instances(rest, "SEG")) == 2 and list(again.failed)  # the gap, again
+    assert not again.written and not again.skipped  # not fetched, so not even looked at
     assert not [p for p in spool.rglob("*.dcm") if ".73" not in str(p)]
 
-    # The command line, for one series, into another folder: one more SEG on the server.
-    proc = run_cli(
-        "predict",
-        "-m",
-        summary["best"],
-        "-i",
-        address,
-        "--series",
-        list(series)[1],
-        "-o",
-        str(tmp_path / "cli"),
-    )
+    # The command line, for a new series, into another folder: one more SEG on the server.
+    new = "1.2.826.0.1.3680043.2.1125.74"
+    image, _ = learned_phantom(504)
+    _upload(address, write_dicom_series(image, tmp_path / "sent" / new, uid=new))
+    args = ["predict", "-m", summary["best"], "-i", address, "--series", new, "-o", str(tmp_path / "cli")]
+    proc = run_cli(*args, "--statistics", "--preview")
     assert proc.returncode == 0, proc.stderr
     assert "1 written, 0 skipped, 0 failed" in proc.stdout and "Traceback" not in proc.stderr
+    assert len(_instances(rest, "SEG")) == 3
+    assert len(list((tmp_path / "cli" / "previews").rglob("*.png"))) == 1  # mirroring STUDY/SERIES
+    assert "LV_mean" in (tmp_path / "cli" / "predictions.csv").read_text().splitlines()[0]
+    # Again: nothing new to fetch or segment, and the summary says so without a report to name.
+    proc = run_cli(*args)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().endswith(f"0 written, 0 skipped, 0 failed; masks in {tmp_path / 'cli'}")
     assert len(_instances(rest, "SEG")) == 3
 
 
@@ -142,3 +146,17 @@ def test_credentials_are_refused_in_the_address():
         connect("dicomweb://doctor:secret@127.0.0.1:8042/dicom-web")
     with pytest.raises(ConfigError, match="is not dicomweb://HOST:PORT/PATH"):
         connect("http://127.0.0.1:8042/dicom-web")
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (["--shard", "0/2"], "error: --shard: is for files and folders"),
+        (["--save-probabilities"], "error: --save-probabilities: is for files and folders"),
+        (["--format", "nifti"], "error: --format: a DICOMweb source gets DICOM-SEGs"),
+    ],
+)
+def test_options_a_dicomweb_source_cannot_honour_are_refused(tmp_path, option, message):
+    address = "dicomweb://127.0.0.1:9/dicom-web"  # never reached: refused before anything loads
+    proc = run_cli("predict", "-m", str(tmp_path / "none.pt"), "-i", address, "-o", str(tmp_path), *option)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr

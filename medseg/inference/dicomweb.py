@@ -1,6 +1,8 @@
 """Segment series straight from a PACS over DICOMweb: search the series (QIDO-RS), retrieve each
 into a spool folder (WADO-RS), segment them with the batch run (its per-case failures, reports
-and reruns), and store each DICOM-SEG back (STOW-RS). The client is ``dicomweb-client``.
+and reruns), and store each DICOM-SEG back (STOW-RS). A series whose SEG this model already
+stored is found by asking the server, not a local file, and skipped. The client is
+``dicomweb-client``.
 
 Addresses are ``dicomweb://HOST:PORT/PATH`` (http) or ``dicomwebs://...`` (https, TLS).
 Credentials come from the environment, never from the command line, and are never logged:
@@ -13,11 +15,13 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from medseg.atomic import atomic_path
+from medseg.dicom import NON_IMAGE_MODALITIES, SHA256_PARAMETER
 from medseg.errors import ConfigError, InputError, first_line
 from medseg.inference.batch import BatchResult, predict_many
 
@@ -27,11 +31,11 @@ log = logging.getLogger(__name__)
 
 SCHEMES = {"dicomweb": "http", "dicomwebs": "https"}
 SPOOL_SUFFIX = ".spool"  # the retrieved series wait beside the output folder, in OUTPUT.spool
-STORED = ".stored"  # left in a spool series folder, emptied, once its SEG is stored
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")  # what DICOM allows in a UID: safe as a file name
 ATTEMPTS, BACKOFF_S = 3, 1.0  # network calls are retried with a doubling pause, then reported
 _STUDY, _SERIES, _MODALITY, _SOP = "0020000D", "0020000E", "00080060", "00080018"
-NOT_IMAGES = {"SEG", "SR", "PR", "KO", "RTSTRUCT", "DOC"}  # series that hold no image to segment
+# A SEG's referenced series, and its segments' algorithm and the algorithm's parameters.
+_REFERENCED, _SEGMENTS, _ALGORITHM, _PARAMETERS = "00081115", "00620002", "00620007", "00660032"
 
 
 def is_dicomweb(address) -> bool:
@@ -88,36 +92,72 @@ def _value(item: dict, tag: str) -> str:
     return str(values[0])
 
 
-def _pull(client, spool: Path, study: str | None, series: str | None) -> dict[str, str]:
-    """Retrieve every image series of the search into ``spool/STUDY/SERIES/SOP.dcm``; a series
-    already complete there (``.complete``) is not fetched again. Returns failures by series."""
+def _first(item: dict, tag: str) -> dict:
+    """The first item of a sequence in DICOM JSON ({} when absent)."""
+    values = item.get(tag, {}).get("Value") or [{}]
+    return values[0] if isinstance(values[0], dict) else {}
+
+
+def _segmented_by(target, study_uid: str, sha256: str) -> set[str]:
+    """The series of a study for which ``target`` holds a SEG this model made: each SEG's
+    referenced series, where its algorithm's parameters name the model's SHA-256."""
+    mark = f"{SHA256_PARAMETER}={sha256}"
+    segs = _retried(
+        f"the SEG search of study {study_uid}",
+        lambda: target.search_for_instances(study_uid, search_filters={"Modality": "SEG"}),
+    )
+    done = set()
+    for item in segs:
+        series_uid, sop = _value(item, _SERIES), _value(item, _SOP)
+        meta = _retried(
+            f"SEG {sop}", lambda r=series_uid, o=sop: target.retrieve_instance_metadata(study_uid, r, o)
+        )
+        parameters = _value(_first(_first(meta, _SEGMENTS), _ALGORITHM), _PARAMETERS)
+        if mark in parameters.split(","):
+            done.add(_value(_first(meta, _REFERENCED), _SERIES))
+    return done
+
+
+def _pull(client, target, sha256: str, spool: Path, study: str | None, series: str | None) -> dict[str, str]:
+    """Retrieve every image series of the search into ``spool/STUDY/SERIES/SOP.dcm``, but those
+    whose SEG by this model ``target`` holds; a series already complete in the spool
+    (``.complete``) is not fetched again. Returns failures by series."""
     filters = {"SeriesInstanceUID": series} if series else None
     found = _retried("the series search", lambda: client.search_for_series(study, search_filters=filters))
     failed: dict[str, str] = {}
+    segmented: dict[str, set[str]] = {}  # by study, asked once
     for item in found:
         study_uid, series_uid = _value(item, _STUDY), _value(item, _SERIES)
         where = f"series {series_uid or '?'}"
         if not (_UID.match(study_uid) and _UID.match(series_uid)):
             failed[where] = "the server gave a study or series UID that is not a DICOM UID"
             continue
-        if _value(item, _MODALITY).upper() in NOT_IMAGES:
+        if _value(item, _MODALITY).upper() in NON_IMAGE_MODALITIES:
             continue  # a segmentation, report or other non-image: nothing to segment
-        target = spool / study_uid / series_uid
-        if (target / ".complete").is_file() or (target / STORED).is_file():
-            continue  # fetched already, or its SEG is on the server
+        folder = spool / study_uid / series_uid
+        if (folder / ".complete").is_file():
+            continue  # fetched already
+        try:
+            if study_uid not in segmented:
+                segmented[study_uid] = _segmented_by(target, study_uid, sha256)
+        except InputError as exc:
+            failed[where] = exc.message
+            continue
+        if series_uid in segmented[study_uid]:
+            continue  # its SEG by this model is on the server
         try:
             instances = _retried(where, lambda s=study_uid, r=series_uid: client.retrieve_series(s, r))
         except InputError as exc:
             failed[where] = exc.message
             continue
-        target.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
         for dataset in instances:
             sop = str(getattr(dataset, "SOPInstanceUID", ""))
             if not _UID.match(sop):
                 continue
-            with atomic_path(target / f"{sop}.dcm") as tmp:
+            with atomic_path(folder / f"{sop}.dcm") as tmp:
                 dataset.save_as(tmp, enforce_file_format=True)
-        (target / ".complete").touch()
+        (folder / ".complete").touch()
     return failed
 
 
@@ -130,6 +170,8 @@ def predict_dicomweb(
     series: str | None = None,
     store_to: str | None = None,
     overwrite: bool = False,
+    statistics: bool = False,
+    preview: bool = False,
     on_case=None,
 ) -> BatchResult:
     """Segment the image series of a DICOMweb server and store a DICOM-SEG of each.
@@ -139,13 +181,16 @@ def predict_dicomweb(
         address: the server, ``dicomweb://HOST:PORT/PATH``.
         output_dir: the DICOM-SEGs and the run's reports (``predictions.csv``, ``run.json``), as
             ``predict_many`` writes them. The retrieved series wait in ``OUTPUT.spool`` until
-            their SEG is stored; a rerun fetches only what is missing.
+            their SEG is stored; a rerun fetches only what is missing. A series for which the
+            store server holds a SEG by this model (its SHA-256 among the SEG's algorithm
+            parameters) is skipped, whatever the spool holds.
         study, series: the study to segment (every image series of it), or one series of it;
             neither: every series the server holds.
         store_to: where to store the SEGs (a DICOMweb address); None: the source server.
         overwrite: segment again the series waiting in the spool though masks of them exist.
-            Series whose SEG was stored (their ``.stored`` marker) are not fetched again:
-            remove ``OUTPUT.spool`` to redo them.
+            Series whose SEG by this model is on the server are not fetched again: delete the
+            SEG there to redo one.
+        statistics, preview, on_case: as for ``predict_many``.
 
     Returns:
         The batch run's result; series that could not be fetched or stored are in ``failed``.
@@ -154,13 +199,22 @@ def predict_dicomweb(
     spool = output_dir.with_name(output_dir.name + SPOOL_SUFFIX)
     client = connect(address)
     target = connect(store_to) if store_to else client
-    pulled_failures = _pull(client, spool, study, series)
+    pulled_failures = _pull(client, target, predictor.sha256, spool, study, series)
     for name, reason in pulled_failures.items():
         log.error("%s: %s", name, reason)
     if not any(spool.rglob("*.dcm")):
-        log.info("nothing new to segment: every image series found has its SEG stored")
+        log.info("nothing new to segment: every image series found has its SEG by this model stored")
         return BatchResult(failed=pulled_failures)
-    result = predict_many(predictor, spool, output_dir, fmt="dicom-seg", overwrite=overwrite, on_case=on_case)
+    result = predict_many(
+        predictor,
+        spool,
+        output_dir,
+        fmt="dicom-seg",
+        overwrite=overwrite,
+        statistics=statistics,
+        preview=preview,
+        on_case=on_case,
+    )
     result.failed.update(pulled_failures)
     for record in result.records:
         # Written now, or (skipped) written by an earlier run whose store failed: store it.
@@ -176,10 +230,7 @@ def predict_dicomweb(
         series_uid = str(stored.ReferencedSeriesSequence[0].SeriesInstanceUID)
         source = spool / str(stored.StudyInstanceUID) / series_uid
         if _UID.match(series_uid) and source.is_dir():  # its images are on the server, its SEG too
-            for item in source.glob("*.dcm"):
-                item.unlink()
-            (source / ".complete").unlink(missing_ok=True)
-            (source / STORED).touch()
+            shutil.rmtree(source)
     return result
 
 

@@ -393,7 +393,13 @@ class Predictor:
             if not isinstance(case.source, DicomSeries):
                 raise InputError(_where(case.source), "DICOM-SEG output needs a DICOM series as input")
             return write_dicom_seg(
-                mask, case.source, self.labels, output, overwrite, algorithm=self.config.model.name
+                mask,
+                case.source,
+                self.labels,
+                output,
+                overwrite,
+                algorithm=self.config.model.name,
+                model_sha256=self.sha256,
             )
         return write_volume(mask, output, case.reference, overwrite=overwrite)
 
