@@ -97,7 +97,7 @@ def minutes(records: list[dict], run: dict) -> str:
 # Commits that changed what a run trains (medseg's defaults, or the MONAI script): the runs of
 # one arm from such a commit up to the next share a recipe, and their seeds pool in one row.
 # A change to the recipe adds its commit here.
-RECIPES = ["d575b9f", "d0b7a59"]
+RECIPES = ["d575b9f", "d0b7a59", "1190018"]
 
 
 @functools.cache
