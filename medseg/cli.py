@@ -648,7 +648,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--int8",
         action="store_true",
-        help="quantize to int8 for OpenVINO (needs medseg[export,deploy]); refused when its Dice "
+        help="quantize to int8 for OpenVINO (needs medseg[int8]); refused when its Dice "
         "falls more than --max-dice-drop below fp32's on validation cases",
     )
     p.add_argument(

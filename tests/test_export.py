@@ -17,6 +17,7 @@ from medseg.errors import CheckpointError, ConfigError, InputError
 from medseg.inference.export import export_model
 from medseg.inference.model_folder import INT8_FILES, MODEL_FILE, NETWORK_FILE
 from medseg.inference.predictor import Predictor
+from medseg.inference.quantize import check_quantizer
 from medseg.inference.runtime import available_runtime
 from medseg.training.trainer import Trainer
 from tests.conftest import TINY_OVERRIDES, learned_phantom, mean_dice, run_cli
@@ -99,6 +100,9 @@ def test_a_missing_runtime_is_named_with_its_install(monkeypatch):
         available_runtime("auto")
     with pytest.raises(ConfigError, match="must be auto, openvino, onnxruntime, not 'tensorrt'"):
         available_runtime("tensorrt")
+    monkeypatch.setitem(sys.modules, "nncf", None)
+    with pytest.raises(ConfigError, match=r"--int8: needs NNCF and OpenVINO: pip install \"medseg\[int8\]\""):
+        check_quantizer()
 
 
 def test_cli_export_then_predict_with_the_folder(exported, tmp_path):
@@ -121,7 +125,7 @@ def test_cli_export_then_predict_with_the_folder(exported, tmp_path):
 
 needs_int8 = pytest.mark.skipif(
     any(__import__("importlib").util.find_spec(m) is None for m in ("nncf", "openvino")),
-    reason="int8 needs NNCF and OpenVINO: pip install medseg[export,deploy]",
+    reason="int8 needs NNCF and OpenVINO: pip install medseg[int8]",
 )
 
 

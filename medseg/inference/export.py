@@ -63,7 +63,7 @@ def export_model(
             ``which="last"``).
         output: the model folder; created if needed. Other files in it are left alone.
         overwrite: replace an exported model already in ``output``.
-        int8: quantize the network to int8 (OpenVINO IR; needs ``medseg[export,deploy]``),
+        int8: quantize the network to int8 (OpenVINO IR; needs ``medseg[int8]``),
             calibrated on ``calibrate`` and refused when its mean Dice on ``validate`` falls
             more than ``max_dice_drop`` below fp32's.
         calibrate: a folder of images (what ``medseg predict -i`` takes); default: some of the

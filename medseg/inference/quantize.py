@@ -45,7 +45,7 @@ def check_quantizer() -> None:
         import nncf  # noqa: F401
         import openvino  # noqa: F401
     except ImportError:
-        raise ConfigError("--int8", 'needs NNCF and OpenVINO: pip install "medseg[export,deploy]"') from None
+        raise ConfigError("--int8", 'needs NNCF and OpenVINO: pip install "medseg[int8]"') from None
 
 
 def calibration_windows(predictor, images: list, limit: int = CALIBRATION_WINDOWS, seed: int = 0) -> list:
