@@ -185,6 +185,11 @@ def cmd_predict(args) -> int:
 
     if is_dicomweb(args.input):
         _refuse_for_dicomweb(args)
+    else:
+        network_only = {"--study": args.study, "--series": args.series, "--query": args.query}
+        given = [option for option, value in {**network_only, "--store-to": args.store_to}.items() if value]
+        if given:
+            raise ConfigError(given[0], "goes with -i dicomweb://HOST:PORT/PATH")
     shard = parse_shard(args.shard) if args.shard else None
     _set_threads(args.threads)
     predictor = Predictor(
@@ -213,6 +218,7 @@ def cmd_predict(args) -> int:
                 args.output,
                 study=args.study,
                 series=args.series,
+                query=args.query,
                 store_to=args.store_to,
                 overwrite=args.overwrite,
                 statistics=args.statistics,
@@ -620,6 +626,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--study", metavar="UID", help="with -i dicomweb://...: segment this study's image series")
     p.add_argument("--series", metavar="UID", help="with -i dicomweb://...: only this series")
+    p.add_argument(
+        "--query",
+        metavar="FILTERS",
+        help="with -i dicomweb://...: QIDO-RS filters selecting the series, "
+        'like "Modality=MR&StudyDate=20260101-"',
+    )
     p.add_argument(
         "--store-to",
         metavar="ADDRESS",

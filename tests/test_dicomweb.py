@@ -16,7 +16,7 @@ import pytest
 
 from medseg.errors import ConfigError
 from medseg.inference.batch import predict_many
-from medseg.inference.dicomweb import connect, predict_dicomweb
+from medseg.inference.dicomweb import connect, parse_query, predict_dicomweb
 from medseg.inference.predictor import Predictor
 from tests.conftest import learned_phantom, run_cli, write_dicom_series
 
@@ -122,6 +122,11 @@ def test_series_are_pulled_segmented_and_stored_back_as_dicom_seg(learned_run, o
     assert len(_instances(rest, "SEG")) == 2 and list(again.failed)  # the gap, again
     assert not again.written and not again.skipped  # not fetched, so not even looked at
     assert not [p for p in spool.rglob("*.dcm") if ".73" not in str(p)]
+    # A query selects series by their attributes: no CT here; of the MR, only the gap is left.
+    ct = predict_dicomweb(predictor, address, tmp_path / "ct", query="Modality=CT")
+    assert not ct.written and not ct.failed
+    mr = predict_dicomweb(predictor, address, tmp_path / "mr", query={"Modality": "MR"})
+    assert not mr.written and [w for w in mr.failed if ".73" in w] == list(mr.failed) != []
 
     # The command line, for a new series, into another folder: one more SEG on the server.
     new = "1.2.826.0.1.3680043.2.1125.74"
@@ -160,3 +165,14 @@ def test_options_a_dicomweb_source_cannot_honour_are_refused(tmp_path, option, m
     address = "dicomweb://127.0.0.1:9/dicom-web"  # never reached: refused before anything loads
     proc = run_cli("predict", "-m", str(tmp_path / "none.pt"), "-i", address, "-o", str(tmp_path), *option)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_query_is_read_into_search_filters_and_bad_ones_are_named(tmp_path):
+    assert parse_query("Modality=MR&StudyDate=20260101-") == {"Modality": "MR", "StudyDate": "20260101-"}
+    with pytest.raises(ConfigError, match="'Modality' is not KEYWORD=VALUE"):
+        parse_query("Modality")
+    with pytest.raises(ConfigError, match="'PatientShoeSize' is not a DICOM keyword"):
+        parse_query("Modality=MR&PatientShoeSize=44")
+    files = ["-m", str(tmp_path / "none.pt"), "-i", str(tmp_path), "-o", str(tmp_path / "o")]
+    proc = run_cli("predict", *files, "--query", "Modality=MR")
+    assert proc.returncode == 2 and "error: --query: goes with -i dicomweb://" in proc.stderr

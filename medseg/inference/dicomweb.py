@@ -25,7 +25,7 @@ from medseg.dicom import NON_IMAGE_MODALITIES, SHA256_PARAMETER
 from medseg.errors import ConfigError, InputError, first_line
 from medseg.inference.batch import BatchResult, predict_many
 
-__all__ = ["is_dicomweb", "connect", "predict_dicomweb", "SPOOL_SUFFIX"]
+__all__ = ["is_dicomweb", "connect", "parse_query", "predict_dicomweb", "SPOOL_SUFFIX"]
 
 log = logging.getLogger(__name__)
 
@@ -118,11 +118,32 @@ def _segmented_by(target, study_uid: str, sha256: str) -> set[str]:
     return done
 
 
-def _pull(client, target, sha256: str, spool: Path, study: str | None, series: str | None) -> dict[str, str]:
+def parse_query(text: str) -> dict[str, str]:
+    """``--query "Modality=MR&StudyDate=20260101-"``: QIDO-RS search filters, each a DICOM
+    keyword and a value (a date range, a ``*`` wildcard and a UID list work as the server's
+    QIDO-RS allows).
+
+    Raises:
+        ConfigError: a part is not ``KEYWORD=VALUE`` or names no DICOM keyword.
+    """
+    from pydicom.datadict import tag_for_keyword
+
+    filters = {}
+    for part in text.split("&"):
+        keyword, equals, value = part.partition("=")
+        if not equals or not value:
+            raise ConfigError("--query", f"{part!r} is not KEYWORD=VALUE (parts joined by &)")
+        if tag_for_keyword(keyword.strip()) is None:
+            raise ConfigError("--query", f"{keyword.strip()!r} is not a DICOM keyword, like StudyDate")
+        filters[keyword.strip()] = value.strip()
+    return filters
+
+
+def _pull(client, target, sha256: str, spool: Path, study, series, query: dict) -> dict[str, str]:
     """Retrieve every image series of the search into ``spool/STUDY/SERIES/SOP.dcm``, but those
     whose SEG by this model ``target`` holds; a series already complete in the spool
     (``.complete``) is not fetched again. Returns failures by series."""
-    filters = {"SeriesInstanceUID": series} if series else None
+    filters = {**query, **({"SeriesInstanceUID": series} if series else {})} or None
     found = _retried("the series search", lambda: client.search_for_series(study, search_filters=filters))
     failed: dict[str, str] = {}
     segmented: dict[str, set[str]] = {}  # by study, asked once
@@ -168,6 +189,7 @@ def predict_dicomweb(
     *,
     study: str | None = None,
     series: str | None = None,
+    query: str | dict | None = None,
     store_to: str | None = None,
     overwrite: bool = False,
     statistics: bool = False,
@@ -186,6 +208,8 @@ def predict_dicomweb(
             parameters) is skipped, whatever the spool holds.
         study, series: the study to segment (every image series of it), or one series of it;
             neither: every series the server holds.
+        query: QIDO-RS filters on the series searched, as ``parse_query`` reads them
+            (``"Modality=MR&StudyDate=20260101-"``) or as a dict: many studies at once.
         store_to: where to store the SEGs (a DICOMweb address); None: the source server.
         overwrite: segment again the series waiting in the spool though masks of them exist.
             Series whose SEG by this model is on the server are not fetched again: delete the
@@ -199,7 +223,8 @@ def predict_dicomweb(
     spool = output_dir.with_name(output_dir.name + SPOOL_SUFFIX)
     client = connect(address)
     target = connect(store_to) if store_to else client
-    pulled_failures = _pull(client, target, predictor.sha256, spool, study, series)
+    query = parse_query(query) if isinstance(query, str) else dict(query or {})
+    pulled_failures = _pull(client, target, predictor.sha256, spool, study, series, query)
     for name, reason in pulled_failures.items():
         log.error("%s: %s", name, reason)
     if not any(spool.rglob("*.dcm")):
