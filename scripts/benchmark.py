@@ -224,7 +224,8 @@ class _Measured(Exception):
 
 
 def _medseg_speed(data: str, out: str, model: str, extra: str, steps: str) -> dict:
-    """Seconds per optimizer step, over ``steps`` steps after one epoch of warm-up."""
+    """Seconds per optimizer step, over ``steps`` steps after one epoch of warm-up, and the share
+    of those seconds spent waiting for data (augmentation runs in the training process)."""
     import torch
 
     import medseg
@@ -236,7 +237,7 @@ def _medseg_speed(data: str, out: str, model: str, extra: str, steps: str) -> di
     )
     config.data.root, config.train.output_dir = data, out
     config.train.val_every = 10**6
-    marks = []
+    marks, waits = [], []
 
     class Probe:  # epoch starts hold the steps only (checkpoints included, validation not)
         def on_epoch_start(self, trainer, epoch):
@@ -244,12 +245,20 @@ def _medseg_speed(data: str, out: str, model: str, extra: str, steps: str) -> di
             if epoch == epochs + 1:
                 raise _Measured
 
+        def on_epoch_end(self, trainer, row):
+            if row["epoch"] > 1:  # the first epoch warms up
+                waits.append(row["data_wait"])
+
     try:
         medseg.Trainer(config, overwrite=True, callbacks=[Probe()]).fit()
     except _Measured:
         pass
     (t0, s0), (t1, s1) = marks[1], marks[-1]
-    return {"seconds_per_step": (t1 - t0) / (s1 - s0), "steps": s1 - s0}
+    return {
+        "seconds_per_step": (t1 - t0) / (s1 - s0),
+        "steps": s1 - s0,
+        "data_wait": statistics.mean(waits),
+    }
 
 
 def _medseg_predict(checkpoint: str, images: str, out: str) -> dict:
@@ -525,6 +534,7 @@ def measure_speed(arm: str, data: Path, args) -> dict:
         **_ledger_fields(arm, data, args, 0),
         "kind": "speed",
         "seconds_per_step": timed["seconds_per_step"],
+        **({"data_wait": timed["data_wait"]} if "data_wait" in timed else {}),
     }
     ledger.append(record, args.ledger)
     return record

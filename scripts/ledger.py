@@ -151,8 +151,8 @@ def table(records: list[dict], data: str | None = None) -> str:
 def speeds(records: list[dict]) -> str:
     """Seconds per step of each arm, per data set and CPU."""
     lines = [
-        "| data | commit | arm | CPU (bf16) | threads | s/step | steps in 600 s |",
-        "|---|---|---|---|---|---|---|",
+        "| data | commit | arm | CPU (bf16) | threads | s/step | steps in 600 s | waiting for data |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         if r.get("kind") == "speed":
@@ -166,6 +166,7 @@ def speeds(records: list[dict]) -> str:
                 r["threads"],
                 f"{per_step:.3f}",
                 f"{600 / per_step:.0f}",
+                f"{r['data_wait']:.0%}" if "data_wait" in r else "",
             ]
             lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
