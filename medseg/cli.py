@@ -354,6 +354,40 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_listen(args) -> int:
+    import signal
+
+    from medseg.inference.listener import Listener, parse_destination
+    from medseg.inference.predictor import Predictor
+
+    destination = parse_destination(args.send_to)  # a bad address is refused before the model loads
+    _set_threads(args.threads)
+    predictor = Predictor(
+        args.model,
+        device=args.device,
+        tta=args.tta,
+        keep_largest=_keep_largest(args.keep_largest),
+        runtime=args.runtime,
+    )
+    listener = Listener(
+        predictor,
+        args.output,
+        destination,
+        ae_title=args.ae_title,
+        host=args.host,
+        port=args.port,
+        allowed=args.allow_ae,
+        quiet_period=args.quiet_period,
+    )
+
+    def stop(signum, frame):  # a service manager's stop: leave as cleanly as Ctrl-C does
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    listener.serve_forever()
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from medseg.evaluation.folders import evaluate
 
@@ -681,6 +715,48 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _threads_argument(p)
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "listen",
+        help="a DICOM node: receive series by C-STORE, segment each, send its DICOM-SEG on",
+        description="Receive images by C-STORE (needs medseg[pacs]), segment each series once no image "
+        "of it arrived for the quiet period, and send its DICOM-SEG by C-STORE to --send-to. What "
+        "arrives is written to OUTPUT.spool first, so a restart finishes the work. Runs until stopped "
+        "(Ctrl-C or SIGTERM).",
+    )
+    p.add_argument(
+        "-m", "--model", required=True, help="checkpoint file, run folder or exported model folder"
+    )
+    p.add_argument(
+        "-o", "--output", "--out", dest="output", required=True, help="folder for the SEGs and reports"
+    )
+    p.add_argument("--send-to", required=True, metavar="AE@HOST:PORT", help="where the DICOM-SEGs go")
+    p.add_argument("--ae-title", default="MEDSEG", help="this node's AE title (default: %(default)s)")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)"
+    )
+    p.add_argument("--port", type=int, default=11112, help="(default: %(default)s)")
+    p.add_argument(
+        "--allow-ae",
+        action="append",
+        metavar="AE",
+        help="a calling AE title to accept (repeatable; default: only --send-to's)",
+    )
+    p.add_argument(
+        "--quiet-period",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="seconds without a new image after which a series is complete (default: %(default)s)",
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, help="as for predict")
+    p.add_argument("--keep-largest", metavar="LABELS", help="as for predict")
+    p.add_argument(
+        "--runtime", choices=["auto", "openvino", "onnxruntime"], default="auto", help="as for predict"
+    )
+    _threads_argument(p)
+    p.set_defaults(func=cmd_listen)
 
     p = sub.add_parser(
         "evaluate", help="Dice, IoU, HD95, ASSD and surface Dice per case and class against references"
