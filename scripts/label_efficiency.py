@@ -8,6 +8,14 @@ same test cases; the table gives mean foreground Dice +- std over the seeds.
 
     python scripts/label_efficiency.py --sizes 2,4,8 --seeds 3
     python scripts/label_efficiency.py --sizes 2 --seeds 1 --finetune-steps 100   # a quick look
+    python scripts/label_efficiency.py --data ../shared/realdata/la --test 16 --sizes 8 \
+        --pretrain-steps 2000 --finetune-steps 1500 --work le_la              # real scans
+
+With ``--data`` (an nnU-Net or MSD folder) the cases are real: scored on the set's own labelled
+test cases (``imagesTs``) or, without them, on ``--test`` training cases held out by a seeded
+draw (the benchmark's split); the labelled cases are drawn from the others by patient (the part
+of a case's name before its first ``_``: ACDC's two phases of a patient go together, so
+``--sizes 3`` is 3 patients, 6 volumes), and pretraining sees every image but the test ones.
 
 Steps, not seconds, fix the budgets, so another job on the machine slows the study but does not
 change its result. Run again with the same ``--work`` to resume: finished runs are kept (delete
@@ -29,7 +37,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark import make_phantoms  # noqa: E402
+from benchmark import make_phantoms, real_data  # noqa: E402
 
 from medseg.atomic import write_text_atomic  # noqa: E402
 from medseg.config import load_config  # noqa: E402
@@ -52,13 +60,12 @@ def _overrides(args, steps: int) -> list[str]:
     ]
 
 
-def pretrain(args, data: Path, work: Path) -> Path:
+def pretrain(args, images: list[Path], work: Path) -> Path:
     """Pretrain once on the pool's and the unlabelled cases' images (never the test images)."""
     checkpoint = work / "pretrain" / "last.pt"
     if checkpoint.is_file():
         return checkpoint
     manifest = work / "pretrain_images.csv"
-    images = sorted((data / "imagesTr").iterdir())
     manifest.write_text("image\n" + "".join(f"{p}\n" for p in images))
     extra = [o for o in args.pretrain_set.split(";") if o]
     config = load_config(None, _overrides(args, args.pretrain_steps) + extra)
@@ -66,7 +73,8 @@ def pretrain(args, data: Path, work: Path) -> Path:
     start = time.monotonic()
     Pretrainer(config, overwrite=True).fit()
     print(
-        f"pretrained {args.pretrain_steps} steps on {len(images)} images in {time.monotonic() - start:.0f} s"
+        f"pretrained {args.pretrain_steps} steps on {len(images)} images in {time.monotonic() - start:.0f} s",
+        flush=True,
     )
     return checkpoint
 
@@ -141,26 +149,40 @@ def main() -> None:
     )
     parser.add_argument("--arms", default="scratch,pretrained", help="which arms to train")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--data", help="a real dataset folder (nnU-Net or MSD); default: phantoms")
     parser.add_argument("--work", default="label_efficiency_work")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(args.work)
-    data = make_phantoms(
-        work / "data", n_train=args.pool + args.unlabeled, n_test=args.test, variety=args.variety
-    )
-    pool = sorted((data / "imagesTr").iterdir())[: args.pool]
-    checkpoint = pretrain(args, data, work)
+    if args.data:
+        data = real_data(Path(args.data), work / "data", args.test)
+        pool = [
+            {"image": c["image"], "label": c["label"], "id": Path(c["label"]).name.split(".")[0]}
+            for c in json.loads((data / "dataset.json").read_text())["training"]
+        ]
+    else:
+        data = make_phantoms(
+            work / "data", n_train=args.pool + args.unlabeled, n_test=args.test, variety=args.variety
+        )
+        pool = [
+            {"image": str(p), "label": str(data / "labelsTr" / p.name), "id": p.name}
+            for p in sorted((data / "imagesTr").iterdir())
+        ]
+    checkpoint = pretrain(args, [Path(c["image"]) for c in pool], work)
+    if not args.data:
+        pool = pool[: args.pool]  # the labelled cases are drawn from the first few; all pretrain
+    patients: dict[str, list[dict]] = {}
+    for case in pool:
+        patients.setdefault(case["id"].split("_")[0] if args.data else case["id"], []).append(case)
+    groups = [patients[k] for k in sorted(patients)]
 
     sizes = [int(s) for s in args.sizes.split(",")]
     rows = []
     for seed in range(args.seeds):
         rng = np.random.default_rng(seed)
         for size in sizes:
-            picked = sorted(rng.choice(len(pool), size, replace=False))
-            cases = [
-                {"image": str(pool[i]), "label": str(data / "labelsTr" / pool[i].name), "id": pool[i].name}
-                for i in picked
-            ]
+            picked = sorted(rng.choice(len(groups), size, replace=False))
+            cases = [case for i in picked for case in groups[i]]
             arms = {"scratch": None, "pretrained": checkpoint}
             for arm, init in ((a, arms[a]) for a in args.arms.split(",")):
                 run = work / "runs" / f"{arm}_n{size}_s{seed}"
@@ -173,7 +195,8 @@ def main() -> None:
                 rows.append({"arm": arm, "labelled": size, "seed": seed, **result})
                 print(
                     f"seed {seed}, {size} labelled, {arm}: "
-                    f"Dice {result['dice']:.3f} ({result['seconds']:.0f} s)"
+                    f"Dice {result['dice']:.3f} ({result['seconds']:.0f} s)",
+                    flush=True,
                 )
     _report(rows, sizes, work, args)
 
