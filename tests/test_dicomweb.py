@@ -40,14 +40,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def orthanc(tmp_path):
-    """A private Orthanc on free localhost ports, with DICOMweb; its address and REST root."""
-    http = _free_port()
+def _start_orthanc(folder: Path, http: int) -> subprocess.Popen:
+    """Orthanc on localhost port ``http`` with DICOMweb, its database in ``folder`` (so a restart
+    finds what it held); returns once it answers."""
     config = {
         "Name": "medseg-test",
-        "StorageDirectory": str(tmp_path / "orthanc"),
-        "IndexDirectory": str(tmp_path / "orthanc"),
+        "StorageDirectory": str(folder / "orthanc"),
+        "IndexDirectory": str(folder / "orthanc"),
         "HttpPort": http,
         "DicomPort": _free_port(),
         "RemoteAccessAllowed": False,
@@ -55,23 +54,33 @@ def orthanc(tmp_path):
         "Plugins": [str(PLUGIN)],
         "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
     }
-    (tmp_path / "orthanc.json").write_text(json.dumps(config))
-    log = open(tmp_path / "orthanc.log", "w")
-    server = subprocess.Popen([ORTHANC, str(tmp_path / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
-    rest = f"http://127.0.0.1:{http}"
+    (folder / "orthanc.json").write_text(json.dumps(config))
+    with open(folder / "orthanc.log", "a") as log:
+        server = subprocess.Popen(
+            [ORTHANC, str(folder / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT
+        )
     for _ in range(100):
         try:
-            urllib.request.urlopen(f"{rest}/system", timeout=1)
-            break
+            urllib.request.urlopen(f"http://127.0.0.1:{http}/system", timeout=1)
+            return server
         except OSError:
             time.sleep(0.2)
-    else:
-        server.kill()
-        pytest.fail("Orthanc did not start: " + (tmp_path / "orthanc.log").read_text()[-2000:])
-    yield f"dicomweb://127.0.0.1:{http}/dicom-web", rest
+    server.kill()
+    pytest.fail("Orthanc did not start: " + (folder / "orthanc.log").read_text()[-2000:])
+
+
+def _stop(server: subprocess.Popen) -> None:
     server.terminate()
     server.wait(timeout=30)
-    log.close()
+
+
+@pytest.fixture
+def orthanc(tmp_path):
+    """A private Orthanc on free localhost ports, with DICOMweb; its address and REST root."""
+    http = _free_port()
+    server = _start_orthanc(tmp_path, http)
+    yield f"dicomweb://127.0.0.1:{http}/dicom-web", f"http://127.0.0.1:{http}"
+    _stop(server)
 
 
 def _upload(address: str, folder: Path) -> None:
@@ -144,6 +153,59 @@ def test_series_are_pulled_segmented_and_stored_back_as_dicom_seg(learned_run, o
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().endswith(f"0 written, 0 skipped, 0 failed; masks in {tmp_path / 'cli'}")
     assert len(_instances(rest, "SEG")) == 3
+
+
+@needs_orthanc
+def test_a_server_stopped_mid_batch_is_reported_and_a_rerun_finishes(learned_run, tmp_path, monkeypatch):
+    import medseg.inference.dicomweb as dicomweb
+
+    monkeypatch.setattr(dicomweb, "BACKOFF_S", 0.05)  # the retries, quicker
+    http = _free_port()
+    server = _start_orthanc(tmp_path, http)
+    address, rest = f"dicomweb://127.0.0.1:{http}/dicom-web", f"http://127.0.0.1:{http}"
+    _, summary = learned_run
+    uids = ["1.2.826.0.1.3680043.2.1125.75", "1.2.826.0.1.3680043.2.1125.76"]
+    for seed, uid in enumerate(uids, 505):
+        _upload(address, write_dicom_series(learned_phantom(seed)[0], tmp_path / "sent" / uid, uid=uid))
+    report = pydicom.dcmread(next((tmp_path / "sent" / uids[0]).glob("*.dcm")))
+    report.Modality, report.SeriesInstanceUID = "SR", "1.2.826.0.1.3680043.2.1125.77"  # not an image
+    report.SOPInstanceUID = "1.2.826.0.1.3680043.2.1125.77.1"
+    connect(address).store_instances([report])
+    predictor = Predictor(summary["best"], device="cpu")
+    stopped = []
+
+    def stop_the_server(record, number, total):  # the series are fetched; the server goes down
+        if not stopped:
+            _stop(server)
+            stopped.append(number)
+
+    try:
+        down = predict_dicomweb(predictor, address, tmp_path / "out", on_case=stop_the_server)
+        assert stopped and len(down.failed) == 2  # both stores failed, reported, nothing crashed
+        assert all("failed after 3 tries" in reason for reason in down.failed.values())
+        account = json.loads((tmp_path / "out" / "stored.json").read_text())
+        assert {e["status"] for e in account.values()} == {"failed"} and set(account) == set(uids)
+
+        server = _start_orthanc(tmp_path, http)  # back, with the images it held
+        again = predict_dicomweb(predictor, address, tmp_path / "out")
+        assert not again.failed and len(again.skipped) == 2  # made before, stored now
+        assert len(_instances(rest, "SEG")) == 2
+        account = json.loads((tmp_path / "out" / "stored.json").read_text())
+        assert {e["status"] for e in account.values()} == {"stored"}
+        for uid in uids:  # the account names the source's instances and the SEG on the server
+            sent = {str(pydicom.dcmread(p).SOPInstanceUID) for p in (tmp_path / "sent" / uid).glob("*.dcm")}
+            assert set(account[uid]["instances"]) == sent and account[uid]["study"] == uid + ".0"
+        stored_segs = {s["MainDicomTags"]["SOPInstanceUID"] for s in _instance_tags(rest, "SEG")}
+        assert {e["seg_sop_instance_uid"] for e in account.values()} == stored_segs
+        assert not [u for u in uids if (tmp_path / "out.spool" / (u + ".0") / u).exists()]  # spool emptied
+    finally:
+        _stop(server)
+
+
+def _instance_tags(rest: str, modality: str) -> list[dict]:
+    query = json.dumps({"Level": "Instance", "Query": {"Modality": modality}, "Expand": True}).encode()
+    request = urllib.request.Request(f"{rest}/tools/find", data=query, method="POST")
+    return json.loads(urllib.request.urlopen(request).read())
 
 
 def test_credentials_are_refused_in_the_address():

@@ -12,6 +12,7 @@ Credentials come from the environment, never from the command line, and are neve
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -20,17 +21,18 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from medseg.atomic import atomic_path
+from medseg.atomic import atomic_path, write_text_atomic
 from medseg.dicom import NON_IMAGE_MODALITIES, SHA256_PARAMETER
 from medseg.errors import ConfigError, InputError, first_line
 from medseg.inference.batch import BatchResult, predict_many
 
-__all__ = ["is_dicomweb", "connect", "parse_query", "predict_dicomweb", "SPOOL_SUFFIX"]
+__all__ = ["is_dicomweb", "connect", "parse_query", "predict_dicomweb", "SPOOL_SUFFIX", "STORED_REPORT"]
 
 log = logging.getLogger(__name__)
 
 SCHEMES = {"dicomweb": "http", "dicomwebs": "https"}
 SPOOL_SUFFIX = ".spool"  # the retrieved series wait beside the output folder, in OUTPUT.spool
+STORED_REPORT = "stored.json"  # in the output folder: each series' SEG, stored or why not
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")  # what DICOM allows in a UID: safe as a file name
 ATTEMPTS, BACKOFF_S = 3, 1.0  # network calls are retried with a doubling pause, then reported
 _STUDY, _SERIES, _MODALITY, _SOP = "0020000D", "0020000E", "00080060", "00080018"
@@ -153,8 +155,10 @@ def _pull(client, target, sha256: str, spool: Path, study, series, query: dict) 
         if not (_UID.match(study_uid) and _UID.match(series_uid)):
             failed[where] = "the server gave a study or series UID that is not a DICOM UID"
             continue
-        if _value(item, _MODALITY).upper() in NON_IMAGE_MODALITIES:
-            continue  # a segmentation, report or other non-image: nothing to segment
+        modality = _value(item, _MODALITY).upper()
+        if modality in NON_IMAGE_MODALITIES:  # a segmentation, report or other non-image
+            log.info("%s: %s, not an image: left alone", where, modality)
+            continue
         folder = spool / study_uid / series_uid
         if (folder / ".complete").is_file():
             continue  # fetched already
@@ -202,10 +206,13 @@ def predict_dicomweb(
         predictor: the model.
         address: the server, ``dicomweb://HOST:PORT/PATH``.
         output_dir: the DICOM-SEGs and the run's reports (``predictions.csv``, ``run.json``), as
-            ``predict_many`` writes them. The retrieved series wait in ``OUTPUT.spool`` until
-            their SEG is stored; a rerun fetches only what is missing. A series for which the
-            store server holds a SEG by this model (its SHA-256 among the SEG's algorithm
-            parameters) is skipped, whatever the spool holds.
+            ``predict_many`` writes them, and ``stored.json``: by series UID, its study, the SOP
+            instance UIDs of its images, its SEG's file and SOP instance UID, and whether the
+            server took it (``stored``) or not (``failed``, with the reason); kept across runs.
+            The retrieved series wait in ``OUTPUT.spool`` until their SEG is stored; a rerun
+            fetches only what is missing. A series for which the store server holds a SEG by
+            this model (its SHA-256 among the SEG's algorithm parameters) is skipped, whatever
+            the spool holds.
         study, series: the study to segment (every image series of it), or one series of it;
             neither: every series the server holds.
         query: QIDO-RS filters on the series searched, as ``parse_query`` reads them
@@ -241,28 +248,52 @@ def predict_dicomweb(
         on_case=on_case,
     )
     result.failed.update(pulled_failures)
+    stores = _read_stores(output_dir)
     for record in result.records:
         # Written now, or (skipped) written by an earlier run whose store failed: store it.
         if record.get("status") not in ("written", "skipped") or not record.get("output"):
             continue
         segmentation = output_dir / record["output"]
-        try:
-            stored = _store(target, segmentation)
-        except InputError as exc:
-            result.failed[str(segmentation)] = exc.message
-            record.update(status="failed", reason=exc.message)
+        stored, entry = _store(target, segmentation)
+        series_uid = entry["series"]
+        stores[series_uid] = entry
+        write_text_atomic(output_dir / STORED_REPORT, json.dumps(stores, indent=1) + "\n")
+        if entry["status"] == "failed":
+            result.failed[str(segmentation)] = entry["reason"]
+            record.update(status="failed", reason=entry["reason"])
             continue
-        series_uid = str(stored.ReferencedSeriesSequence[0].SeriesInstanceUID)
         source = spool / str(stored.StudyInstanceUID) / series_uid
         if _UID.match(series_uid) and source.is_dir():  # its images are on the server, its SEG too
             shutil.rmtree(source)
     return result
 
 
-def _store(client, segmentation: Path):
-    """Store a DICOM-SEG file; returns its dataset."""
+def _read_stores(output_dir: Path) -> dict:
+    """What earlier runs stored, from ``stored.json`` ({} when there is none or it is unreadable:
+    it is an account, and the server, not this file, decides what is done)."""
+    try:
+        found = json.loads((output_dir / STORED_REPORT).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def _store(client, segmentation: Path) -> tuple:
+    """Store a DICOM-SEG file; returns its dataset and the account of it for ``stored.json``."""
     import pydicom
 
     dataset = pydicom.dcmread(segmentation)
-    _retried(f"storing {segmentation.name}", lambda: client.store_instances([dataset]))
-    return dataset
+    source = dataset.ReferencedSeriesSequence[0]
+    entry = {
+        "study": str(dataset.StudyInstanceUID),
+        "series": str(source.SeriesInstanceUID),
+        "instances": [str(i.ReferencedSOPInstanceUID) for i in source.ReferencedInstanceSequence],
+        "seg": segmentation.name,
+        "seg_sop_instance_uid": str(dataset.SOPInstanceUID),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    try:
+        _retried(f"storing {segmentation.name}", lambda: client.store_instances([dataset]))
+    except InputError as exc:
+        return dataset, {**entry, "status": "failed", "reason": exc.message}
+    return dataset, {**entry, "status": "stored"}
