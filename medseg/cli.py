@@ -149,6 +149,8 @@ def _trainer(kind, args):
     config.data.modality = args.modality or config.data.modality
     if getattr(args, "init", None):
         config.train.init, config.train.init_parts = str(args.init), args.init_parts
+    if getattr(args, "unlabeled", None):
+        config.train.unlabeled = str(args.unlabeled)
     if getattr(args, "fold", None) is not None:
         config.data.fold, config.data.folds = args.fold, args.folds
         config.train.output_dir = str(Path(args.output) / f"fold_{args.fold}")
@@ -523,6 +525,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="encoder",
         choices=["encoder", "all", "decoder"],
         help="which weights --init loads (default: %(default)s)",
+    )
+    p.add_argument(
+        "--unlabeled",
+        metavar="DIR",
+        help="images without labels to learn from too (mean-teacher consistency): a folder, a CSV "
+        "with an 'image' column, or 'dataset' for the dataset's imagesUn/ (train.unlabeled)",
     )
     p.set_defaults(func=cmd_train)
 

@@ -225,6 +225,11 @@ class TrainConfig:
             plan are taken from it.
         init_parts: which weights ``init`` loads: ``encoder`` (the default: with ``all``, one
             run in three of our study stalled; docs/pretraining.md), ``all`` or ``decoder``.
+        unlabeled: images without labels to learn from as well, by mean-teacher consistency
+            (``medseg.training.semi``): a folder of images, a CSV with an ``image`` column, or
+            ``dataset`` (the dataset's ``imagesUn/`` or dataset.json's ``unlabeled``); null: off.
+        unlabeled_weight: the consistency loss's full weight (it ramps up over the first 40 %).
+        teacher_decay: the teacher's moving-average decay.
     """
 
     output_dir: str = "runs/heart"
@@ -253,6 +258,9 @@ class TrainConfig:
     tensorboard: bool | None = None
     init: str | None = None
     init_parts: str = "encoder"
+    unlabeled: str | None = None
+    unlabeled_weight: float = 1.0
+    teacher_decay: float = 0.99
 
     @property
     def epoch_limit(self) -> float:

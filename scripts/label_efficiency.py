@@ -93,15 +93,28 @@ class Freeze:
 
 
 def finetune(
-    args, data: Path, cases: list[dict], init: Path | None, seed: int, run: Path, plan: Path
+    args,
+    data: Path,
+    cases: list[dict],
+    init: Path | None,
+    seed: int,
+    run: Path,
+    plan: Path,
+    unlabeled: list[str] = (),
 ) -> dict:
     """Train on ``cases`` (no validation: a fixed number of steps) and score the test set.
 
-    Both arms use the pretraining's plan (planned on all the images), so that only the starting
+    Every arm uses the pretraining's plan (planned on all the images), so that only the starting
     weights differ: planned on two cases, the scratch arm would get another spacing and patch.
+    With ``unlabeled`` images the run learns from them too (``train.unlabeled``: mean teacher).
     """
     config = load_config(None, _overrides(args, args.finetune_steps) + [f"train.seed={seed}"])
     config.train.output_dir = str(run)
+    if unlabeled:
+        run.mkdir(parents=True, exist_ok=True)
+        manifest = run / "unlabeled.csv"
+        manifest.write_text("image\n" + "".join(f"{p}\n" for p in unlabeled))
+        config.train.unlabeled = str(manifest)
     if init is None:
         config.data.plan = str(plan)
     else:
@@ -147,7 +160,12 @@ def main() -> None:
         help="keep the --init-parts weights fixed in both arms (random or pretrained); "
         "--init-parts all: only the output head learns (a linear probe)",
     )
-    parser.add_argument("--arms", default="scratch,pretrained", help="which arms to train")
+    parser.add_argument(
+        "--arms",
+        default="scratch,pretrained",
+        help="which arms to train: scratch, pretrained, meanteacher (scratch plus the other "
+        "training images unlabelled, train.unlabeled)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data", help="a real dataset folder (nnU-Net or MSD); default: phantoms")
     parser.add_argument("--work", default="label_efficiency_work")
@@ -168,6 +186,7 @@ def main() -> None:
             {"image": str(p), "label": str(data / "labelsTr" / p.name), "id": p.name}
             for p in sorted((data / "imagesTr").iterdir())
         ]
+    pool_all = list(pool)  # every non-test image: what is not labelled in an arm is unlabelled
     checkpoint = pretrain(args, [Path(c["image"]) for c in pool], work)
     if not args.data:
         pool = pool[: args.pool]  # the labelled cases are drawn from the first few; all pretrain
@@ -183,14 +202,18 @@ def main() -> None:
         for size in sizes:
             picked = sorted(rng.choice(len(groups), size, replace=False))
             cases = [case for i in picked for case in groups[i]]
-            arms = {"scratch": None, "pretrained": checkpoint}
+            arms = {"scratch": None, "pretrained": checkpoint, "meanteacher": None}
+            chosen = {c["image"] for c in cases}
+            rest = [c["image"] for c in pool_all if c["image"] not in chosen]  # unlabelled here
             for arm, init in ((a, arms[a]) for a in args.arms.split(",")):
                 run = work / "runs" / f"{arm}_n{size}_s{seed}"
                 done = run / "result.json"  # a finished run is kept: the study resumes
                 if done.is_file():
                     result = json.loads(done.read_text())
                 else:
-                    result = finetune(args, data, cases, init, seed, run, checkpoint.parent / "plan.yaml")
+                    plan = checkpoint.parent / "plan.yaml"
+                    extra = rest if arm == "meanteacher" else []
+                    result = finetune(args, data, cases, init, seed, run, plan, extra)
                     write_text_atomic(done, json.dumps(result))
                 rows.append({"arm": arm, "labelled": size, "seed": seed, **result})
                 print(
@@ -209,21 +232,25 @@ def _report(rows: list[dict], sizes: list[int], work: Path, args) -> None:
             [r["arm"], r["labelled"], r["seed"], f"{r['dice']:.4f}", f"{r['seconds']:.0f}"] for r in rows
         )
     (work / "results.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
-    if {r["arm"] for r in rows} != {"scratch", "pretrained"}:
-        return
-    lines = ["| labelled cases | scratch | pretrained | gain |", "|---|---|---|---|"]
+    arms = [a for a in ("scratch", "pretrained", "meanteacher") if any(r["arm"] == a for r in rows)]
+    others = [a for a in arms if a != "scratch"] if "scratch" in arms else []
+    header = ["labelled cases", *arms, *(f"{a} - scratch" for a in others)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+    def spread(values: list[float], signed: str = "") -> str:
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{statistics.mean(values):{signed}.3f} ± {sd:.3f} (n={len(values)})"
+
     for size in sizes:
         dice = {
-            arm: [r["dice"] for r in rows if r["labelled"] == size and r["arm"] == arm]
-            for arm in ("scratch", "pretrained")
+            a: {r["seed"]: r["dice"] for r in rows if r["labelled"] == size and r["arm"] == a} for a in arms
         }
-        cells = [
-            f"{statistics.mean(v):.3f} ± {statistics.stdev(v) if len(v) > 1 else 0:.3f}"
-            for v in dice.values()
-        ]
-        gains = [p - s for s, p in zip(dice["scratch"], dice["pretrained"])]
-        gain = f"{statistics.mean(gains):+.3f} ± {statistics.stdev(gains) if len(gains) > 1 else 0:.3f}"
-        lines.append(f"| {size} | {cells[0]} | {cells[1]} | {gain} |")
+        cells = [spread(list(dice[a].values())) for a in arms]
+        for a in others:  # paired by seed: the same labelled cases
+            seeds = sorted(set(dice[a]) & set(dice["scratch"]))
+            gains = [dice[a][k] - dice["scratch"][k] for k in seeds]
+            cells.append(spread(gains, "+") if gains else "")
+        lines.append(f"| {size} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     (work / "results.md").write_text(table + "\n")
     print(table)

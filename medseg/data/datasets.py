@@ -27,6 +27,7 @@ __all__ = [
     "fold_splits",
     "read_splits",
     "given_cases",
+    "unlabeled_cases",
     "split_for_run",
     "refuse_bad_cases",
     "label_names",
@@ -188,13 +189,13 @@ def _resolve(base: Path, name: str, absent: list[str]) -> str:
     return str(path)
 
 
-def _pair(images: Path, labels: Path, need_labels: bool) -> list[dict]:
+def _pair(images: Path, labels: Path | None, need_labels: bool) -> list[dict]:
     """Match images to labels by case name. nnU-Net's channel files ``CASE_0000``, ``CASE_0001``,
     ... form one case whose ``image`` is the list of them, in channel order, by the rule
     prediction uses too (``medseg.files.channel_groups``)."""
     if not images.is_dir():
         return []
-    label_files = {case_id(p): p for p in list_volumes(labels)} if labels.is_dir() else {}
+    label_files = {case_id(p): p for p in list_volumes(labels)} if labels and labels.is_dir() else {}
     groups = {}
     for group in channel_groups(list_volumes(images), labelled=set(label_files) or None):
         if group.id in groups:
@@ -241,6 +242,32 @@ def _from_csv(path: Path, need_labels: bool = True) -> Cases:
     if not training and need_labels:
         raise InputError(path, "lists no case with a label")
     return Cases(training, test, {})
+
+
+def unlabeled_cases(source: str | Path, dataset: Cases) -> list[dict]:
+    """The images of ``train.unlabeled``: ``dataset`` (the dataset's own ``imagesUn/`` or
+    dataset.json's ``unlabeled`` list), a folder of image files and DICOM series (channel files
+    grouped as for training), or a CSV with an ``image`` column.
+
+    Raises:
+        InputError: nothing there to train on, or a file that cannot be a case.
+    """
+    if str(source) == "dataset":
+        if not dataset.unlabeled:
+            raise InputError(
+                "train.unlabeled", "the dataset has no imagesUn/ nor a dataset.json 'unlabeled' list"
+            )
+        return [{"image": c["image"], "id": c["id"]} for c in dataset.unlabeled]
+    source = Path(source)
+    if source.is_file() and source.suffix.lower() == ".csv":
+        found = _from_csv(source, need_labels=False).all_images
+    elif source.is_dir():
+        found = _pair(source, None, need_labels=False)
+    else:
+        raise InputError(source, "no such folder or CSV of unlabelled images")
+    if not found:
+        raise InputError(source, "holds no images")
+    return [{"image": c["image"], "id": c["id"]} for c in found]
 
 
 def given_cases(cases, need_labels: bool = True) -> list[dict]:

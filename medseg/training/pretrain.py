@@ -91,6 +91,7 @@ class Pretrainer(Trainer):
         config.model.time_conditioning = True
         config.model.deep_supervision = False
         config.train.init = None
+        config.train.unlabeled = None  # every image is pretraining's already
         if config.pretrain.timesteps != "fixed":
             config.model.timestep = 0  # drawn at random: segmentation will see clean images
         # Checks the mode and the fixed timestep now, before any image is read.

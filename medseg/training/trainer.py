@@ -32,9 +32,10 @@ from medseg.data.datasets import (
     read_splits,
     refuse_bad_cases,
     split_for_run,
+    unlabeled_cases,
 )
 from medseg.data.plan import Plan, fingerprint, plan_for_config
-from medseg.data.transforms import eval_transforms, train_transforms
+from medseg.data.transforms import eval_transforms, pretrain_transforms, train_transforms
 from medseg.device import autocast_dtype, channels_last_format, use_channels_last, windows_per_forward
 from medseg.errors import CheckpointError, ConfigError, InputError
 from medseg.evaluation.metrics import dice_per_class
@@ -49,6 +50,7 @@ from medseg.training.distributed import setup_distributed
 from medseg.training.history import plot_curves, write_metrics
 from medseg.training.optim import default_lr, lr_factor, make_ema, make_optimizer
 from medseg.training.sampling import SeededSamples, StepSampler, rng_state, set_rng_state
+from medseg.training.semi import MeanTeacher, consistency_weight
 from medseg.training.transfer import load_matching, network_of
 
 __all__ = ["Trainer", "Callback"]
@@ -128,6 +130,14 @@ class Trainer:
         if self.channels_last:
             self.model = self.model.to(memory_format=channels_last_format(self.plan.network_dims))
         self.ema = make_ema(self.model, train.ema_decay)
+        # Unlabelled images (train.unlabeled): found and checked now, before the run folder is touched.
+        self.unlabeled_cases = unlabeled_cases(train.unlabeled, dataset) if train.unlabeled else []
+        self.teacher = (
+            MeanTeacher(self.model, train.teacher_decay, train.unlabeled_weight)
+            if self.unlabeled_cases
+            else None
+        )
+        self.progress = 0.0  # of the run, 0..1: the consistency weight's ramp follows it
         # What the training step calls: the network, wrapped for DDP and compiled if asked.
         self.net: nn.Module = self.model
         if self.dist.enabled:
@@ -238,6 +248,22 @@ class Trainer:
             pin_memory=self.device.type == "cuda",
         )
 
+    def _unlabeled_loader(self) -> DataLoader:
+        """Batches of unlabelled patches, as many as a labelled batch holds, drawn as reproducibly
+        (their own seed) and resumed at the same step."""
+        data, train = self.config.data, self.config.train
+        transform = pretrain_transforms(self.config, self.plan)  # the image alone, in random patches
+        cases = cached_dataset(self.unlabeled_cases, transform, self.plan, data.cache, data.cache_dir)
+        batch = self.plan.batch_size
+        return DataLoader(
+            SeededSamples(cases, train.seed + 7919),
+            batch_size=batch,
+            sampler=StepSampler(batch, start=self.step, rank=self.dist.rank, world=self.dist.world),
+            num_workers=data.num_workers,
+            collate_fn=list_data_collate,
+            pin_memory=self.device.type == "cuda",
+        )
+
     def _val_dataset(self) -> Dataset | None:
         """This rank's share of the validation cases, preprocessed once (None without any)."""
         mine = self.val_cases[self.dist.rank :: self.dist.world]
@@ -261,9 +287,12 @@ class Trainer:
         # Every case is loaded (and checked) before the run folder is touched: a bad scan or
         # setting found here leaves an earlier run there as it was.
         batches = iter(self._train_loader())
+        unlabeled = iter(self._unlabeled_loader()) if self.teacher else None
         self._write_run_files()
         if train.init and not self.resumed and self.step == 0 and not self.custom_model:
             self._load_init()
+            if self.teacher is not None:  # the teacher starts from the loaded weights too
+                self.teacher = MeanTeacher(self.model, train.teacher_decay, train.unlabeled_weight)
         epochs = train.epoch_limit
         total_steps = epochs * train.iters_per_epoch
         clock = time.monotonic() - self.elapsed
@@ -290,8 +319,11 @@ class Trainer:
                 if progress >= 1.0:
                     break
                 self._set_lr(progress)
+                self.progress = progress
                 fetch = time.monotonic()
                 batch = next(batches)
+                if unlabeled is not None:
+                    batch["unlabeled"] = next(unlabeled)["image"]
                 waited += time.monotonic() - fetch
                 losses.append(self.train_step(batch))
                 bar.set_postfix(
@@ -368,17 +400,29 @@ class Trainer:
         self.scaler.update()
         if self.ema is not None:
             self.ema.update_parameters(self.model)
+        if self.teacher is not None:
+            self.teacher.update(self.model)
         self.step += 1
         return float(loss.detach())
 
     def compute_loss(self, batch: dict) -> torch.Tensor:
-        """The loss of a batch: the network under autocast, then ``loss_fn`` (Dice + CE)."""
+        """The loss of a batch: the network under autocast, then ``loss_fn`` (Dice + CE), plus,
+        with unlabelled patches (``train.unlabeled``), the mean teacher's consistency loss. Both
+        kinds of patch go through the network in one forward, so DDP sees one graph per step."""
         image = self.to_device(batch["image"])
         label = batch["label"].to(self.device, non_blocking=True)
+        extra = self.to_device(batch["unlabeled"]) if "unlabeled" in batch else None
         with self.autocast():
-            logits = self.net(image)
+            logits = self.net(image if extra is None else torch.cat([image, extra]))
         logits = [x.float() for x in logits] if isinstance(logits, list) else logits.float()
-        return self.loss_fn(logits, label)
+        if extra is None:
+            return self.loss_fn(logits, label)
+        n = image.shape[0]
+        labelled = [x[:n] for x in logits] if isinstance(logits, list) else logits[:n]
+        student = logits[0][n:] if isinstance(logits, list) else logits[n:]
+        weight = consistency_weight(self.progress, self.teacher.weight)
+        seed = self.config.train.seed * 1_000_003 + self.step  # this step's teacher noise
+        return self.loss_fn(labelled, label) + weight * self.teacher.loss(student, extra, self.autocast, seed)
 
     def to_device(self, image: torch.Tensor) -> torch.Tensor:
         """A batch of images on the training device, channels-last where that is faster."""
@@ -546,6 +590,8 @@ class Trainer:
         if self.ema is not None:
             training["train_model"] = _cpu_state(self.model)
             training["ema_updates"] = int(self.ema.n_averaged)
+        if self.teacher is not None:
+            training["teacher"] = self.teacher.state_dict()
         return Checkpoint(
             weights=_cpu_state(self.eval_model),
             config=self.config.to_dict(),
@@ -564,6 +610,8 @@ class Trainer:
         if self.ema is not None:
             self.ema.module.load_state_dict(checkpoint.weights)
             self.ema.n_averaged.fill_(state.get("ema_updates", 0))
+        if self.teacher is not None and "teacher" in state:
+            self.teacher.load_state_dict(state["teacher"])
         self.optimizer.load_state_dict(state["optimizer"])
         if "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
@@ -584,6 +632,8 @@ def _absolute_paths(config: Config) -> None:
         value = getattr(owner, key)
         if value:
             setattr(owner, key, str(Path(value).resolve()))
+    if train.unlabeled and train.unlabeled != "dataset":
+        train.unlabeled = str(Path(train.unlabeled).resolve())
 
 
 def _check_channels(plan: Plan, dataset: Cases, init: str) -> None:

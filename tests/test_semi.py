@@ -1,0 +1,87 @@
+"""Training on unlabelled images too (``train.unlabeled``): mean-teacher consistency."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from medseg.config import load_config
+from medseg.training.semi import RAMP_UP, consistency_weight
+from medseg.training.trainer import Trainer
+from tests.conftest import TINY_OVERRIDES, run_cli
+from tests.test_resume import KILLED_RUN, SETTINGS, _run
+
+
+def _no_labelled_loss(logits, label):
+    """A loss that teaches nothing: only the unlabelled term can move the weights."""
+    first = logits[0] if isinstance(logits, list) else logits
+    return first.sum() * 0.0
+
+
+def _weights_after_two_steps(data, out, unlabeled) -> tuple[dict, dict]:
+    overrides = [*TINY_OVERRIDES, "train.weight_decay=0", "data.val_fraction=0", "train.tensorboard=false"]
+    if unlabeled:
+        overrides.append(f"train.unlabeled={unlabeled}")
+    config = load_config(None, overrides)
+    config.data.root, config.train.output_dir = str(data), str(out)
+    trainer = Trainer(config, loss_fn=_no_labelled_loss)
+    before = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
+    trainer.fit()  # (batch-norm statistics follow the data whatever the loss: weights only)
+    return before, dict(trainer.model.named_parameters())
+
+
+def test_the_unlabelled_loss_moves_the_weights(tiny_dataset, tmp_path):
+    # Without unlabelled images, a loss that teaches nothing leaves every weight where it was...
+    before, after = _weights_after_two_steps(tiny_dataset, tmp_path / "plain", None)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    # ...with them, the consistency with the teacher moves them, and the teacher is saved.
+    before, after = _weights_after_two_steps(tiny_dataset, tmp_path / "semi", tiny_dataset / "imagesTs")
+    moved = [k for k in before if not torch.equal(before[k], after[k])]
+    assert len(moved) > len(before) // 2
+    saved = torch.load(tmp_path / "semi" / "last.pt", weights_only=True)
+    assert saved["teacher"]["updates"] == 2
+
+
+def test_the_consistency_weight_ramps_up():
+    assert consistency_weight(0.0, 2.0) == pytest.approx(2.0 * 2.718281828 ** (-5))
+    assert consistency_weight(RAMP_UP / 2, 2.0) == pytest.approx(2.0 * 2.718281828 ** (-1.25))
+    assert consistency_weight(RAMP_UP, 2.0) == consistency_weight(0.9, 2.0) == 2.0
+
+
+def test_a_killed_semi_supervised_run_resumes_exactly(tiny_dataset, tmp_path):
+    settings = [*SETTINGS, f"train.unlabeled={tiny_dataset / 'imagesTs'}"]
+    config = load_config(None, settings)
+    config.data.root, config.train.output_dir = str(tiny_dataset), str(tmp_path / "whole")
+    Trainer(config).fit()
+
+    run = tmp_path / "killed"
+    killed = _run([sys.executable, "-c", KILLED_RUN, str(tiny_dataset), str(run), *settings])
+    assert killed.returncode == -9, killed.stderr
+    resumed = _run([sys.executable, "-m", "medseg", "train", "--resume", str(run)])
+    assert resumed.returncode == 0, resumed.stderr
+
+    whole = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)
+    again = torch.load(run / "last.pt", weights_only=True)
+    assert again["step"] == whole["step"] == 8
+    assert again["teacher"]["updates"] == whole["teacher"]["updates"] == 8
+    for key, tensor in whole["teacher"]["weights"].items():
+        torch.testing.assert_close(again["teacher"]["weights"][key], tensor, rtol=1e-5, atol=1e-6, msg=key)
+    for key, tensor in whole["train_model"].items():
+        torch.testing.assert_close(again["train_model"][key], tensor, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_the_command_line_takes_unlabelled_images_and_names_a_bad_folder(tiny_dataset, tmp_path):
+    tiny = [x for o in TINY_OVERRIDES for x in ("--set", o)]
+    args = ["train", "--data", str(tiny_dataset), "--output", str(tmp_path / "run"), *tiny]
+    proc = run_cli(*args, "--unlabeled", str(tiny_dataset / "imagesTs"))
+    assert proc.returncode == 0, proc.stderr
+    assert "teacher" in torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    missing = tmp_path / "nowhere"
+    proc = run_cli(*args[: -len(tiny)], "--output", str(tmp_path / "run2"), "--unlabeled", str(missing))
+    assert (
+        proc.returncode == 2
+        and f"error: {missing}: no such folder or CSV of unlabelled images" in proc.stderr
+    )
+    assert not (tmp_path / "run2").exists()  # refused before the run folder was made
