@@ -139,6 +139,9 @@ def main() -> None:
     )
     parser.add_argument("--sizes", default="2,4,8", help="labelled cases per arm, comma-separated")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument(
+        "--seed-start", type=int, default=0, help="first seed (two processes can share a study)"
+    )
     parser.add_argument("--pool", type=int, default=8, help="labelled cases to draw the subsets from")
     parser.add_argument("--unlabeled", type=int, default=24)
     parser.add_argument("--test", type=int, default=8)
@@ -197,7 +200,7 @@ def main() -> None:
 
     sizes = [int(s) for s in args.sizes.split(",")]
     rows = []
-    for seed in range(args.seeds):
+    for seed in range(args.seed_start, args.seed_start + args.seeds):
         rng = np.random.default_rng(seed)
         for size in sizes:
             picked = sorted(rng.choice(len(groups), size, replace=False))
