@@ -359,10 +359,11 @@ def cmd_export(args) -> int:
 def cmd_listen(args) -> int:
     import signal
 
-    from medseg.inference.listener import Listener, parse_destination
+    from medseg.inference.listener import Listener, Tls, parse_destination
     from medseg.inference.predictor import Predictor
 
     destination = parse_destination(args.send_to)  # a bad address is refused before the model loads
+    tls = Tls(cert=args.tls_cert, key=args.tls_key, ca=args.tls_ca, send=args.send_tls)
     _set_threads(args.threads)
     predictor = Predictor(
         args.model,
@@ -380,6 +381,7 @@ def cmd_listen(args) -> int:
         port=args.port,
         allowed=args.allow_ae,
         quiet_period=args.quiet_period,
+        tls=tls,
     )
 
     def stop(signum, frame):  # a service manager's stop: leave as cleanly as Ctrl-C does
@@ -758,6 +760,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds without a new image after which a series is complete (default: %(default)s)",
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
+    p.add_argument("--tls-cert", metavar="PEM", help="listen over TLS with this certificate (and --tls-key)")
+    p.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
+    p.add_argument(
+        "--tls-ca",
+        metavar="PEM",
+        help="certificates to trust: the destination's is checked against them (--send-tls), and "
+        "callers over TLS must show one they signed",
+    )
+    p.add_argument("--send-tls", action="store_true", help="send the SEGs over TLS")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, help="as for predict")
     p.add_argument("--keep-largest", metavar="LABELS", help="as for predict")
     p.add_argument(

@@ -112,7 +112,7 @@ def _volume():
     return image
 
 
-@pytest.mark.parametrize("command", ["demo", "train", "predict", "evaluate"])
+@pytest.mark.parametrize("command", ["demo", "train", "predict", "evaluate", "listen", "export"])
 def test_help(command):
     proc = run_cli(command, "--help")
     assert proc.returncode == 0

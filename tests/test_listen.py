@@ -4,8 +4,10 @@ DICOM-SEG on, against pynetdicom peers (a sender, and a store SCP as the destina
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -16,7 +18,7 @@ import pytest
 
 from medseg.errors import ConfigError
 from medseg.inference.batch import predict_many
-from medseg.inference.listener import Listener, parse_destination
+from medseg.inference.listener import Listener, Tls, parse_destination
 from medseg.inference.predictor import Predictor
 from tests.conftest import learned_phantom, write_dicom_series
 
@@ -33,9 +35,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def archive():
-    """A store SCP standing for the PACS the SEGs go to: (its port, the datasets it received)."""
+def _archive(ssl_context=None):
+    """A store SCP standing for the PACS the SEGs go to: (its server, port, the datasets it got)."""
     from pynetdicom.sop_class import SegmentationStorage
 
     received = []
@@ -50,19 +51,28 @@ def archive():
     ae.add_supported_context(SegmentationStorage)
     port = _free_port()
     server = ae.start_server(
-        ("127.0.0.1", port), block=False, evt_handlers=[(pynetdicom.evt.EVT_C_STORE, on_store)]
+        ("127.0.0.1", port),
+        block=False,
+        ssl_context=ssl_context,
+        evt_handlers=[(pynetdicom.evt.EVT_C_STORE, on_store)],
     )
+    return server, port, received
+
+
+@pytest.fixture
+def archive():
+    server, port, received = _archive()
     yield port, received
     server.shutdown()
 
 
-def _send(files: list[Path], port: int, calling: str = SENDER) -> bool:
+def _send(files: list[Path], port: int, calling: str = SENDER, tls=None) -> bool:
     """C-STORE the files to the listener as a modality would; whether it accepted them all."""
     datasets = [pydicom.dcmread(p) for p in files]
     ae = pynetdicom.AE(ae_title=calling)
     for syntax_class in {(str(d.SOPClassUID), str(d.file_meta.TransferSyntaxUID)) for d in datasets}:
         ae.add_requested_context(syntax_class[0], [syntax_class[1]])
-    assoc = ae.associate("127.0.0.1", port, ae_title="MEDSEG")
+    assoc = ae.associate("127.0.0.1", port, ae_title="MEDSEG", tls_args=(tls, "localhost") if tls else None)
     if not assoc.is_established:
         return False
     statuses = [assoc.send_c_store(d) for d in datasets]
@@ -189,6 +199,52 @@ def test_a_listener_killed_mid_series_delivers_one_seg_after_a_restart(learned_r
         Predictor(summary["best"], device="cpu"), tmp_path / "sent" / uid, received[0], tmp_path
     )
     assert "Phantom" not in text and "PHANTOM-1" not in text  # no patient name or ID in the log
+
+
+@pytest.mark.skipif(not shutil.which("openssl"), reason="needs the openssl command to make a certificate")
+def test_a_tls_node_takes_tls_callers_only_and_sends_over_tls(learned_run, tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert)]
+        + ["-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+        check=True,
+        capture_output=True,
+    )
+    served = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    served.load_cert_chain(cert, key)
+    server, port, received = _archive(served)  # the PACS speaks TLS too
+    _, summary = learned_run
+    uid = "1.2.826.0.1.3680043.2.1125.95"
+    write_dicom_series(learned_phantom(621)[0], tmp_path / "sent" / uid, uid=uid)
+    listen_port = _free_port()
+    tls = Tls(cert=str(cert), key=str(key), ca=str(cert), send=True)  # mutual: callers show a cert
+    listener = Listener(
+        Predictor(summary["best"], device="cpu"),
+        tmp_path / "out",
+        f"{DESTINATION}@127.0.0.1:{port}",
+        port=listen_port,
+        allowed=[SENDER],
+        quiet_period=0.5,
+        tls=tls,
+    )
+    listener.start()
+    try:
+        files = sorted((tmp_path / "sent" / uid).glob("*.dcm"))
+        assert not _send(files, listen_port)  # plain DICOM to a TLS node: no association
+        anonymous = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))
+        assert not _send(files, listen_port, tls=anonymous)  # TLS without a client certificate
+        caller = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))
+        caller.load_cert_chain(cert, key)
+        assert _send(files, listen_port, tls=caller)
+        _wait_for(lambda: len(received) == 1, 120, every=listener.poll, what="the SEG over TLS")
+    finally:
+        listener.stop()
+        server.shutdown()
+    assert received[0].ReferencedSeriesSequence[0].SeriesInstanceUID == uid
+    with pytest.raises(ConfigError, match="--tls-cert: goes with --tls-key"):
+        Tls(cert=str(cert))
+    with pytest.raises(ConfigError, match="--tls-ca: .*nowhere.pem: no such file"):
+        Tls(ca=str(tmp_path / "nowhere.pem"))
 
 
 def test_destinations_and_ae_titles_are_checked(tmp_path):

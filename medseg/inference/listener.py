@@ -26,6 +26,7 @@ import logging
 import os
 import re
 import shutil
+import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,7 @@ from medseg.dicom import NON_IMAGE_MODALITIES
 from medseg.errors import ConfigError, InputError, first_line
 from medseg.inference.batch import predict_many
 
-__all__ = ["Destination", "Listener", "parse_destination", "send_dataset"]
+__all__ = ["Destination", "Listener", "Tls", "parse_destination", "send_dataset"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,44 @@ class Destination:
 
     def __str__(self) -> str:
         return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Tls:
+    """TLS for the node. ``cert`` and ``key`` (PEM): this node's certificate, to listen over
+    TLS (and to show when sending); ``ca`` (PEM): whom to trust, the destination's certificate
+    checked against it when sending (default: the system's store), and, when listening over
+    TLS, callers must show a certificate it signed; ``send``: send the SEGs over TLS."""
+
+    cert: str | None = None
+    key: str | None = None
+    ca: str | None = None
+    send: bool = False
+
+    def __post_init__(self):
+        if bool(self.cert) != bool(self.key):
+            raise ConfigError("--tls-cert", "goes with --tls-key: a certificate and its private key")
+        for option, path in (("--tls-cert", self.cert), ("--tls-key", self.key), ("--tls-ca", self.ca)):
+            if path and not Path(path).is_file():
+                raise ConfigError(option, f"{path}: no such file")
+
+    def server_context(self) -> ssl.SSLContext | None:
+        """For listening: None without a certificate (plain DICOM)."""
+        if not self.cert:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=self.ca)
+        context.load_cert_chain(self.cert, self.key)
+        context.verify_mode = ssl.CERT_REQUIRED if self.ca else ssl.CERT_NONE
+        return context
+
+    def client_context(self) -> ssl.SSLContext | None:
+        """For sending: None unless ``send``; verifies the destination's certificate."""
+        if not self.send:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.ca)
+        if self.cert:
+            context.load_cert_chain(self.cert, self.key)
+        return context
 
 
 def parse_destination(text: str) -> Destination:
@@ -85,8 +124,11 @@ def _need_pynetdicom():
     return pynetdicom
 
 
-def send_dataset(dataset, destination: Destination, calling_ae: str, what: str) -> None:
-    """C-STORE one dataset to ``destination``: ``SEND_ATTEMPTS`` tries with a doubling pause.
+def send_dataset(
+    dataset, destination: Destination, calling_ae: str, what: str, tls: ssl.SSLContext | None = None
+) -> None:
+    """C-STORE one dataset to ``destination``: ``SEND_ATTEMPTS`` tries with a doubling pause;
+    over TLS with ``tls`` (a client context that checks the destination's certificate).
 
     Raises:
         InputError: naming ``what``, when every try failed (no association, or a store status
@@ -97,7 +139,12 @@ def send_dataset(dataset, destination: Destination, calling_ae: str, what: str) 
     ae.add_requested_context(dataset.SOPClassUID, [str(dataset.file_meta.TransferSyntaxUID)])
     reason = ""
     for attempt in range(SEND_ATTEMPTS):
-        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+        assoc = ae.associate(
+            destination.host,
+            destination.port,
+            ae_title=destination.ae_title,
+            tls_args=(tls, destination.host) if tls else None,
+        )
         if assoc.is_established:
             try:
                 status = assoc.send_c_store(dataset)
@@ -127,6 +174,7 @@ class Listener:
         host, port: where to listen; localhost unless told otherwise.
         allowed: the calling AE titles accepted; None: only the destination's.
         quiet_period: seconds without a new image after which a series is complete.
+        tls: TLS for listening and sending (``Tls``); None: plain DICOM.
     """
 
     def __init__(
@@ -140,6 +188,7 @@ class Listener:
         port: int = 11112,
         allowed: list[str] | None = None,
         quiet_period: float = 10.0,
+        tls: Tls | None = None,
     ) -> None:
         if quiet_period < 0:
             raise ConfigError("--quiet-period", f"{quiet_period} is negative")
@@ -152,6 +201,7 @@ class Listener:
         self.address = (host, port)
         self.allowed = [_ae_title(a, "--allow-ae") for a in (allowed or [self.send_to.ae_title])]
         self.quiet_period = quiet_period
+        self.tls = tls or Tls()
         self.started = time.time()
         self._server = None
         self._retry_at: dict[Path, float] = {}  # series whose SEG could not be sent: when to try again
@@ -169,18 +219,23 @@ class Listener:
         self.started = time.time()
         try:
             self._server = ae.start_server(
-                self.address, block=False, evt_handlers=[(pynetdicom.evt.EVT_C_STORE, self._on_store)]
+                self.address,
+                block=False,
+                ssl_context=self.tls.server_context(),
+                evt_handlers=[(pynetdicom.evt.EVT_C_STORE, self._on_store)],
             )
         except OSError as exc:
             raise ConfigError(
                 "--port", f"cannot listen on {self.address[0]}:{self.address[1]} ({exc})"
             ) from None
         log.info(
-            "%s listening on %s:%d for %s; SEGs go to %s",
+            "%s listening on %s:%d%s for %s; SEGs go to %s%s",
             self.ae_title,
             *self.address,
+            " (TLS)" if self.tls.cert else "",
             ", ".join(self.allowed),
             self.send_to,
+            " (TLS)" if self.tls.send else "",
         )
 
     def stop(self) -> None:
@@ -255,7 +310,8 @@ class Listener:
 
         segmentation = pydicom.dcmread(made[0])
         try:
-            send_dataset(segmentation, self.send_to, self.ae_title, f"the SEG of series {series}")
+            what = f"the SEG of series {series}"
+            send_dataset(segmentation, self.send_to, self.ae_title, what, self.tls.client_context())
         except InputError as exc:
             self._retry_at[source] = time.time() + RETRY_AFTER_S
             log.error("%s; trying again in %.0f s", exc, RETRY_AFTER_S)
