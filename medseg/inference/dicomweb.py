@@ -26,7 +26,15 @@ from medseg.dicom import NON_IMAGE_MODALITIES, SHA256_PARAMETER
 from medseg.errors import ConfigError, InputError, first_line
 from medseg.inference.batch import BatchResult, predict_many
 
-__all__ = ["is_dicomweb", "connect", "parse_query", "predict_dicomweb", "SPOOL_SUFFIX", "STORED_REPORT"]
+__all__ = [
+    "is_dicomweb",
+    "connect",
+    "parse_query",
+    "predict_dicomweb",
+    "retried",
+    "SPOOL_SUFFIX",
+    "STORED_REPORT",
+]
 
 log = logging.getLogger(__name__)
 
@@ -74,14 +82,14 @@ def connect(address: str):
         session.auth = (user, os.environ.get("MEDSEG_DICOMWEB_PASSWORD", ""))
     url = f"{SCHEMES[parts.scheme]}://{parts.netloc}{parts.path.rstrip('/')}"
     client = DICOMwebClient(url=url, session=session)
-    # Ours are the only retries (_retried: 3 tries, 1 s and 2 s apart). The client's own (5 tries
+    # Ours are the only retries (retried: 3 tries, 1 s and 2 s apart). The client's own (5 tries
     # up to 16 s apart, on refused connections too) made each call to a stopped server take 30 s
     # before ours began, 90 s in all.
     client.set_http_retry_params(retry=False)
     return client
 
 
-def _retried(what: str, call):
+def retried(what: str, call):
     """``call()``, tried ``ATTEMPTS`` times with a doubling pause; the last error is raised as
     an ``InputError`` naming ``what``."""
     for attempt in range(ATTEMPTS):
@@ -109,14 +117,14 @@ def _segmented_by(target, study_uid: str, sha256: str) -> set[str]:
     """The series of a study for which ``target`` holds a SEG this model made: each SEG's
     referenced series, where its algorithm's parameters name the model's SHA-256."""
     mark = f"{SHA256_PARAMETER}={sha256}"
-    segs = _retried(
+    segs = retried(
         f"the SEG search of study {study_uid}",
         lambda: target.search_for_instances(study_uid, search_filters={"Modality": "SEG"}),
     )
     done = set()
     for item in segs:
         series_uid, sop = _value(item, _SERIES), _value(item, _SOP)
-        meta = _retried(
+        meta = retried(
             f"SEG {sop}", lambda r=series_uid, o=sop: target.retrieve_instance_metadata(study_uid, r, o)
         )
         parameters = _value(_first(_first(meta, _SEGMENTS), _ALGORITHM), _PARAMETERS)
@@ -151,7 +159,7 @@ def _pull(client, target, sha256: str, spool: Path, study, series, query: dict) 
     whose SEG by this model ``target`` holds; a series already complete in the spool
     (``.complete``) is not fetched again. Returns failures by series."""
     filters = {**query, **({"SeriesInstanceUID": series} if series else {})} or None
-    found = _retried("the series search", lambda: client.search_for_series(study, search_filters=filters))
+    found = retried("the series search", lambda: client.search_for_series(study, search_filters=filters))
     failed: dict[str, str] = {}
     segmented: dict[str, set[str]] = {}  # by study, asked once
     for item in found:
@@ -176,7 +184,7 @@ def _pull(client, target, sha256: str, spool: Path, study, series, query: dict) 
         if series_uid in segmented[study_uid]:
             continue  # its SEG by this model is on the server
         try:
-            instances = _retried(where, lambda s=study_uid, r=series_uid: client.retrieve_series(s, r))
+            instances = retried(where, lambda s=study_uid, r=series_uid: client.retrieve_series(s, r))
         except InputError as exc:
             failed[where] = exc.message
             continue
@@ -259,7 +267,7 @@ def predict_dicomweb(
         if record.get("status") not in ("written", "skipped") or not record.get("output"):
             continue
         segmentation = output_dir / record["output"]
-        stored, entry = _store(target, segmentation)
+        entry = _store(target, segmentation)
         series_uid = entry["series"]
         stores[series_uid] = entry
         write_text_atomic(output_dir / STORED_REPORT, json.dumps(stores, indent=1) + "\n")
@@ -267,7 +275,7 @@ def predict_dicomweb(
             result.failed[str(segmentation)] = entry["reason"]
             record.update(status="failed", reason=entry["reason"])
             continue
-        source = spool / str(stored.StudyInstanceUID) / series_uid
+        source = spool / entry["study"] / series_uid
         if _UID.match(series_uid) and source.is_dir():  # its images are on the server, its SEG too
             shutil.rmtree(source)
     return result
@@ -283,8 +291,8 @@ def _read_stores(output_dir: Path) -> dict:
     return found if isinstance(found, dict) else {}
 
 
-def _store(client, segmentation: Path) -> tuple:
-    """Store a DICOM-SEG file; returns its dataset and the account of it for ``stored.json``."""
+def _store(client, segmentation: Path) -> dict:
+    """Store a DICOM-SEG file; returns the account of it for ``stored.json``."""
     import pydicom
 
     dataset = pydicom.dcmread(segmentation)
@@ -298,7 +306,7 @@ def _store(client, segmentation: Path) -> tuple:
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     try:
-        _retried(f"storing {segmentation.name}", lambda: client.store_instances([dataset]))
+        retried(f"storing {segmentation.name}", lambda: client.store_instances([dataset]))
     except InputError as exc:
-        return dataset, {**entry, "status": "failed", "reason": exc.message}
-    return dataset, {**entry, "status": "stored"}
+        return {**entry, "status": "failed", "reason": exc.message}
+    return {**entry, "status": "stored"}

@@ -35,6 +35,7 @@ from medseg.atomic import atomic_path
 from medseg.dicom import NON_IMAGE_MODALITIES
 from medseg.errors import ConfigError, InputError, first_line
 from medseg.inference.batch import predict_many
+from medseg.inference.dicomweb import retried
 
 __all__ = ["Destination", "Listener", "Tls", "parse_destination", "send_dataset"]
 
@@ -42,7 +43,6 @@ log = logging.getLogger(__name__)
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")  # what DICOM allows in a UID: safe as a file name
 _AE_TITLE = re.compile(r"^[ -~]{1,16}$")  # 16 printable characters at most, no backslash below
-SEND_ATTEMPTS, SEND_BACKOFF_S = 3, 1.0  # one sending round: tries with a doubling pause
 RETRY_AFTER_S = 30.0  # a round that failed is tried again after this long
 _SUCCESS, _OUT_OF_RESOURCES, _CANNOT_UNDERSTAND = 0x0000, 0xA700, 0xC000
 
@@ -127,7 +127,7 @@ def _need_pynetdicom():
 def send_dataset(
     dataset, destination: Destination, calling_ae: str, what: str, tls: ssl.SSLContext | None = None
 ) -> None:
-    """C-STORE one dataset to ``destination``: ``SEND_ATTEMPTS`` tries with a doubling pause;
+    """C-STORE one dataset to ``destination``, retried as DICOMweb calls are (``retried``);
     over TLS with ``tls`` (a client context that checks the destination's certificate).
 
     Raises:
@@ -137,30 +137,27 @@ def send_dataset(
     pynetdicom = _need_pynetdicom()
     ae = pynetdicom.AE(ae_title=calling_ae)
     ae.add_requested_context(dataset.SOPClassUID, [str(dataset.file_meta.TransferSyntaxUID)])
-    reason = ""
-    for attempt in range(SEND_ATTEMPTS):
+
+    def attempt() -> None:
         assoc = ae.associate(
             destination.host,
             destination.port,
             ae_title=destination.ae_title,
             tls_args=(tls, destination.host) if tls else None,
         )
-        if assoc.is_established:
-            try:
-                status = assoc.send_c_store(dataset)
-            finally:
-                assoc.release()
-            code = int(status.Status) if status and "Status" in status else None
-            if code is not None and (code == _SUCCESS or code >> 12 == 0xB):  # 0xBxxx: stored, a warning
-                return
-            reason = (
-                "no answer to the store" if code is None else f"the store was refused (status 0x{code:04X})"
-            )
-        else:
-            reason = f"{destination} did not accept an association from {calling_ae}"
-        if attempt < SEND_ATTEMPTS - 1:
-            time.sleep(SEND_BACKOFF_S * 2**attempt)
-    raise InputError(what, f"not sent after {SEND_ATTEMPTS} tries: {reason}")
+        if not assoc.is_established:
+            raise ConnectionError(f"{destination} did not accept an association from {calling_ae}")
+        try:
+            status = assoc.send_c_store(dataset)
+        finally:
+            assoc.release()
+        code = int(status.Status) if status and "Status" in status else None
+        if code is None:
+            raise ConnectionError("no answer to the store")
+        if code != _SUCCESS and code >> 12 != 0xB:  # 0xBxxx: stored, with a warning
+            raise ConnectionError(f"the store was refused (status 0x{code:04X})")
+
+    retried(what, attempt)
 
 
 class Listener:

@@ -181,6 +181,8 @@ class Trainer:
         train = self.config.train
         transfer = load_matching(self.model, train.init, train.init_parts)
         self.ema = make_ema(self.model, train.ema_decay)  # the average starts from the loaded weights
+        if self.teacher is not None:  # and so does the teacher
+            self.teacher = MeanTeacher(self.model, train.teacher_decay, train.unlabeled_weight)
         if self.dist.is_main:
             log.info("started from %s: %s", train.init, transfer.summary())
 
@@ -291,8 +293,6 @@ class Trainer:
         self._write_run_files()
         if train.init and not self.resumed and self.step == 0 and not self.custom_model:
             self._load_init()
-            if self.teacher is not None:  # the teacher starts from the loaded weights too
-                self.teacher = MeanTeacher(self.model, train.teacher_decay, train.unlabeled_weight)
         epochs = train.epoch_limit
         total_steps = epochs * train.iters_per_epoch
         clock = time.monotonic() - self.elapsed
