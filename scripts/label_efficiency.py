@@ -133,6 +133,25 @@ def finetune(
     return {"dice": scores["mean_foreground"], "per_class": scores["mean"], "seconds": seconds}
 
 
+def selftrain(args, data: Path, cases: list[dict], teacher: Path, seed: int, run: Path, plan: Path, rest):
+    """Self-training: the scratch arm's model labels the unlabelled images (its full prediction:
+    TTA and keep-largest), then a new network learns from scratch, for the same steps, on the
+    labelled cases and these pseudo-labelled ones together. Its seconds include the labelling."""
+    pseudo = run.parent.parent / "pseudo" / run.name  # outside the run, which training may clear
+    pseudo.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    predictor = Predictor(teacher, device="cpu")
+    labelled = []
+    for index, image in enumerate(rest):
+        mask = pseudo / f"{index:03d}.nii.gz"  # numbered: image names never steer where files go
+        if not mask.is_file():  # written atomically: a mask there is whole, so a rerun resumes
+            predictor.predict_file(image, mask)
+        labelled.append({"image": image, "label": str(mask), "id": f"pseudo{index:03d}"})
+    seconds = time.monotonic() - start
+    result = finetune(args, data, cases + labelled, None, seed, run, plan)
+    return {**result, "seconds": result["seconds"] + seconds, "labelling_seconds": seconds}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -167,7 +186,8 @@ def main() -> None:
         "--arms",
         default="scratch,pretrained",
         help="which arms to train: scratch, pretrained, meanteacher (scratch plus the other "
-        "training images unlabelled, train.unlabeled)",
+        "training images unlabelled, train.unlabeled), selftrain (a new network on the labelled "
+        "cases and the others labelled by the scratch arm's model; run scratch first)",
     )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data", help="a real dataset folder (nnU-Net or MSD); default: phantoms")
@@ -205,7 +225,7 @@ def main() -> None:
         for size in sizes:
             picked = sorted(rng.choice(len(groups), size, replace=False))
             cases = [case for i in picked for case in groups[i]]
-            arms = {"scratch": None, "pretrained": checkpoint, "meanteacher": None}
+            arms = {"scratch": None, "pretrained": checkpoint, "meanteacher": None, "selftrain": None}
             chosen = {c["image"] for c in cases}
             rest = [c["image"] for c in pool_all if c["image"] not in chosen]  # unlabelled here
             for arm, init in ((a, arms[a]) for a in args.arms.split(",")):
@@ -215,8 +235,14 @@ def main() -> None:
                     result = json.loads(done.read_text())
                 else:
                     plan = checkpoint.parent / "plan.yaml"
-                    extra = rest if arm == "meanteacher" else []
-                    result = finetune(args, data, cases, init, seed, run, plan, extra)
+                    if arm == "selftrain":
+                        teacher = work / "runs" / f"scratch_n{size}_s{seed}" / "best.pt"
+                        if not teacher.is_file():
+                            raise SystemExit(f"selftrain needs the scratch arm's run first: {teacher}")
+                        result = selftrain(args, data, cases, teacher, seed, run, plan, rest)
+                    else:
+                        extra = rest if arm == "meanteacher" else []
+                        result = finetune(args, data, cases, init, seed, run, plan, extra)
                     write_text_atomic(done, json.dumps(result))
                 rows.append({"arm": arm, "labelled": size, "seed": seed, **result})
                 print(
@@ -235,7 +261,9 @@ def _report(rows: list[dict], sizes: list[int], work: Path, args) -> None:
             [r["arm"], r["labelled"], r["seed"], f"{r['dice']:.4f}", f"{r['seconds']:.0f}"] for r in rows
         )
     (work / "results.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
-    arms = [a for a in ("scratch", "pretrained", "meanteacher") if any(r["arm"] == a for r in rows)]
+    arms = [
+        a for a in ("scratch", "pretrained", "meanteacher", "selftrain") if any(r["arm"] == a for r in rows)
+    ]
     others = [a for a in arms if a != "scratch"] if "scratch" in arms else []
     header = ["labelled cases", *arms, *(f"{a} - scratch" for a in others)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
