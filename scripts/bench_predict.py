@@ -25,11 +25,13 @@ among medseg, monai, probabilities, tta, openvino and int8, and reports their pe
 the machine: another job on the cores changes the figures.
 
     python scripts/bench_predict.py --cases 16 --repeats 3 --big
+    python scripts/bench_predict.py --stages RUN/best.pt IMAGES_DIR --cases 10   # stage by stage
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -254,6 +256,58 @@ def _window_costs(models: dict[str, str], threads: int, runs: int = 20) -> None:
             print(f"{name:>36}: {statistics.median(times):7.1f} ms  argmax agrees {agree:.4f}")
 
 
+def _stage_costs(model: str, folder: Path, cases: int, threads: int) -> None:
+    """Where one process's prediction time goes, stage by stage, on real cases: median ms per
+    case of reading, checking, preprocessing, the network (every TTA pass), resampling back,
+    keep-largest and writing; and the one-off costs of importing and loading the model."""
+    import tempfile
+
+    start = time.perf_counter()
+    import torch
+
+    from medseg.inference.grid import to_input_grid
+    from medseg.inference.postprocess import keep_largest_component
+    from medseg.inference.predictor import Predictor, _affine
+    from medseg.io import check_voxel_values, read_channels, write_volume
+
+    imported = time.perf_counter() - start
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    predictor = Predictor(model, device="cpu")
+    loaded = time.perf_counter() - start
+    costs: dict[str, list[float]] = {}
+
+    @contextlib.contextmanager
+    def clock(stage: str):
+        begin = time.perf_counter()
+        yield
+        costs.setdefault(stage, []).append(time.perf_counter() - begin)
+
+    out = Path(tempfile.mkdtemp())
+    for path in sorted(folder.iterdir())[:cases]:
+        with clock("read"):
+            channels = read_channels(path, spatial_dims=predictor.plan.spatial_dims)
+        with clock("check voxel values"):
+            channels = [check_voxel_values(c)[0] for c in channels]
+        with clock("preprocess (orient, resample, normalise)"):
+            case = predictor.load(channels)
+        with clock("network, every pass"):
+            probs = predictor.network_probabilities(case)
+        with clock("back to the input grid"):
+            labels = to_input_grid(probs, _affine(case.tensor), case.reference)
+        with clock("keep-largest"):
+            keep_largest_component(labels, predictor.keep_largest)
+        with clock("write the mask"):
+            write_volume(labels, out / path.name, case.reference, overwrite=True)
+    shutil.rmtree(out)
+    total = sum(statistics.median(v) for v in costs.values())
+    print(f"{len(costs['read'])} cases, {predictor.passes} pass(es) each, {threads} threads")
+    print(f"once: imports {imported:.2f} s, loading the model {loaded:.2f} s")
+    for stage, values in costs.items():
+        median = statistics.median(values)
+        print(f"  {stage:<42} {median * 1e3:8.1f} ms  {100 * median / total:5.1f} %")
+
+
 def _voxels(folder: Path) -> int:
     from medseg.io import read_header
 
@@ -281,7 +335,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--windows", action="store_true", help="also ms per window in each runtime")
     parser.add_argument("--work", default="bench_predict_work")
+    parser.add_argument(
+        "--stages",
+        nargs=2,
+        metavar=("MODEL", "IMAGES"),
+        help="only time each stage of prediction with this model on the first --cases images of this folder",
+    )
     args = parser.parse_args()
+    if args.stages:
+        _stage_costs(args.stages[0], Path(args.stages[1]), args.cases, args.threads)
+        return
     work = Path(args.work).resolve()
     data = make_phantoms(work / "data", n_train=4, n_test=args.cases)
     models = _checkpoints(work, data)
