@@ -39,13 +39,38 @@ def test_whole_nifti_files_with_integer_voxels_are_read_once(tmp_path, oblique_i
     for pixel, suffix, second_reads in [
         (sitk.sitkInt16, ".nii.gz", 0),
         (sitk.sitkUInt8, ".nii", 0),
-        (sitk.sitkFloat32, ".nii.gz", 1),
+        (sitk.sitkFloat32, ".nii.gz", 1),  # nibabel's is the only read (next test)
     ]:
         path = tmp_path / f"image{suffix}"
         sitk.WriteImage(sitk.Cast(oblique_image, pixel), str(path))
         reads.clear()
         assert read_volume(path).GetSize() == oblique_image.GetSize()
         assert len(reads) == second_reads, (pixel, suffix)
+
+
+@pytest.mark.parametrize("pixel", [sitk.sitkFloat32, sitk.sitkFloat64])
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
+def test_float_nifti_files_are_decoded_once_with_itks_grid_and_their_nans(
+    tmp_path, oblique_image, monkeypatch, suffix, pixel
+):
+    """nibabel alone decodes them (it keeps NaN, which ITK reads as 0); the image is what ITK
+    reads, voxel for voxel and on the same grid, but for the NaN."""
+    path = tmp_path / f"image{suffix}"
+    sitk.WriteImage(sitk.Cast(oblique_image, pixel), str(path))
+    by_itk = sitk.ReadImage(str(path))
+    monkeypatch.setattr(sitk, "ReadImage", lambda *a, **k: pytest.fail("ITK decoded a float NIfTI"))
+    image = read_volume(path)
+    assert image.GetPixelID() == by_itk.GetPixelID()
+    assert image.GetSize() == by_itk.GetSize() and image.GetSpacing() == by_itk.GetSpacing()
+    np.testing.assert_allclose(image.GetOrigin(), by_itk.GetOrigin(), atol=1e-9)
+    np.testing.assert_allclose(image.GetDirection(), by_itk.GetDirection(), atol=1e-9)
+    np.testing.assert_array_equal(to_array(image), to_array(by_itk))
+    monkeypatch.undo()
+
+    array = to_array(by_itk).copy()
+    array[3, 4, 2] = np.nan
+    write_volume(array, tmp_path / f"nan{suffix}", by_itk)
+    assert np.isnan(to_array(read_volume(tmp_path / f"nan{suffix}"))[3, 4, 2])
 
 
 def test_a_nifti_gzipped_in_two_members_is_whole(tmp_path, oblique_image):
