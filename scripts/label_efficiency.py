@@ -17,6 +17,9 @@ draw (the benchmark's split); the labelled cases are drawn from the others by pa
 of a case's name before its first ``_``: ACDC's two phases of a patient go together, so
 ``--sizes 3`` is 3 patients, 6 volumes), and pretraining sees every image but the test ones.
 
+``--report`` trains nothing and writes the table (``results.md``) and a picture of Dice against
+labelled cases (``results.png``) from the finished runs.
+
 Steps, not seconds, fix the budgets, so another job on the machine slows the study but does not
 change its result. Run again with the same ``--work`` to resume: finished runs are kept (delete
 ``runs/`` to redo them with other settings).
@@ -189,6 +192,9 @@ def main() -> None:
         "training images unlabelled, train.unlabeled), selftrain (a new network on the labelled "
         "cases and the others labelled by the scratch arm's model; run scratch first)",
     )
+    parser.add_argument(
+        "--report", action="store_true", help="train nothing: the table and picture of the finished runs"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data", help="a real dataset folder (nnU-Net or MSD); default: phantoms")
     parser.add_argument("--work", default="label_efficiency_work")
@@ -222,7 +228,7 @@ def main() -> None:
     rows = []
     for seed in range(args.seed_start, args.seed_start + args.seeds):
         rng = np.random.default_rng(seed)
-        for size in sizes:
+        for size in sizes:  # drawn in the order given: keep --sizes' order when resuming
             picked = sorted(rng.choice(len(groups), size, replace=False))
             cases = [case for i in picked for case in groups[i]]
             arms = {"scratch": None, "pretrained": checkpoint, "meanteacher": None, "selftrain": None}
@@ -231,6 +237,8 @@ def main() -> None:
             for arm, init in ((a, arms[a]) for a in args.arms.split(",")):
                 run = work / "runs" / f"{arm}_n{size}_s{seed}"
                 done = run / "result.json"  # a finished run is kept: the study resumes
+                if args.report and not done.is_file():
+                    continue
                 if done.is_file():
                     result = json.loads(done.read_text())
                 else:
@@ -269,6 +277,8 @@ def _report(rows: list[dict], sizes: list[int], work: Path, args) -> None:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
     def spread(values: list[float], signed: str = "") -> str:
+        if not values:
+            return ""
         sd = statistics.stdev(values) if len(values) > 1 else 0.0
         return f"{statistics.mean(values):{signed}.3f} ± {sd:.3f} (n={len(values)})"
 
@@ -280,11 +290,40 @@ def _report(rows: list[dict], sizes: list[int], work: Path, args) -> None:
         for a in others:  # paired by seed: the same labelled cases
             seeds = sorted(set(dice[a]) & set(dice["scratch"]))
             gains = [dice[a][k] - dice["scratch"][k] for k in seeds]
-            cells.append(spread(gains, "+") if gains else "")
+            cells.append(spread(gains, "+"))
         lines.append(f"| {size} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     (work / "results.md").write_text(table + "\n")
     print(table)
+    _plot(rows, arms, work / "results.png", args)
+
+
+def _plot(rows: list[dict], arms: list[str], path: Path, args) -> None:
+    """Dice against labelled cases: a dot per seed, a line through each arm's means."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    colours = dict(zip(("scratch", "pretrained", "meanteacher", "selftrain"), ("0.3", "C0", "C1", "C2")))
+    sizes = sorted({r["labelled"] for r in rows})
+    for k, arm in enumerate(arms):
+        shift = 0.1 * (k - (len(arms) - 1) / 2)  # arms side by side at each size
+        found = [(sizes.index(r["labelled"]) + shift, r["dice"]) for r in rows if r["arm"] == arm]
+        ax.scatter(*zip(*found), color=colours[arm], alpha=0.5, s=16)
+        means = sorted((x, statistics.mean(d for y, d in found if y == x)) for x in {x for x, _ in found})
+        ax.plot(*zip(*means), "o-", color=colours[arm], label=arm, markersize=7)
+    ax.set_xticks(range(len(sizes)), [str(n) for n in sizes])
+    ax.set_xlim(-0.5, len(sizes) - 0.5)
+    ax.set_xlabel("labelled cases (patients)" if args.data else "labelled cases")
+    ax.set_ylabel("mean foreground Dice, held-out cases")
+    ax.set_title(f"{Path(args.data).name if args.data else 'phantoms'}, {args.finetune_steps} steps per run")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
