@@ -216,7 +216,8 @@ def main() -> None:
             for p in sorted((data / "imagesTr").iterdir())
         ]
     pool_all = list(pool)  # every non-test image: what is not labelled in an arm is unlabelled
-    checkpoint = pretrain(args, [Path(c["image"]) for c in pool], work)
+    images = [Path(c["image"]) for c in pool]
+    checkpoint = work / "pretrain" / "last.pt" if args.report else pretrain(args, images, work)
     if not args.data:
         pool = pool[: args.pool]  # the labelled cases are drawn from the first few; all pretrain
     patients: dict[str, list[dict]] = {}
