@@ -133,7 +133,8 @@ def _read_file(path: Path) -> sitk.Image:
     if path.stat().st_size == 0:
         raise InputError(path, "file is empty")
     nifti = volume_suffix(path) in (".nii", ".nii.gz")
-    image = _read_float_nifti(path) if nifti else None
+    proxy = _nifti_proxy(path) if nifti else None  # the header alone: nibabel reads data lazily
+    image = _read_float_nifti(path, proxy) if proxy is not None else None
     if image is not None:
         return image
     try:
@@ -141,25 +142,33 @@ def _read_file(path: Path) -> sitk.Image:
     except RuntimeError as exc:
         raise InputError(path, f"cannot read: {_first_reason(exc)}") from None
     if nifti:
-        image = _check_nifti_data(path, image)
+        image = _check_nifti_data(path, image, proxy)
     return image
 
 
-def _read_float_nifti(path: Path) -> sitk.Image | None:
+def _nifti_proxy(path: Path):
+    """nibabel's lazy view of a NIfTI (its header parsed, no voxels read), or None if it
+    refuses the file: ITK's read then names the fault, or a cut file is reported."""
+    try:
+        return nib.load(str(path), mmap=False).dataobj
+    except Exception:  # noqa: BLE001 - whatever the header's fault, the full read names it
+        return None
+
+
+def _read_float_nifti(path: Path, proxy) -> sitk.Image | None:
     """A float NIfTI's voxels decoded once, by nibabel, which keeps NaN and notices a cut file
     (ITK does neither, so both used to read it: twice the decoding of a CT's 300 MB), on the
     grid ITK reads from the header alone. None where ITK must read it: not a 2D or 3D float32/64
     scalar image, scaled voxels, or a header either library refuses."""
-    try:
-        proxy = nib.load(str(path), mmap=False).dataobj
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(path))
-        reader.ReadImageInformation()
-    except Exception:  # noqa: BLE001 - whatever the header's fault, the full read names it
-        return None
     scaled = getattr(proxy, "slope", 1.0) != 1.0 or getattr(proxy, "inter", 0.0) != 0.0
     if proxy.dtype.newbyteorder("=") not in (np.float32, np.float64) or scaled:
         return None
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return None  # ITK's full read names the fault
     if reader.GetNumberOfComponents() != 1 or reader.GetDimension() not in (2, 3):
         return None  # vectors and 4D channels: ITK's reading, which read_channels splits
     try:
@@ -181,15 +190,13 @@ def _read_float_nifti(path: Path) -> sitk.Image | None:
     return image
 
 
-def _check_nifti_data(path: Path, image: sitk.Image) -> sitk.Image:
+def _check_nifti_data(path: Path, image: sitk.Image, proxy) -> sitk.Image:
     """ITK fills a truncated NIfTI with zeros without a word, and reads NaN voxels as 0; nibabel
     does neither, so ask it, reading the data a second time only where the header and the file's
     length cannot answer: float voxels (NaN) and a length that disagrees. NaNs are put back, for
     ``check_voxel_values`` to judge."""
-    try:
-        proxy = nib.load(str(path)).dataobj  # the header alone: nibabel reads data lazily
-    except (EOFError, OSError, ValueError, zlib.error):
-        raise InputError(path, "cannot read: file is truncated (the image data ends early)") from None
+    if proxy is None:  # ITK read a header nibabel refuses
+        raise InputError(path, "cannot read: file is truncated (the image data ends early)")
     floating = np.issubdtype(proxy.dtype, np.floating)
     if not floating and _data_length_fits(path, proxy):
         return image  # whole, and integer voxels hold no NaN
