@@ -139,6 +139,7 @@ def _trainer(kind, args):
             or args.config
             or args.modality
             or getattr(args, "fold", None) is not None
+            or any(getattr(args, name, None) for name in ("init", "unlabeled", "pseudo_labels_from"))
         ):
             raise ConfigError("--resume", "continues a run with its own data and config; give only --set")
         return kind.resume(args.resume, args.set)
@@ -151,6 +152,8 @@ def _trainer(kind, args):
         config.train.init, config.train.init_parts = str(args.init), args.init_parts
     if getattr(args, "unlabeled", None):
         config.train.unlabeled = str(args.unlabeled)
+    if getattr(args, "pseudo_labels_from", None):
+        config.train.pseudo_labels = str(args.pseudo_labels_from)
     if getattr(args, "fold", None) is not None:
         config.data.fold, config.data.folds = args.fold, args.folds
         config.train.output_dir = str(Path(args.output) / f"fold_{args.fold}")
@@ -533,6 +536,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="images without labels to learn from too (mean-teacher consistency): a folder, a CSV "
         "with an 'image' column, or 'dataset' for the dataset's imagesUn/ (train.unlabeled)",
+    )
+    p.add_argument(
+        "--pseudo-labels-from",
+        metavar="MODEL",
+        help="self-training instead: this trained model (a run folder or checkpoint) labels the "
+        "--unlabeled images first, and the run learns from its masks as from labels (train.pseudo_labels)",
     )
     p.set_defaults(func=cmd_train)
 

@@ -228,6 +228,9 @@ class TrainConfig:
         unlabeled: images without labels to learn from as well, by mean-teacher consistency
             (``medseg.training.semi``): a folder of images, a CSV with an ``image`` column, or
             ``dataset`` (the dataset's ``imagesUn/`` or dataset.json's ``unlabeled``); null: off.
+        pseudo_labels: a trained model (checkpoint or run folder) that labels the ``unlabeled``
+            images before training (self-training, ``medseg.training.pseudo``); the run then
+            learns from them as from labelled cases, instead of by consistency; null: off.
         unlabeled_weight: the consistency loss's full weight (it ramps up over the first 40 %).
         teacher_decay: the teacher's moving-average decay.
     """
@@ -259,6 +262,7 @@ class TrainConfig:
     init: str | None = None
     init_parts: str = "encoder"
     unlabeled: str | None = None
+    pseudo_labels: str | None = None
     unlabeled_weight: float = 1.0
     teacher_decay: float = 0.99
 

@@ -49,6 +49,7 @@ from medseg.training.callbacks import Callback, TensorBoardLogger, tensorboard_a
 from medseg.training.distributed import setup_distributed
 from medseg.training.history import plot_curves, write_metrics
 from medseg.training.optim import default_lr, lr_factor, make_ema, make_optimizer
+from medseg.training.pseudo import PseudoLabeller
 from medseg.training.sampling import SeededSamples, StepSampler, rng_state, set_rng_state
 from medseg.training.semi import MeanTeacher, consistency_weight
 from medseg.training.transfer import load_matching, network_of
@@ -132,9 +133,13 @@ class Trainer:
         self.ema = make_ema(self.model, train.ema_decay)
         # Unlabelled images (train.unlabeled): found and checked now, before the run folder is touched.
         self.unlabeled_cases = unlabeled_cases(train.unlabeled, dataset) if train.unlabeled else []
+        # ...learnt from by self-training (train.pseudo_labels: a model labels them) or else by
+        # mean-teacher consistency.
+        self.labeller = self._labeller() if train.pseudo_labels else None
+        self.pseudo_cases: list[dict] = []
         self.teacher = (
             MeanTeacher(self.model, train.teacher_decay, train.unlabeled_weight)
-            if self.unlabeled_cases
+            if self.unlabeled_cases and not self.labeller
             else None
         )
         self.progress = 0.0  # of the run, 0..1: the consistency weight's ramp follows it
@@ -175,6 +180,14 @@ class Trainer:
     def _build_model(self) -> nn.Module:
         """The network the config names, for the plan's channels and the dataset's classes."""
         return model_for_plan(self.config, self.plan, len(self.labels))
+
+    def _labeller(self) -> PseudoLabeller:
+        """The model of ``train.pseudo_labels``, checked: it predicts this dataset's classes."""
+        if not self.unlabeled_cases:
+            raise ConfigError(
+                "train.pseudo_labels", "needs train.unlabeled (--unlabeled): the images to label"
+            )
+        return PseudoLabeller(self.config.train.pseudo_labels, self.labels, str(self.device))
 
     def _load_init(self) -> None:
         """Start from ``train.init``'s weights (a fresh run only; a resumed one has its own)."""
@@ -237,7 +250,8 @@ class Trainer:
         transform = self._train_transform()
         if data.cache == "disk" and not self.dist.is_main:
             self.dist.barrier()  # rank 0 fills the shared disk cache; the others then read it
-        cases = cached_dataset(self.train_cases, transform, self.plan, data.cache, data.cache_dir)
+        labelled = self.train_cases + self.pseudo_cases
+        cases = cached_dataset(labelled, transform, self.plan, data.cache, data.cache_dir)
         if data.cache == "disk" and self.dist.is_main:
             self.dist.barrier()
         batch = self.plan.batch_size  # train.batch_size, or planned
@@ -286,7 +300,13 @@ class Trainer:
         """
         train = self.config.train
         self._refuse_earlier_run()
-        # Every case is loaded (and checked) before the run folder is touched: a bad scan or
+        if self.labeller is not None:  # a prediction each, into pseudo_labels/ alone; then cases
+            self.pseudo_cases = self.labeller.label(
+                self.unlabeled_cases, self.output_dir, self.dist.rank, self.dist.world
+            )
+            self.labeller = None  # its network's memory is training's now
+            self.dist.barrier()
+        # Every case is loaded (and checked) before the run's files are written: a bad scan or
         # setting found here leaves an earlier run there as it was.
         batches = iter(self._train_loader())
         unlabeled = iter(self._unlabeled_loader()) if self.teacher else None
@@ -628,7 +648,13 @@ def _absolute_paths(config: Config) -> None:
     """Paths in the config made absolute, so that config.yaml (and --resume) finds the data
     from any working directory."""
     data, train = config.data, config.train
-    for owner, key in ((data, "root"), (data, "plan"), (data, "splits"), (train, "init")):
+    for owner, key in (
+        (data, "root"),
+        (data, "plan"),
+        (data, "splits"),
+        (train, "init"),
+        (train, "pseudo_labels"),
+    ):
         value = getattr(owner, key)
         if value:
             setattr(owner, key, str(Path(value).resolve()))
