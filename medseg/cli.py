@@ -201,6 +201,7 @@ def cmd_predict(args) -> int:
         args.model,
         device=_device_for_this_process(args.device),
         tta=args.tta,
+        tta_mirrors=args.tta_mirrors,
         keep_largest=_keep_largest(args.keep_largest),
         which=args.checkpoint,
         folds=args.fold,
@@ -647,7 +648,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--tta",
         action=argparse.BooleanOptionalAction,
         help="flip test-time augmentation along the axes the model was trained to mirror "
-        "(2^axes passes; default: the model's infer.tta, which is on for models trained with mirroring)",
+        "(default: the model's infer.tta, which is on for models trained with mirroring)",
+    )
+    p.add_argument(
+        "--tta-mirrors",
+        choices=["auto", "all", "single"],
+        help="which mirrors TTA passes: all combinations (2^axes passes), single (1 + axes: one axis "
+        "at a time), or auto: single for 3 axes, all for fewer (default: the model's infer.tta_mirrors)",
     )
     p.add_argument(
         "--keep-largest",

@@ -284,12 +284,16 @@ class InferConfig:
         sw_batch_size: windows per forward pass; null: as measured fastest for the device and
             precision (``medseg.device.windows_per_forward``: 1 on CPUs in bf16, 2 in fp32, 4 on
             GPUs).
-        tta: flip test-time augmentation: average the probabilities of every combination of
-            mirrors along ``tta_axes`` (2 ** axes passes); null: on when training mirrored
+        tta: flip test-time augmentation: average the probabilities of passes mirrored along
+            ``tta_axes`` (which: ``tta_mirrors``); null: on when training mirrored
             (it raised the Dice of such models in each of three seeds; docs/prediction.md).
         tta_axes: the axes TTA mirrors (as ``augment.flip_axes``); null: the axes training
             mirrored (none when ``augment.flip_prob`` is 0, and then ``tta`` is refused: the
             network never saw mirrored images).
+        tta_mirrors: which mirrors TTA passes: ``all`` their combinations (2 ** axes passes),
+            ``single`` (the unmirrored pass and one per axis: 1 + axes), or ``auto``: single
+            for three axes (4 passes instead of 8, the same Dice on the left atrium), all for
+            fewer (``medseg.inference.tta.resolve_mirrors``).
         keep_largest: post-processing: keep only the largest connected piece of ``all``
             foreground labels, of the label indices listed, or of ``none``; the rest becomes
             background. ``auto``: of each label whose validation Dice it did not lower
@@ -301,6 +305,7 @@ class InferConfig:
     sw_batch_size: int | None = None
     tta: bool | None = None
     tta_axes: list[int] | None = None
+    tta_mirrors: str = "auto"
     keep_largest: list[int] | str = "auto"
 
 

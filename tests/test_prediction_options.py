@@ -18,7 +18,7 @@ from medseg.inference import grid
 from medseg.inference.batch import predict_many
 from medseg.inference.postprocess import keep_largest_component, keep_largest_labels
 from medseg.inference.predictor import Predictor
-from medseg.inference.tta import ProbabilityMean, flip_passes
+from medseg.inference.tta import ProbabilityMean, flip_passes, resolve_mirrors
 from medseg.io import ras_affine, to_array
 from tests.conftest import learned_phantom, mean_dice, run_cli
 
@@ -70,22 +70,32 @@ def test_flip_passes_cover_every_mirror_once():
     assert flip_passes([]) == [()]
     assert flip_passes([2, 1]) == [(), (1,), (2,), (1, 2)]
     assert len(flip_passes([0, 1, 2])) == 8
+    assert flip_passes([2, 0, 1], "single") == [(), (0,), (1,), (2,)]
+    assert flip_passes([], "single") == [()]
+
+
+def test_auto_mirrors_one_axis_at_a_time_for_three_axes_only():
+    assert resolve_mirrors("auto", [0, 1, 2]) == "single"
+    assert resolve_mirrors("auto", [0, 1]) == resolve_mirrors("auto", [2]) == "all"
+    assert resolve_mirrors("all", [0, 1, 2]) == "all" and resolve_mirrors("single", [0, 1]) == "single"
+    with pytest.raises(ConfigError, match="infer.tta_mirrors: must be auto, all, single, not 'some'"):
+        resolve_mirrors("some", [0])
 
 
 def test_flip_tta_of_a_mirror_equivariant_model_gives_the_same_mask(plan):
     image, _ = learned_phantom(7, "oblique")
     plain = Predictor.from_model(Pointwise(), plan, LABELS, config=_config(), device="cpu")
-    mirrored = Predictor.from_model(
-        Pointwise(), plan, LABELS, config=_config(tta_axes=[0, 1, 2]), device="cpu", tta=True
-    )
-    assert mirrored.passes == 8
     a = plain.segment(plain.load(image), probabilities=True)
-    b = mirrored.segment(mirrored.load(image), probabilities=True, uncertainty=True)
     assert set(np.unique(a.labels)) >= {0, 1, 2}  # a mask with something in it
-    np.testing.assert_array_equal(a.labels, b.labels)
-    np.testing.assert_allclose(a.probability_array(), b.probability_array(), atol=1e-5)
-    # Every pass agrees everywhere, so the passes' disagreement is zero everywhere.
-    assert sitk.GetArrayViewFromImage(b.uncertainty).max() < 1e-4
+    for mirrors, passes in (("all", 8), ("single", 4)):
+        config = _config(tta_axes=[0, 1, 2], tta_mirrors=mirrors)
+        mirrored = Predictor.from_model(Pointwise(), plan, LABELS, config=config, device="cpu", tta=True)
+        assert mirrored.passes == passes
+        b = mirrored.segment(mirrored.load(image), probabilities=True, uncertainty=True)
+        np.testing.assert_array_equal(a.labels, b.labels)
+        np.testing.assert_allclose(a.probability_array(), b.probability_array(), atol=1e-5)
+        # Every pass agrees everywhere, so the passes' disagreement is zero everywhere.
+        assert sitk.GetArrayViewFromImage(b.uncertainty).max() < 1e-4
 
 
 def test_uncertainty_is_zero_where_passes_agree_and_positive_where_they_differ():
@@ -123,6 +133,13 @@ def test_tta_is_on_by_default_for_a_model_trained_with_mirrors(learned_run, tmp_
     assert Predictor(tmp_path / "mirrored.pt", device="cpu").passes == 4
     assert Predictor(tmp_path / "mirrored.pt", device="cpu", tta=False).passes == 1
     assert Predictor(learned_run[1]["best"], device="cpu").passes == 1  # never mirrored: no TTA
+    # Mirrored along all three axes: one axis at a time by default (4 passes), 8 when asked.
+    payload["config"]["augment"].update(flip_axes=[0, 1, 2])
+    torch.save(payload, tmp_path / "mirrored3.pt")
+    assert Predictor(tmp_path / "mirrored3.pt", device="cpu").passes == 4
+    assert Predictor(tmp_path / "mirrored3.pt", device="cpu", tta_mirrors="all").passes == 8
+    assert Predictor(tmp_path / "mirrored3.pt", device="cpu").options["tta_mirrors"] == "single"
+    assert "tta_mirrors" not in Predictor(tmp_path / "mirrored.pt", device="cpu").options  # as before
 
 
 def test_tta_is_refused_for_a_model_never_trained_on_mirrors(learned_run):

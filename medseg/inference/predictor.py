@@ -34,7 +34,7 @@ from medseg.inference.model_folder import is_exported, load_exported
 from medseg.inference.postprocess import keep_largest_component, keep_largest_labels
 from medseg.inference.runtime import is_runtime_network, runtime_of
 from medseg.inference.sliding import sliding_window_probs
-from medseg.inference.tta import ProbabilityMean, flip_passes
+from medseg.inference.tta import ProbabilityMean, flip_passes, resolve_mirrors
 from medseg.io import check_voxel_values, image_files, read_channels, write_volume
 from medseg.models.factory import model_from_checkpoint
 
@@ -124,6 +124,8 @@ class Predictor:
         overlap: of neighbouring sliding windows, 0 to below 1; None: the checkpoint's
             ``infer.overlap``.
         precision: ``auto``, ``fp32`` or ``bf16``; None: the checkpoint's ``train.precision``.
+        tta_mirrors: ``all``, ``single`` or ``auto``: which mirrors TTA passes (see
+            ``InferConfig``); None: the checkpoint's ``infer.tta_mirrors``.
         runtime: for exported models (``medseg export``): ``auto`` (OpenVINO where it is
             installed, else ONNX Runtime), ``openvino`` or ``onnxruntime``.
 
@@ -148,6 +150,7 @@ class Predictor:
         overlap: float | None = None,
         precision: str | None = None,
         runtime: str = "auto",
+        tta_mirrors: str | None = None,
     ):
         paths = checkpoint_files(checkpoint, which, folds)
         members, labels, config, decided = [], None, None, None
@@ -166,6 +169,8 @@ class Predictor:
             config = config.override([f"infer.overlap={overlap}"])  # checked as --set would be
         if precision is not None:
             config = config.override([f"train.precision={precision}"])
+        if tta_mirrors is not None:
+            config = config.override([f"infer.tta_mirrors={tta_mirrors}"])
         if device == "auto" and all(is_runtime_network(m.model) for m in members):
             device = "cpu"  # where exported networks run, though a GPU be present
         self._setup(members, labels, config, device, tta, keep_largest, decided)
@@ -243,6 +248,8 @@ class Predictor:
             tta = config.infer.tta if config.infer.tta is not None else config.augment.flip_prob > 0
         self.tta = bool(tta)
         self.tta_axes = _tta_axes(config, self.plan) if self.tta else []
+        self.tta_mirrors = resolve_mirrors(config.infer.tta_mirrors, self.tta_axes)
+        self.flips = flip_passes(self.tta_axes, self.tta_mirrors)
         setting = config.infer.keep_largest if keep_largest is None else keep_largest
         self.keep_largest = keep_largest_labels(setting, self.labels, decided)
 
@@ -262,7 +269,7 @@ class Predictor:
     @property
     def passes(self) -> int:
         """Network passes per case: mirrors x members."""
-        return len(flip_passes(self.tta_axes)) * len(self.members)
+        return len(self.flips) * len(self.members)
 
     @property
     def options(self) -> dict:
@@ -271,6 +278,9 @@ class Predictor:
             "overlap": self.config.infer.overlap,
             "patch_size": list(self.plan.patch_size),
             "tta_axes": list(self.tta_axes) if self.tta else None,
+            # Recorded when one axis at a time: absent for every combination, as before there
+            # was a choice, so the masks of earlier batch runs still count as this setting's.
+            **({"tta_mirrors": "single"} if self.tta and self.tta_mirrors == "single" else {}),
             "keep_largest": self.keep_largest,
             # bf16 and fp32, or a GPU's kernels and a CPU's, can differ in a few voxels
             "precision": "+".join(
@@ -336,7 +346,7 @@ class Predictor:
         mean = ProbabilityMean(disagreement=uncertainty)
         first = case.tensors[0]
         for member, tensor in zip(self.members, case.tensors):
-            for axes in flip_passes(self.tta_axes):
+            for axes in self.flips:
                 dims = [a + 1 for a in axes]  # past the channel axis
                 probs = sliding_window_probs(
                     member.model,
