@@ -104,12 +104,16 @@ def finetune(
     run: Path,
     plan: Path,
     unlabeled: list[str] = (),
+    labeller: Path | None = None,
 ) -> dict:
     """Train on ``cases`` (no validation: a fixed number of steps) and score the test set.
 
     Every arm uses the pretraining's plan (planned on all the images), so that only the starting
     weights differ: planned on two cases, the scratch arm would get another spacing and patch.
-    With ``unlabeled`` images the run learns from them too (``train.unlabeled``: mean teacher).
+    With ``unlabeled`` images the run learns from them too (``train.unlabeled``): by the mean
+    teacher, or with a ``labeller`` by self-training (``train.pseudo_labels``: that model labels
+    them, then the run trains on them and the labelled cases alike; its seconds include the
+    labelling).
     """
     config = load_config(None, _overrides(args, args.finetune_steps) + [f"train.seed={seed}"])
     config.train.output_dir = str(run)
@@ -118,6 +122,7 @@ def finetune(
         manifest = run / "unlabeled.csv"
         manifest.write_text("image\n" + "".join(f"{p}\n" for p in unlabeled))
         config.train.unlabeled = str(manifest)
+        config.train.pseudo_labels = str(labeller) if labeller else None
     if init is None:
         config.data.plan = str(plan)
     else:
@@ -134,25 +139,6 @@ def finetune(
     predict_many(Predictor(summary["best"], device="cpu"), data / "imagesTs", masks)
     scores = evaluate(masks, data / "labelsTs", out=run / "test", overwrite=True)
     return {"dice": scores["mean_foreground"], "per_class": scores["mean"], "seconds": seconds}
-
-
-def selftrain(args, data: Path, cases: list[dict], teacher: Path, seed: int, run: Path, plan: Path, rest):
-    """Self-training: the scratch arm's model labels the unlabelled images (its full prediction:
-    TTA and keep-largest), then a new network learns from scratch, for the same steps, on the
-    labelled cases and these pseudo-labelled ones together. Its seconds include the labelling."""
-    pseudo = run.parent.parent / "pseudo" / run.name  # outside the run, which training may clear
-    pseudo.mkdir(parents=True, exist_ok=True)
-    start = time.monotonic()
-    predictor = Predictor(teacher, device="cpu")
-    labelled = []
-    for index, image in enumerate(rest):
-        mask = pseudo / f"{index:03d}.nii.gz"  # numbered: image names never steer where files go
-        if not mask.is_file():  # written atomically: a mask there is whole, so a rerun resumes
-            predictor.predict_file(image, mask)
-        labelled.append({"image": image, "label": str(mask), "id": f"pseudo{index:03d}"})
-    seconds = time.monotonic() - start
-    result = finetune(args, data, cases + labelled, None, seed, run, plan)
-    return {**result, "seconds": result["seconds"] + seconds, "labelling_seconds": seconds}
 
 
 def main() -> None:
@@ -248,7 +234,7 @@ def main() -> None:
                         teacher = work / "runs" / f"scratch_n{size}_s{seed}" / "best.pt"
                         if not teacher.is_file():
                             raise SystemExit(f"selftrain needs the scratch arm's run first: {teacher}")
-                        result = selftrain(args, data, cases, teacher, seed, run, plan, rest)
+                        result = finetune(args, data, cases, None, seed, run, plan, rest, teacher)
                     else:
                         extra = rest if arm == "meanteacher" else []
                         result = finetune(args, data, cases, init, seed, run, plan, extra)
