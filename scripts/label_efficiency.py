@@ -52,6 +52,8 @@ from medseg.training.trainer import Trainer  # noqa: E402
 from medseg.training.transfer import PARTS  # noqa: E402
 
 EPOCH = 25  # steps per epoch
+ARMS = ("scratch", "pretrained", "meanteacher", "selftrain", "selftrain2")
+LABELLER = {"selftrain": "scratch", "selftrain2": "selftrain"}  # self-training arm -> whose model labels
 
 
 def _overrides(args, steps: int) -> list[str]:
@@ -176,7 +178,8 @@ def main() -> None:
         default="scratch,pretrained",
         help="which arms to train: scratch, pretrained, meanteacher (scratch plus the other "
         "training images unlabelled, train.unlabeled), selftrain (a new network on the labelled "
-        "cases and the others labelled by the scratch arm's model; run scratch first)",
+        "cases and the others labelled by the scratch arm's model; run scratch first), selftrain2 "
+        "(the same, labelled by the selftrain arm's model: a second round)",
     )
     parser.add_argument(
         "--report", action="store_true", help="train nothing: the table and picture of the finished runs"
@@ -218,7 +221,7 @@ def main() -> None:
         for size in sizes:  # drawn in the order given: keep --sizes' order when resuming
             picked = sorted(rng.choice(len(groups), size, replace=False))
             cases = [case for i in picked for case in groups[i]]
-            arms = {"scratch": None, "pretrained": checkpoint, "meanteacher": None, "selftrain": None}
+            arms = {**dict.fromkeys(ARMS), "pretrained": checkpoint}  # arm -> its starting weights
             chosen = {c["image"] for c in cases}
             rest = [c["image"] for c in pool_all if c["image"] not in chosen]  # unlabelled here
             for arm, init in ((a, arms[a]) for a in args.arms.split(",")):
@@ -230,10 +233,10 @@ def main() -> None:
                     result = json.loads(done.read_text())
                 else:
                     plan = checkpoint.parent / "plan.yaml"
-                    if arm == "selftrain":
-                        teacher = work / "runs" / f"scratch_n{size}_s{seed}" / "best.pt"
+                    if arm in LABELLER:
+                        teacher = work / "runs" / f"{LABELLER[arm]}_n{size}_s{seed}" / "best.pt"
                         if not teacher.is_file():
-                            raise SystemExit(f"selftrain needs the scratch arm's run first: {teacher}")
+                            raise SystemExit(f"{arm} needs the {LABELLER[arm]} arm's run first: {teacher}")
                         result = finetune(args, data, cases, None, seed, run, plan, rest, teacher)
                     else:
                         extra = rest if arm == "meanteacher" else []
@@ -256,9 +259,7 @@ def _report(rows: list[dict], sizes: list[int], work: Path, args) -> None:
             [r["arm"], r["labelled"], r["seed"], f"{r['dice']:.4f}", f"{r['seconds']:.0f}"] for r in rows
         )
     (work / "results.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
-    arms = [
-        a for a in ("scratch", "pretrained", "meanteacher", "selftrain") if any(r["arm"] == a for r in rows)
-    ]
+    arms = [a for a in ARMS if any(r["arm"] == a for r in rows)]
     others = [a for a in arms if a != "scratch"] if "scratch" in arms else []
     header = ["labelled cases", *arms, *(f"{a} - scratch" for a in others)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -293,7 +294,7 @@ def _plot(rows: list[dict], arms: list[str], path: Path, args) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    colours = dict(zip(("scratch", "pretrained", "meanteacher", "selftrain"), ("0.3", "C0", "C1", "C2")))
+    colours = dict(zip(ARMS, ("0.3", "C0", "C1", "C2", "C3")))
     sizes = sorted({r["labelled"] for r in rows})
     for k, arm in enumerate(arms):
         shift = 0.1 * (k - (len(arms) - 1) / 2)  # arms side by side at each size
