@@ -373,6 +373,7 @@ def cmd_listen(args) -> int:
         args.model,
         device=args.device,
         tta=args.tta,
+        tta_mirrors=args.tta_mirrors,
         keep_largest=_keep_largest(args.keep_largest),
         runtime=args.runtime,
     )
@@ -786,6 +787,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--send-tls", action="store_true", help="send the SEGs over TLS")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, help="as for predict")
+    p.add_argument("--tta-mirrors", choices=["auto", "all", "single"], help="as for predict")
     p.add_argument("--keep-largest", metavar="LABELS", help="as for predict")
     p.add_argument(
         "--runtime", choices=["auto", "openvino", "onnxruntime"], default="auto", help="as for predict"
