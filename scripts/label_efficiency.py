@@ -287,7 +287,8 @@ def _report(rows: list[dict], sizes: list[int], work: Path, args) -> None:
 
 
 def _plot(rows: list[dict], arms: list[str], path: Path, args) -> None:
-    """Dice against labelled cases: a dot per seed, a line through each arm's means."""
+    """Dice against labelled cases: a dot per seed, a line through each arm's means, and a thin
+    grey line joining one labelled set's arms (the comparison is paired)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -296,8 +297,15 @@ def _plot(rows: list[dict], arms: list[str], path: Path, args) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     colours = dict(zip(ARMS, ("0.3", "C0", "C1", "C2", "C3")))
     sizes = sorted({r["labelled"] for r in rows})
-    for k, arm in enumerate(arms):
-        shift = 0.1 * (k - (len(arms) - 1) / 2)  # arms side by side at each size
+    shifts = {arm: 0.1 * (k - (len(arms) - 1) / 2) for k, arm in enumerate(arms)}  # side by side
+    for size, seed in {(r["labelled"], r["seed"]) for r in rows}:
+        paired = [
+            r for arm in arms for r in rows if (r["arm"], r["labelled"], r["seed"]) == (arm, size, seed)
+        ]
+        x = [sizes.index(size) + shifts[r["arm"]] for r in paired]
+        ax.plot(x, [r["dice"] for r in paired], color="0.8", linewidth=0.8, zorder=0)
+    for arm in arms:
+        shift = shifts[arm]
         found = [(sizes.index(r["labelled"]) + shift, r["dice"]) for r in rows if r["arm"] == arm]
         ax.scatter(*zip(*found), color=colours[arm], alpha=0.5, s=16)
         means = sorted((x, statistics.mean(d for y, d in found if y == x)) for x in {x for x, _ in found})
