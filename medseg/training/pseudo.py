@@ -17,6 +17,7 @@ import hashlib
 import logging
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from medseg.errors import CheckpointError, ConfigError
@@ -29,7 +30,7 @@ FOLDER = "pseudo_labels"  # inside the run folder
 
 
 class PseudoLabeller:
-    """Labels unlabelled images with a trained model, for the run in ``run_dir``.
+    """Labels unlabelled images with a trained model, for a run to train on (``label``).
 
     Args:
         model: the labelling model: a checkpoint, run folder or anything ``Predictor`` takes.
@@ -43,10 +44,13 @@ class PseudoLabeller:
     def __init__(self, model, labels: dict[int, str], device: str = "cpu"):
         from medseg.inference.predictor import Predictor  # inference needs nothing of training
 
+        benchmark = torch.backends.cudnn.benchmark
         try:
             self.predictor = Predictor(model, device=device)
         except CheckpointError as error:  # it names the file and the problem
             raise ConfigError("train.pseudo_labels", str(error)) from None
+        finally:  # a predictor tunes cuDNN for speed; training's own choice (train.deterministic) stands
+            torch.backends.cudnn.benchmark = benchmark
         theirs = {int(k): v for k, v in self.predictor.labels.items()}
         if theirs != {int(k): v for k, v in labels.items()}:
             raise ConfigError(
