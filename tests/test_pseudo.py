@@ -3,7 +3,6 @@ run learns from its masks as from labels."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +16,8 @@ from medseg.inference.predictor import Predictor
 from medseg.training.pseudo import FOLDER, PseudoLabeller
 from medseg.training.trainer import Trainer
 from tests.conftest import TINY_OVERRIDES, run_cli
-from tests.test_resume import KILLED_RUN, _run  # a run that kills itself after step 5 of 8
 from tests.test_resume import SETTINGS as EXACT
+from tests.test_resume import whole_and_resumed
 
 SETTINGS = [*TINY_OVERRIDES, "train.deterministic=true", "data.val_fraction=0", "train.tensorboard=false"]
 
@@ -115,18 +114,7 @@ def test_the_command_line_self_trains_and_refuses_a_model_without_images(tiny_da
 def test_a_killed_self_training_run_resumes_exactly(tiny_dataset, tiny_run, tmp_path):
     teacher = Path(tiny_run["best"]).parent
     settings = [*EXACT, f"train.unlabeled={tiny_dataset / 'imagesTs'}", f"train.pseudo_labels={teacher}"]
-    config = load_config(None, settings)
-    config.data.root, config.train.output_dir = str(tiny_dataset), str(tmp_path / "whole")
-    Trainer(config).fit()
-
-    run = tmp_path / "killed"
-    killed = _run([sys.executable, "-c", KILLED_RUN, str(tiny_dataset), str(run), *settings])
-    assert killed.returncode == -9, killed.stderr
-    resumed = _run([sys.executable, "-m", "medseg", "train", "--resume", str(run)])
-    assert resumed.returncode == 0, resumed.stderr
-
-    whole = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)
-    again = torch.load(run / "last.pt", weights_only=True)
+    whole, again = whole_and_resumed(tiny_dataset, tmp_path, settings)
     assert again["step"] == whole["step"] == 8
     for key, tensor in whole["train_model"].items():
         torch.testing.assert_close(again["train_model"][key], tensor, rtol=1e-5, atol=1e-6, msg=key)

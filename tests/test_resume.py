@@ -50,6 +50,20 @@ def _run(args):
     return subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=REPO, env=_env())
 
 
+def whole_and_resumed(data: Path, tmp_path: Path, settings: list[str]) -> tuple[dict, dict]:
+    """The ``last.pt`` of a run with ``settings`` that never stopped, and of the same run killed
+    with SIGKILL after step 5 (``KILLED_RUN``) and resumed with ``medseg train --resume``."""
+    config = load_config(None, settings)
+    config.data.root, config.train.output_dir = str(data), str(tmp_path / "whole")
+    Trainer(config).fit()
+    run = tmp_path / "killed"
+    killed = _run([sys.executable, "-c", KILLED_RUN, str(data), str(run), *settings])
+    assert killed.returncode == -9, killed.stderr
+    resumed = _run([sys.executable, "-m", "medseg", "train", "--resume", str(run)])
+    assert resumed.returncode == 0, resumed.stderr
+    return tuple(torch.load(folder / "last.pt", weights_only=True) for folder in (tmp_path / "whole", run))
+
+
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_dataset, tmp_path):
     config = load_config(None, SETTINGS)
     config.data.root, config.train.output_dir = str(tiny_dataset), str(tmp_path / "whole")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
 
@@ -11,7 +9,7 @@ from medseg.config import load_config
 from medseg.training.semi import RAMP_UP, consistency_weight
 from medseg.training.trainer import Trainer
 from tests.conftest import TINY_OVERRIDES, run_cli
-from tests.test_resume import KILLED_RUN, SETTINGS, _run
+from tests.test_resume import SETTINGS, whole_and_resumed
 
 
 def _no_labelled_loss(logits, label):
@@ -52,18 +50,7 @@ def test_the_consistency_weight_ramps_up():
 
 def test_a_killed_semi_supervised_run_resumes_exactly(tiny_dataset, tmp_path):
     settings = [*SETTINGS, f"train.unlabeled={tiny_dataset / 'imagesTs'}"]
-    config = load_config(None, settings)
-    config.data.root, config.train.output_dir = str(tiny_dataset), str(tmp_path / "whole")
-    Trainer(config).fit()
-
-    run = tmp_path / "killed"
-    killed = _run([sys.executable, "-c", KILLED_RUN, str(tiny_dataset), str(run), *settings])
-    assert killed.returncode == -9, killed.stderr
-    resumed = _run([sys.executable, "-m", "medseg", "train", "--resume", str(run)])
-    assert resumed.returncode == 0, resumed.stderr
-
-    whole = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)
-    again = torch.load(run / "last.pt", weights_only=True)
+    whole, again = whole_and_resumed(tiny_dataset, tmp_path, settings)
     assert again["step"] == whole["step"] == 8
     assert again["teacher"]["updates"] == whole["teacher"]["updates"] == 8
     for key, tensor in whole["teacher"]["weights"].items():
