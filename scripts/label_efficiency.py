@@ -52,8 +52,9 @@ from medseg.training.trainer import Trainer  # noqa: E402
 from medseg.training.transfer import PARTS  # noqa: E402
 
 EPOCH = 25  # steps per epoch
-ARMS = ("scratch", "pretrained", "meanteacher", "selftrain", "selftrain2")
-LABELLER = {"selftrain": "scratch", "selftrain2": "selftrain"}  # self-training arm -> whose model labels
+ARMS = ("scratch", "pretrained", "meanteacher", "selftrain", "selftrain2", "mtselftrain")
+# self-training arm -> the arm whose model labels its unlabelled images
+LABELLER = {"selftrain": "scratch", "selftrain2": "selftrain", "mtselftrain": "meanteacher"}
 
 
 def _overrides(args, steps: int) -> list[str]:
@@ -179,7 +180,8 @@ def main() -> None:
         help="which arms to train: scratch, pretrained, meanteacher (scratch plus the other "
         "training images unlabelled, train.unlabeled), selftrain (a new network on the labelled "
         "cases and the others labelled by the scratch arm's model; run scratch first), selftrain2 "
-        "(the same, labelled by the selftrain arm's model: a second round)",
+        "(the same, labelled by the selftrain arm's model: a second round), mtselftrain (the same, "
+        "labelled by the meanteacher arm's model)",
     )
     parser.add_argument(
         "--report", action="store_true", help="train nothing: the table and picture of the finished runs"
@@ -295,7 +297,7 @@ def _plot(rows: list[dict], arms: list[str], path: Path, args) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    colours = dict(zip(ARMS, ("0.3", "C0", "C1", "C2", "C3")))
+    colours = dict(zip(ARMS, ("0.3", "C0", "C1", "C2", "C3", "C4")))
     sizes = sorted({r["labelled"] for r in rows})
     shifts = {arm: 0.1 * (k - (len(arms) - 1) / 2) for k, arm in enumerate(arms)}  # side by side
     for size, seed in {(r["labelled"], r["seed"]) for r in rows}:
