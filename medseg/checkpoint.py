@@ -34,7 +34,7 @@ __all__ = [
 
 FORMAT = "medseg-checkpoint/1"
 SEGMENT, PRETRAIN = "segmentation", "pretrain"  # what the network's output means: classes, or noise
-_FIELDS = ("format", "model", "config", "labels", "plan", "kind", "custom_model", "keep_largest")
+_FIELDS = ("format", "model", "config", "labels", "plan", "kind", "custom_model", "keep_largest", "tta_gain")
 
 
 @dataclass
@@ -52,6 +52,9 @@ class Checkpoint:
             Python), so only its own code can rebuild it.
         keep_largest: the labels training's validation chose to keep the largest piece of
             (``infer.keep_largest: auto``); None without a validation.
+        tta_gain: validation mean Dice with flip TTA minus without, measured at the end of
+            training on the weights of ``best.pt`` (``infer.tta: null`` keeps TTA only where it
+            reached ``medseg.inference.tta.TTA_MIN_GAIN``); None: not measured.
         training: the state a resumed run needs (optimizer, step, random states, ...), written
             beside the fields above.
     """
@@ -63,6 +66,7 @@ class Checkpoint:
     kind: str = SEGMENT
     custom_model: bool = False
     keep_largest: list[int] | None = None
+    tta_gain: float | None = None
     training: dict = field(default_factory=dict)
     source: str = field(default="checkpoint", compare=False)
 
@@ -78,6 +82,7 @@ class Checkpoint:
             "kind": self.kind,
             "custom_model": self.custom_model,
             "keep_largest": self.keep_largest,
+            "tta_gain": self.tta_gain,
             **self.training,
         }
 
@@ -101,6 +106,7 @@ class Checkpoint:
             kind=payload.get("kind") or SEGMENT,
             custom_model=bool(payload.get("custom_model")),
             keep_largest=payload.get("keep_largest"),
+            tta_gain=payload.get("tta_gain"),
             training={k: v for k, v in payload.items() if k not in _FIELDS},
             source=source,
         )

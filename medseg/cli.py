@@ -649,7 +649,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--tta",
         action=argparse.BooleanOptionalAction,
         help="flip test-time augmentation along the axes the model was trained to mirror "
-        "(default: the model's infer.tta, which is on for models trained with mirroring)",
+        "(default: the model's infer.tta: on for models trained with mirroring, unless training "
+        "found it raised their validation Dice by less than 0.002)",
     )
     p.add_argument(
         "--tta-mirrors",

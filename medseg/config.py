@@ -285,8 +285,10 @@ class InferConfig:
             precision (``medseg.device.windows_per_forward``: 1 on CPUs in bf16, 2 in fp32, 4 on
             GPUs).
         tta: flip test-time augmentation: average the probabilities of passes mirrored along
-            ``tta_axes`` (which: ``tta_mirrors``); null: on when training mirrored
-            (it raised the Dice of such models in each of three seeds; docs/prediction.md).
+            ``tta_axes`` (which: ``tta_mirrors``); null: on when training mirrored, unless
+            training's last look at ``best.pt`` found it raised validation Dice by less than
+            0.002 (``medseg.inference.tta.TTA_MIN_GAIN``; the checkpoint's ``tta_gain``): it
+            costs 3 to 4 passes, and on the left atrium it was level (docs/prediction.md).
         tta_axes: the axes TTA mirrors (as ``augment.flip_axes``); null: the axes training
             mirrored (none when ``augment.flip_prob`` is 0, and then ``tta`` is refused: the
             network never saw mirrored images).

@@ -18,7 +18,7 @@ from medseg.inference import grid
 from medseg.inference.batch import predict_many
 from medseg.inference.postprocess import keep_largest_component, keep_largest_labels
 from medseg.inference.predictor import Predictor
-from medseg.inference.tta import ProbabilityMean, flip_passes, resolve_mirrors
+from medseg.inference.tta import TTA_MIN_GAIN, ProbabilityMean, flip_passes, resolve_mirrors
 from medseg.io import ras_affine, to_array
 from tests.conftest import learned_phantom, mean_dice, run_cli
 
@@ -140,6 +140,20 @@ def test_tta_is_on_by_default_for_a_model_trained_with_mirrors(learned_run, tmp_
     assert Predictor(tmp_path / "mirrored3.pt", device="cpu", tta_mirrors="all").passes == 8
     assert Predictor(tmp_path / "mirrored3.pt", device="cpu").options["tta_mirrors"] == "single"
     assert "tta_mirrors" not in Predictor(tmp_path / "mirrored.pt", device="cpu").options  # as before
+
+
+def test_tta_stays_off_where_training_found_it_gained_too_little(learned_run, tmp_path):
+    payload = torch.load(learned_run[1]["best"], weights_only=True)
+    payload["config"]["augment"].update(flip_prob=0.5, flip_axes=[1, 2])
+    for gain, passes in ((None, 4), (TTA_MIN_GAIN, 4), (0.01, 4), (TTA_MIN_GAIN - 1e-4, 1), (-0.01, 1)):
+        payload["tta_gain"] = gain  # what training's validation measured (None: not measured)
+        torch.save(payload, tmp_path / "weighed.pt")
+        assert Predictor(tmp_path / "weighed.pt", device="cpu").passes == passes, gain
+    # told: --tta, or infer.tta set in the model's config, overrides the measurement
+    assert Predictor(tmp_path / "weighed.pt", device="cpu", tta=True).passes == 4
+    payload["config"]["infer"]["tta"] = True
+    torch.save(payload, tmp_path / "told.pt")
+    assert Predictor(tmp_path / "told.pt", device="cpu").passes == 4
 
 
 def test_tta_is_refused_for_a_model_never_trained_on_mirrors(learned_run):

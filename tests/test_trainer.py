@@ -385,3 +385,60 @@ def test_a_training_batch_holds_patches_of_distinct_cases(tiny_dataset, tmp_path
         batch = next(batches)
         assert batch["image"].shape[0] == 2
         assert len(set(batch["id"])) == 2, batch["id"]
+
+
+class _Lopsided(torch.nn.Module):
+    """Classes from each voxel's intensity plus a ramp along the first spatial axis: mirroring
+    moves its answers, so flip TTA changes its Dice."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 4, 1)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.tensor([0.0, 3.0, -3.0, 0.0]).view(4, 1, 1, 1, 1))
+            self.conv.bias.copy_(torch.tensor([1.0, 0.0, 0.0, 0.5]))
+
+    def forward(self, x):
+        ramp = torch.linspace(-2.0, 2.0, x.shape[2], device=x.device).view(1, -1, 1, 1)
+        return self.conv(x) + torch.stack([0 * ramp, ramp, -ramp, 0 * ramp], dim=1)
+
+
+def test_training_records_what_flip_tta_adds_to_best_validation_dice(tiny_dataset, tmp_path):
+    from medseg.evaluation.metrics import dice_per_class
+    from medseg.inference.sliding import sliding_window_probs
+
+    mirrored = ["augment.flip_prob=0.5", "augment.flip_axes=[0]", "train.precision=fp32"]
+    config = load_config(None, [*TINY_OVERRIDES, *mirrored, "data.val_fraction=0.5", "train.val_pictures=0"])
+    config.data.root, config.train.output_dir = str(tiny_dataset), str(tmp_path / "run")
+    trainer = Trainer(config, model=_Lopsided())
+    summary = trainer.fit()
+    found = Checkpoint.load(summary["best"])
+    model = _Lopsided()
+    model.load_state_dict(found.weights)
+    model.eval()
+
+    def dice(probs, ref):  # mean over classes of the mean over cases, as validation's
+        return dice_per_class(probs.argmax(0).numpy(), ref, [1, 2, 3], both_empty=float("nan"))
+
+    plain, both = [], []
+    for item in trainer._val_dataset():
+        ref = np.asarray(item["label"][0]).astype(np.int64)
+        window = trainer.plan.window_size
+        probs = sliding_window_probs(model, item["image"], window, overlap=0.25, sw_batch_size=1)
+        flipped = sliding_window_probs(
+            model, torch.flip(item["image"], [1]), window, overlap=0.25, sw_batch_size=1
+        )
+        plain.append(dice(probs, ref))
+        both.append(dice((probs + torch.flip(flipped, [1])) / 2, ref))
+    gain = np.nanmean([np.nanmean([s[c] for s in both]) for c in (1, 2, 3)]) - np.nanmean(
+        [np.nanmean([s[c] for s in plain]) for c in (1, 2, 3)]
+    )
+    assert abs(gain) > 1e-4  # the mirrors disagree: a gain of 0 would be a wrong one
+    assert found.tta_gain == pytest.approx(gain, abs=1e-5)
+    assert Checkpoint.load(summary["last"]).tta_gain is None  # weighed for best.pt's weights only
+
+
+def test_a_run_trained_without_mirroring_records_no_tta_gain(tiny_dataset, tmp_path):
+    config = load_config(None, [*TINY_OVERRIDES, "data.val_fraction=0.5", "train.val_pictures=0"])
+    config.data.root, config.train.output_dir = str(tiny_dataset), str(tmp_path / "run")
+    assert Checkpoint.load(Trainer(config).fit()["best"]).tta_gain is None

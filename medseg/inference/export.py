@@ -109,6 +109,7 @@ def export_model(
         "labels": {str(k): v for k, v in found.labels.items()},
         "plan": found.plan,
         "keep_largest": found.keep_largest,
+        "tta_gain": found.tta_gain,
     }
     output.mkdir(parents=True, exist_ok=True)
     if int8:

@@ -59,6 +59,7 @@ def load_exported(path: str | Path, runtime: str = "auto") -> tuple[Checkpoint, 
         labels={int(k): v for k, v in description["labels"].items()},
         plan=description["plan"],
         keep_largest=description.get("keep_largest"),
+        tta_gain=description.get("tta_gain"),
         source=str(file),
     )
     network: nn.Module = RuntimeNetwork(network_file, runtime)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from torch import nn
 from medseg.checkpoint import Checkpoint, checkpoint_files, file_sha256, weights_sha256
 from medseg.config import Config
 from medseg.data.plan import Plan
-from medseg.data.transforms import infer_transforms, mirrored_axes
+from medseg.data.transforms import infer_transforms
 from medseg.device import (
     autocast_dtype,
     channels_last_format,
@@ -34,9 +35,18 @@ from medseg.inference.model_folder import is_exported, load_exported
 from medseg.inference.postprocess import keep_largest_component, keep_largest_labels
 from medseg.inference.runtime import is_runtime_network, runtime_of
 from medseg.inference.sliding import sliding_window_probs
-from medseg.inference.tta import ProbabilityMean, flip_passes, resolve_mirrors
+from medseg.inference.tta import (
+    TTA_MIN_GAIN,
+    ProbabilityMean,
+    flip_passes,
+    resolve_mirrors,
+    tta_axes,
+    tta_by_default,
+)
 from medseg.io import check_voxel_values, image_files, read_channels, write_volume
 from medseg.models.factory import model_from_checkpoint
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Predictor", "LoadedCase", "Segmentation", "Member"]
 
@@ -153,7 +163,7 @@ class Predictor:
         tta_mirrors: str | None = None,
     ):
         paths = checkpoint_files(checkpoint, which, folds)
-        members, labels, config, decided = [], None, None, None
+        members, labels, config, decided, tta_gain = [], None, None, None, None
         for path in paths:
             if is_exported(path):
                 found, model, sha256 = load_exported(path, runtime)
@@ -165,6 +175,7 @@ class Predictor:
             if config is None:
                 config = found.settings()
                 decided = found.keep_largest  # what training chose for "auto"
+                tta_gain = found.tta_gain  # what TTA added to its validation Dice
         if overlap is not None:
             config = config.override([f"infer.overlap={overlap}"])  # checked as --set would be
         if precision is not None:
@@ -173,7 +184,7 @@ class Predictor:
             config = config.override([f"infer.tta_mirrors={tta_mirrors}"])
         if device == "auto" and all(is_runtime_network(m.model) for m in members):
             device = "cpu"  # where exported networks run, though a GPU be present
-        self._setup(members, labels, config, device, tta, keep_largest, decided)
+        self._setup(members, labels, config, device, tta, keep_largest, decided, tta_gain)
         self.checkpoints = [str(p) for p in paths]
         self.checkpoint = self.checkpoints[0] if len(paths) == 1 else ";".join(self.checkpoints)
 
@@ -216,6 +227,7 @@ class Predictor:
         tta,
         keep_largest,
         decided=None,
+        tta_gain=None,
     ):
         self.device = resolve_device(device)
         self.labels: dict[int, str] = labels
@@ -245,9 +257,16 @@ class Predictor:
             torch.backends.cudnn.benchmark = True  # every window has one size: tune its kernels once
         self.sw_batch_size = windows_per_forward(config.infer.sw_batch_size, self.device, self.amp_dtype)
         if tta is None:
-            tta = config.infer.tta if config.infer.tta is not None else config.augment.flip_prob > 0
+            tta = tta_by_default(config, tta_gain)
+            if not tta and config.infer.tta is None and config.augment.flip_prob > 0:
+                log.info(
+                    "flip TTA is off: it changed this model's validation Dice by %+.4f in training "
+                    "(under %.3f); --tta turns it on",
+                    tta_gain,
+                    TTA_MIN_GAIN,
+                )
         self.tta = bool(tta)
-        self.tta_axes = _tta_axes(config, self.plan) if self.tta else []
+        self.tta_axes = tta_axes(config, self.plan) if self.tta else []
         self.tta_mirrors = resolve_mirrors(config.infer.tta_mirrors, self.tta_axes)
         self.flips = flip_passes(self.tta_axes, self.tta_mirrors)
         setting = config.infer.keep_largest if keep_largest is None else keep_largest
@@ -441,25 +460,6 @@ def _check_compatible(first: Plan, other: Plan) -> None:
             raise CheckpointError(
                 "ensemble", f"its models differ in {what} ({getattr(first, what)} and {getattr(other, what)})"
             )
-
-
-def _tta_axes(config: Config, plan: Plan) -> list[int]:
-    """The axes flip TTA mirrors: ``infer.tta_axes``, else the axes training mirrored but the
-    one a 2D network slices across (reversing the slices' order changes none of its answers)."""
-    spatial_dims = plan.spatial_dims
-    if config.infer.tta_axes is not None:
-        axes = sorted(set(config.infer.tta_axes))
-        if any(not 0 <= a < spatial_dims for a in axes):
-            raise ConfigError("infer.tta_axes", f"{axes} is not a list of axes 0..{spatial_dims - 1}")
-        return axes
-    axes = [a for a in mirrored_axes(config.augment, spatial_dims) if a != plan.slice_axis]
-    if not axes:
-        raise ConfigError(
-            "tta",
-            "this model was trained without mirroring (augment.flip_prob 0), so mirrored images would "
-            "be new to it; train with augment.flip_prob > 0 and flip_axes, or set infer.tta_axes",
-        )
-    return axes
 
 
 def _where(source) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -43,6 +44,7 @@ from medseg.evaluation.pictures import case_figure
 from medseg.files import safe_name
 from medseg.inference.postprocess import keep_largest_component
 from medseg.inference.sliding import sliding_window_probs
+from medseg.inference.tta import TTA_MIN_GAIN, ProbabilityMean, flip_passes, resolve_mirrors, tta_axes
 from medseg.io import image_from_ras
 from medseg.models.factory import model_for_plan
 from medseg.training.callbacks import Callback, TensorBoardLogger, tensorboard_available
@@ -368,6 +370,7 @@ class Trainer:
                 clock += seconds
                 self._validated = (time.monotonic() - clock, seconds)
             self._end_epoch(row)
+        self._weigh_tta()
         if self.dist.is_main and self.history:
             plot_curves(self.output_dir / "metrics.csv", self.output_dir / "curves.png")
         summary = {
@@ -500,6 +503,67 @@ class Trainer:
         result["val_cases"] = len(scores)
         self._notify("on_validation_end", result)
         return result
+
+    @torch.inference_mode()
+    def _weigh_tta(self) -> None:
+        """Record in ``best.pt`` what flip TTA adds to its weights' validation Dice (``tta_gain``):
+        ``infer.tta: null`` predicts with it only where it gained ``TTA_MIN_GAIN``. The passes are
+        prediction's (``infer.tta_mirrors``); a model trained without mirroring gets none."""
+        best = self.output_dir / "best.pt"
+        if self.kind != SEGMENT or not self.val_cases or not self.history:
+            return
+        try:
+            axes = tta_axes(self.config, self.plan)
+        except ConfigError:
+            return  # trained without mirroring: TTA is refused, nothing to weigh
+        self.dist.barrier()  # best.pt is rank 0's
+        found = Checkpoint.load(best) if self.dist.is_main else None
+        weights = self.dist.from_main(found.weights if found and found.tta_gain is None else None)
+        if weights is None:
+            return  # weighed already: a finished run resumed
+        model = copy.deepcopy(self.eval_model)
+        model.load_state_dict(weights)
+        model.eval()
+        classes = [c for c in self.labels if c != 0]
+        windows = windows_per_forward(self.config.infer.sw_batch_size, self.device, self.amp_dtype)
+        flips = flip_passes(axes, resolve_mirrors(self.config.infer.tta_mirrors, axes))
+        plain, mirrored = [], []
+        for item in self._val_dataset() or []:
+            ref = np.asarray(item["label"][0]).astype(np.int64)
+            mean = ProbabilityMean()
+            for flip in flips:
+                dims = [a + 1 for a in flip]  # past the channel axis
+                image = torch.flip(torch.as_tensor(item["image"]), dims) if dims else item["image"]
+                probs = sliding_window_probs(
+                    model,
+                    image,
+                    self.plan.window_size,
+                    overlap=self.config.infer.overlap,
+                    sw_batch_size=windows,
+                    amp_dtype=self.amp_dtype,
+                    channels_last=self.channels_last,
+                )
+                probs = torch.flip(probs, dims) if dims else probs
+                if not flip:
+                    plain.append(dice_per_class(probs.argmax(0).numpy(), ref, classes, both_empty=math.nan))
+                mean.add(probs)
+            labels = mean.mean().argmax(0).numpy()
+            mirrored.append(dice_per_class(labels, ref, classes, both_empty=math.nan))
+        plain = [s for rank in self.dist.gather(plain) for s in rank]
+        mirrored = [s for rank in self.dist.gather(mirrored) for s in rank]
+        gain = _mean([_mean([s[c] for s in mirrored]) for c in classes]) - _mean(
+            [_mean([s[c] for s in plain]) for c in classes]
+        )
+        if self.dist.is_main and math.isfinite(gain):
+            found.tta_gain = round(gain, 6)
+            found.save(best)
+            verdict = "on" if gain >= TTA_MIN_GAIN else "off (--tta turns it on)"
+            log.info(
+                "flip TTA (%d passes) changed best.pt's validation Dice by %+.4f: prediction has it %s",
+                len(flips),
+                gain,
+                verdict,
+            )
 
     def _draw_validation(self, item: dict, labels: np.ndarray, ref: np.ndarray, scores: dict) -> None:
         """A picture of one validation case in the preprocessed space (RAS axes at the plan's
