@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 from medseg.config import load_config
 from medseg.errors import CheckpointError, ConfigError, InputError
@@ -62,6 +63,17 @@ def test_the_model_folder_says_what_it_holds(exported):
     assert len(description["exported_from"]["sha256"]) == 64
     assert description["labels"] == {"0": "background", "1": "LV", "2": "myocardium", "3": "RV"}
     assert description["window"] == description["plan"]["patch_size"]
+
+
+def test_the_model_folder_carries_the_checkpoints_tta_decision(learned_run, tmp_path):
+    payload = torch.load(learned_run[1]["best"], weights_only=True)
+    payload["config"]["augment"].update(flip_prob=0.5, flip_axes=[1, 2])  # as if trained mirrored
+    for gain, passes in ((0.0005, 1), (0.01, 4)):  # what training measured TTA to add
+        payload["tta_gain"] = gain
+        torch.save(payload, tmp_path / f"weighed_{passes}.pt")
+        folder = export_model(tmp_path / f"weighed_{passes}.pt", tmp_path / f"model_{passes}").parent
+        assert json.loads((folder / MODEL_FILE).read_text())["tta_gain"] == gain
+        assert Predictor(folder, device="cpu").passes == passes
 
 
 @pytest.mark.parametrize("runtime", RUNTIMES)

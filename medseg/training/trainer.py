@@ -299,6 +299,8 @@ class Trainer:
 
         Writes ``last.pt`` after every epoch, ``best.pt`` whenever validation Dice improves, a row
         of ``metrics.csv`` per epoch and ``curves.png`` at the end (rank 0 only under torchrun).
+        At the end, a model trained with mirroring records in ``best.pt`` what flip TTA adds to
+        its validation Dice (``tta_gain``), which decides whether prediction uses TTA by default.
         """
         train = self.config.train
         self._refuse_earlier_run()
