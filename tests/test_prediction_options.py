@@ -363,3 +363,21 @@ def test_slab_by_slab_labels_equal_the_whole_volume_at_once(monkeypatch):
     np.testing.assert_array_equal(labels, np.argmax(whole, axis=-1).transpose())
     np.testing.assert_allclose(kept, whole.transpose(2, 1, 0, 3), atol=1e-6)  # slab origins round
     np.testing.assert_array_equal(grid.to_input_grid(probs, affine, reference), labels)
+
+
+def test_a_binary_label_map_from_its_one_resampled_class_equals_the_argmax_of_both():
+    image, _ = learned_phantom(2, "oblique")
+    reference = sitk.Image(image)
+    rng = np.random.default_rng(1)
+    probs = torch.from_numpy(rng.dirichlet(np.ones(2), size=(30, 26, 9)).astype(np.float32)).permute(
+        3, 0, 1, 2
+    )
+    affine = ras_affine(reference)
+    affine[:3, :3] *= 2.2
+    whole = sitk.GetArrayFromImage(grid.resample_onto(probs, affine, reference))  # (k, j, i, 2)
+    labels = grid.to_input_grid(probs, affine, reference)  # resamples class 1 alone
+    expected = np.argmax(whole, axis=-1).transpose()
+    near_tie = np.abs(whole[..., 1] - whole[..., 0]).transpose() < 1e-6  # float rounding decides
+    assert 0.3 < labels.mean() < 0.7  # both labels, in the oblique grid's every corner
+    np.testing.assert_array_equal(labels[~near_tie], expected[~near_tie])
+    assert near_tie.mean() < 1e-3

@@ -46,12 +46,18 @@ def to_input_grid(probs: torch.Tensor, affine: np.ndarray, reference: sitk.Image
         the input grid, float32 (i, j[, k], classes): a view of one array filled slab by slab,
         the only full-size float copy made.
     """
-    moving = _network_image(probs, affine)
+    # With one foreground class (the left atrium) and no probabilities asked for, only that
+    # class is resampled: linear resampling keeps the sum at 1, so it wins where it passes 1/2.
+    # This stage took 2.6x longer with both classes (215 against 83 ms for an LA volume, one
+    # thread), a third of a one-pass prediction. With more classes, the background as 1 minus
+    # the rest cost more in numpy than it saved in resampling (407 against 380 ms).
+    binary = probs.shape[0] == 2 and not probabilities
+    moving = _network_image(probs[1] if binary else probs, affine)
     dims = reference.GetDimension()
     size = list(reference.GetSize())
     labels = np.empty(size[::-1], dtype=np.uint8)  # (k, j, i)
     kept = np.empty((*size[::-1], probs.shape[0]), dtype=np.float32) if probabilities else None
-    step = _slab(size[::-1][1:], probs.shape[0])
+    step = _slab(size[::-1][1:], moving.GetNumberOfComponentsPerPixel())
     for start in range(0, size[-1], step):
         count = min(step, size[-1] - start)
         corner = [0] * (dims - 1) + [start]
@@ -67,8 +73,9 @@ def to_input_grid(probs: torch.Tensor, affine: np.ndarray, reference: sitk.Image
             sitk.sitkUnknown,
             True,
         )
-        values = sitk.GetArrayViewFromImage(slab)  # (slices, j, i, classes)
-        labels[start : start + count] = np.argmax(values, axis=-1)
+        values = sitk.GetArrayViewFromImage(slab)  # (slices, j, i, classes); binary: (slices, j, i)
+        # np.argmax's tie goes to the background, and so does binary's strict >
+        labels[start : start + count] = values > 0.5 if binary else np.argmax(values, axis=-1)
         if kept is not None:
             kept[start : start + count] = values
     if kept is None:
