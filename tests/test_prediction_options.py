@@ -347,16 +347,23 @@ def test_maps_may_not_overwrite_another_case(learned_run, tmp_path):
 # -- memory: the label map is made a slab at a time --------------------------------------------
 
 
-def test_slab_by_slab_labels_equal_the_whole_volume_at_once(monkeypatch):
+def _random_probabilities(classes: int, seed: int):
+    """Random class probabilities on a grid 2.2x coarser than an oblique phantom's, from the same
+    corner over the same field of view: (the phantom's grid, probs (C, *spatial), their affine,
+    probs linearly resampled onto the phantom's grid in one go, (k, j, i, C))."""
     image, _ = learned_phantom(2, "oblique")
     reference = sitk.Image(image)
-    rng = np.random.default_rng(0)
-    probs = torch.from_numpy(rng.dirichlet(np.ones(4), size=(30, 26, 9)).astype(np.float32)).permute(
-        3, 0, 1, 2
-    )
+    rng = np.random.default_rng(seed)
+    probs = torch.from_numpy(rng.dirichlet(np.ones(classes), size=(30, 26, 9)).astype(np.float32))
+    probs = probs.permute(3, 0, 1, 2)
     affine = ras_affine(reference)
-    affine[:3, :3] *= 2.2  # a coarser grid from the same corner, over the same field of view
-    whole = sitk.GetArrayFromImage(grid.resample_onto(probs, affine, reference))  # (k, j, i, classes)
+    affine[:3, :3] *= 2.2
+    whole = sitk.GetArrayFromImage(grid.resample_onto(probs, affine, reference))
+    return reference, probs, affine, whole
+
+
+def test_slab_by_slab_labels_equal_the_whole_volume_at_once(monkeypatch):
+    reference, probs, affine, whole = _random_probabilities(4, seed=0)
     monkeypatch.setattr(grid, "SLAB_VOXELS", 64 * 56 * 4)  # a slice per slab
     labels, kept = grid.to_input_grid(probs, affine, reference, probabilities=True)
     assert len(np.unique(labels)) == 4
@@ -366,15 +373,7 @@ def test_slab_by_slab_labels_equal_the_whole_volume_at_once(monkeypatch):
 
 
 def test_a_binary_label_map_from_its_one_resampled_class_equals_the_argmax_of_both():
-    image, _ = learned_phantom(2, "oblique")
-    reference = sitk.Image(image)
-    rng = np.random.default_rng(1)
-    probs = torch.from_numpy(rng.dirichlet(np.ones(2), size=(30, 26, 9)).astype(np.float32)).permute(
-        3, 0, 1, 2
-    )
-    affine = ras_affine(reference)
-    affine[:3, :3] *= 2.2
-    whole = sitk.GetArrayFromImage(grid.resample_onto(probs, affine, reference))  # (k, j, i, 2)
+    reference, probs, affine, whole = _random_probabilities(2, seed=1)
     labels = grid.to_input_grid(probs, affine, reference)  # resamples class 1 alone
     expected = np.argmax(whole, axis=-1).transpose()
     near_tie = np.abs(whole[..., 1] - whole[..., 0]).transpose() < 1e-6  # float rounding decides
