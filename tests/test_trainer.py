@@ -442,3 +442,12 @@ def test_a_run_trained_without_mirroring_records_no_tta_gain(tiny_dataset, tmp_p
     config = load_config(None, [*TINY_OVERRIDES, "data.val_fraction=0.5", "train.val_pictures=0"])
     config.data.root, config.train.output_dir = str(tiny_dataset), str(tmp_path / "run")
     assert Checkpoint.load(Trainer(config).fit()["best"]).tta_gain is None
+
+
+def test_a_run_whose_validation_never_gave_a_dice_still_finishes(tiny_dataset, tmp_path, monkeypatch):
+    mirrored = ["augment.flip_prob=0.5", "augment.flip_axes=[0]"]
+    config = load_config(None, [*TINY_OVERRIDES, *mirrored, "data.val_fraction=0.5", "train.val_pictures=0"])
+    config.data.root, config.train.output_dir = str(tiny_dataset), str(tmp_path / "run")
+    monkeypatch.setattr(Trainer, "validate", lambda self: {"dice_mean": float("nan")})  # no label seen
+    summary = Trainer(config).fit()
+    assert not Path(summary["best"]).exists() and Path(summary["last"]).is_file()  # nothing to weigh

@@ -44,7 +44,7 @@ from medseg.evaluation.pictures import case_figure
 from medseg.files import safe_name
 from medseg.inference.postprocess import keep_largest_component
 from medseg.inference.sliding import sliding_window_probs
-from medseg.inference.tta import TTA_MIN_GAIN, ProbabilityMean, flip_passes, resolve_mirrors, tta_axes
+from medseg.inference.tta import ProbabilityMean, flip_passes, resolve_mirrors, tta_axes, tta_by_default
 from medseg.io import image_from_ras
 from medseg.models.factory import model_for_plan
 from medseg.training.callbacks import Callback, TensorBoardLogger, tensorboard_available
@@ -519,7 +519,8 @@ class Trainer:
         except ConfigError:
             return  # trained without mirroring: TTA is refused, nothing to weigh
         self.dist.barrier()  # best.pt is rank 0's
-        found = Checkpoint.load(best) if self.dist.is_main else None
+        # no best.pt when no validation ever gave a Dice (labels absent from every case)
+        found = Checkpoint.load(best) if self.dist.is_main and best.is_file() else None
         weights = self.dist.from_main(found.weights if found and found.tta_gain is None else None)
         if weights is None:
             return  # weighed already: a finished run resumed
@@ -559,7 +560,7 @@ class Trainer:
         if self.dist.is_main and math.isfinite(gain):
             found.tta_gain = round(gain, 6)
             found.save(best)
-            verdict = "on" if gain >= TTA_MIN_GAIN else "off (--tta turns it on)"
+            verdict = "on" if tta_by_default(self.config, gain) else "off (--tta turns it on)"
             log.info(
                 "flip TTA (%d passes) changed best.pt's validation Dice by %+.4f: prediction has it %s",
                 len(flips),
