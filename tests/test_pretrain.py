@@ -15,6 +15,7 @@ from medseg.data.datasets import find_cases
 from medseg.errors import CheckpointError, ConfigError
 from medseg.models import build_model
 from medseg.models.factory import model_from_config
+from medseg.models.slicewise import SliceWise
 from medseg.training.pretrain import (
     Pretrainer,
     denoising_loss,
@@ -123,6 +124,21 @@ def test_transfer_loads_matching_weights_and_skips_the_head(tmp_path):
     other = build_model("residual_unet", 3, 1, 4, channels=(32, 64))
     with pytest.raises(CheckpointError, match="holds no weights that fit this network"):
         load_matching(other, path)
+
+
+def test_a_2d_network_on_slices_takes_its_pretrained_encoder(tmp_path):
+    # ACDC's thick slices plan a 2D U-Net on slices: pretrained the same way, its encoder moves
+    torch.manual_seed(0)
+    pretrained = SliceWise(build_model("unet", 2, 1, 1, channels=(8, 16), time_conditioning=True), axis=2)
+    path = _checkpoint(tmp_path, pretrained)
+    segmenter = SliceWise(build_model("unet", 2, 1, 4, channels=(8, 16), time_conditioning=True), axis=2)
+    part = load_matching(segmenter, path, "encoder")
+    state, source = segmenter.state_dict(), pretrained.state_dict()
+    assert any(k.startswith("net.encoders.") for k in part.loaded)
+    assert not any(k.startswith(("net.decoders.", "net.head.")) for k in part.loaded)
+    assert part.skipped["net.head.weight"] == "output head"
+    for key in part.loaded:
+        assert torch.equal(state[key], source[key]), key
 
 
 def test_a_fixed_noise_level_is_where_segmentation_runs(tiny_dataset, tmp_path):

@@ -13,6 +13,7 @@ from torch import nn
 from medseg.checkpoint import Checkpoint
 from medseg.config import Config
 from medseg.errors import CheckpointError, ConfigError
+from medseg.models.slicewise import SliceWise
 
 __all__ = ["PARTS", "Transfer", "network_of", "load_matching"]
 
@@ -85,8 +86,9 @@ def load_matching(model: nn.Module, path: str | Path, parts: str = "encoder") ->
     source = Checkpoint.load(path).weights
     own = model.state_dict()
     result = Transfer()
+    wrapped = isinstance(model, SliceWise)  # a 2D network on slices: its U-Net's names follow "net."
     for name, tensor in own.items():
-        top = name.split(".")[0]
+        top = name.split(".")[1 if wrapped else 0]
         if top in _HEADS:
             result.skipped[name] = "output head"
         elif top not in PARTS[parts]:
