@@ -50,35 +50,28 @@ def _run(args):
     return subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=REPO, env=_env())
 
 
-def whole_and_resumed(data: Path, tmp_path: Path, settings: list[str]) -> tuple[dict, dict]:
-    """The ``last.pt`` of a run with ``settings`` that never stopped, and of the same run killed
-    with SIGKILL after step 5 (``KILLED_RUN``) and resumed with ``medseg train --resume``."""
+def whole_and_resumed(
+    data: Path, tmp_path: Path, settings: list[str], killed_at_epoch: int | None = None
+) -> tuple[dict, dict]:
+    """The ``last.pt`` of a run with ``settings`` that never stopped (in ``tmp_path/whole``), and
+    of the same run killed with SIGKILL after step 5 (``KILLED_RUN``; checked to have saved
+    ``killed_at_epoch`` when given) and resumed with ``medseg train --resume`` (``tmp_path/killed``)."""
     config = load_config(None, settings)
     config.data.root, config.train.output_dir = str(data), str(tmp_path / "whole")
     Trainer(config).fit()
     run = tmp_path / "killed"
     killed = _run([sys.executable, "-c", KILLED_RUN, str(data), str(run), *settings])
     assert killed.returncode == -9, killed.stderr
+    if killed_at_epoch is not None:
+        assert torch.load(run / "last.pt", weights_only=True)["epoch"] == killed_at_epoch
     resumed = _run([sys.executable, "-m", "medseg", "train", "--resume", str(run)])
     assert resumed.returncode == 0, resumed.stderr
     return tuple(torch.load(folder / "last.pt", weights_only=True) for folder in (tmp_path / "whole", run))
 
 
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_dataset, tmp_path):
-    config = load_config(None, SETTINGS)
-    config.data.root, config.train.output_dir = str(tiny_dataset), str(tmp_path / "whole")
-    Trainer(config).fit()
-
+    whole, again = whole_and_resumed(tiny_dataset, tmp_path, SETTINGS, killed_at_epoch=2)
     run = tmp_path / "killed"
-    killed = _run([sys.executable, "-c", KILLED_RUN, str(tiny_dataset), str(run), *SETTINGS])
-    assert killed.returncode == -9, killed.stderr
-    assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 2
-
-    resumed = _run([sys.executable, "-m", "medseg", "train", "--resume", str(run)])
-    assert resumed.returncode == 0, resumed.stderr
-
-    whole = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)
-    again = torch.load(run / "last.pt", weights_only=True)
     assert again["step"] == whole["step"] == 8
     for key in ("model", "train_model"):  # the moving average and the raw weights
         for name, tensor in whole[key].items():
