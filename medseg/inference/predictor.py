@@ -34,11 +34,11 @@ from medseg.inference.grid import onto_network_grid, resample_onto, to_input_gri
 from medseg.inference.model_folder import is_exported, load_exported
 from medseg.inference.postprocess import keep_largest_component, keep_largest_labels
 from medseg.inference.runtime import is_runtime_network, runtime_of
-from medseg.inference.sliding import sliding_window_probs
 from medseg.inference.tta import (
     TTA_MIN_GAIN,
     ProbabilityMean,
     flip_passes,
+    mirrored_pass,
     resolve_mirrors,
     tta_axes,
     tta_by_default,
@@ -366,17 +366,16 @@ class Predictor:
         first = case.tensors[0]
         for member, tensor in zip(self.members, case.tensors):
             for axes in self.flips:
-                dims = [a + 1 for a in axes]  # past the channel axis
-                probs = sliding_window_probs(
+                probs = mirrored_pass(
                     member.model,
-                    torch.flip(tensor, dims) if dims else tensor,
+                    tensor,
+                    axes,
                     member.plan.window_size,
                     overlap=self.config.infer.overlap,
                     sw_batch_size=self.sw_batch_size,
                     amp_dtype=self.amp_dtype,
                     channels_last=member.channels_last,
                 )
-                probs = torch.flip(probs, dims) if dims else probs
                 if tensor is not first:
                     probs = onto_network_grid(probs, _affine(tensor), _affine(first), first.shape[1:])
                 mean.add(probs)

@@ -20,11 +20,13 @@ from medseg.config import Config
 from medseg.data.plan import Plan
 from medseg.data.transforms import mirrored_axes
 from medseg.errors import ConfigError
+from medseg.inference.sliding import sliding_window_probs
 
 __all__ = [
     "MIRRORS",
     "TTA_MIN_GAIN",
     "flip_passes",
+    "mirrored_pass",
     "resolve_mirrors",
     "tta_axes",
     "tta_by_default",
@@ -79,6 +81,16 @@ def flip_passes(axes: list[int], mirrors: str = "all") -> list[tuple[int, ...]]:
     axes = sorted(set(axes))
     most = len(axes) if mirrors == "all" else min(1, len(axes))
     return [combo for count in range(most + 1) for combo in itertools.combinations(axes, count)]
+
+
+def mirrored_pass(model, image: torch.Tensor, flip: tuple[int, ...], window, **options) -> torch.Tensor:
+    """One TTA pass: the class probabilities (C, *spatial) of ``image`` (channels first) mirrored
+    along the spatial axes ``flip``, mirrored back. ``options`` go to ``sliding_window_probs``."""
+    dims = [a + 1 for a in flip]  # past the channel axis
+    probs = sliding_window_probs(
+        model, torch.flip(torch.as_tensor(image), dims) if dims else image, window, **options
+    )
+    return torch.flip(probs, dims) if dims else probs
 
 
 def resolve_mirrors(mirrors: str, axes: list[int]) -> str:

@@ -44,7 +44,14 @@ from medseg.evaluation.pictures import case_figure
 from medseg.files import safe_name
 from medseg.inference.postprocess import keep_largest_component
 from medseg.inference.sliding import sliding_window_probs
-from medseg.inference.tta import ProbabilityMean, flip_passes, resolve_mirrors, tta_axes, tta_by_default
+from medseg.inference.tta import (
+    ProbabilityMean,
+    flip_passes,
+    mirrored_pass,
+    resolve_mirrors,
+    tta_axes,
+    tta_by_default,
+)
 from medseg.io import image_from_ras
 from medseg.models.factory import model_for_plan
 from medseg.training.callbacks import Callback, TensorBoardLogger, tensorboard_available
@@ -535,18 +542,16 @@ class Trainer:
             ref = np.asarray(item["label"][0]).astype(np.int64)
             mean = ProbabilityMean()
             for flip in flips:
-                dims = [a + 1 for a in flip]  # past the channel axis
-                image = torch.flip(torch.as_tensor(item["image"]), dims) if dims else item["image"]
-                probs = sliding_window_probs(
+                probs = mirrored_pass(
                     model,
-                    image,
+                    item["image"],
+                    flip,
                     self.plan.window_size,
                     overlap=self.config.infer.overlap,
                     sw_batch_size=windows,
                     amp_dtype=self.amp_dtype,
                     channels_last=self.channels_last,
                 )
-                probs = torch.flip(probs, dims) if dims else probs
                 if not flip:
                     plain.append(dice_per_class(probs.argmax(0).numpy(), ref, classes, both_empty=math.nan))
                 mean.add(probs)
