@@ -127,6 +127,21 @@ class AugmentConfig:
     contrast_prob: float = 0.0
     lowres_prob: float = 0.0
 
+    def mirrored_axes(self, spatial_dims: int) -> list[int]:
+        """The axes training mirrors: ``flip_axes`` (null: all), none when ``flip_prob`` is 0.
+
+        Raises:
+            ConfigError: ``flip_axes`` names an axis the image lacks.
+        """
+        if self.flip_prob <= 0:
+            return []
+        axes = list(range(spatial_dims)) if self.flip_axes is None else sorted(set(self.flip_axes))
+        if any(not 0 <= a < spatial_dims for a in axes):
+            raise ConfigError(
+                "augment.flip_axes", f"{self.flip_axes} is not a list of axes 0..{spatial_dims - 1}"
+            )
+        return axes
+
 
 @dataclass
 class ModelConfig:

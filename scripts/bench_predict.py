@@ -267,7 +267,7 @@ def _stage_costs(model: str, folder: Path, cases: int, threads: int) -> None:
 
     from medseg.inference.grid import to_input_grid
     from medseg.inference.postprocess import keep_largest_component
-    from medseg.inference.predictor import Predictor, _affine
+    from medseg.inference.predictor import Predictor
     from medseg.io import check_voxel_values, read_channels, write_volume
 
     imported = time.perf_counter() - start
@@ -294,7 +294,7 @@ def _stage_costs(model: str, folder: Path, cases: int, threads: int) -> None:
         with clock("network, every pass"):
             probs = predictor.network_probabilities(case)
         with clock("back to the input grid"):
-            labels = to_input_grid(probs, _affine(case.tensor), case.reference)
+            labels = to_input_grid(probs, case.affine, case.reference)
         with clock("keep-largest"):
             keep_largest_component(labels, predictor.keep_largest)
         with clock("write the mask"):

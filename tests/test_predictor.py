@@ -8,12 +8,12 @@ import torch
 
 from medseg.data.phantom import make_phantom
 from medseg.data.plan import Plan
-from medseg.data.transforms import infer_transforms
 from medseg.errors import CheckpointError, ConfigError, InputError
 from medseg.evaluation.metrics import dice
 from medseg.inference.batch import predict_many
 from medseg.inference.grid import to_input_grid
 from medseg.inference.predictor import Predictor
+from medseg.inference.preprocess import network_input
 from medseg.io import image_from_ras, read_volume, to_array
 from tests.conftest import learned_phantom, mean_dice, write_dicom_series
 
@@ -49,22 +49,20 @@ def test_results_map_back_to_the_right_voxels(tmp_path, orientation):
     """One-hot probabilities of the true label, made on the network's grid (RAS, other spacing),
     must land back on the true label on the input grid. A flipped grid must not."""
     image, label = make_phantom(4, shape=(72, 72, 18), spacing=(2.4, 2.4, 6.0), orientation=orientation)
-    sitk.WriteImage(image, str(tmp_path / "image.nii.gz"))
     # The network grid as prediction makes it; the true label put on it by SimpleITK (nearest).
     plan = Plan(spacing=[2.0, 2.0, 5.0], patch_size=[32, 32, 8], strides=[[2, 2, 1]])
-    network = infer_transforms(plan)({"image": str(tmp_path / "image.nii.gz")})["image"]
-    grid = image_from_ras(np.zeros(network.shape[1:], np.uint8), network.affine.numpy())
+    network, affine = network_input([image], plan)
+    grid = image_from_ras(np.zeros(network.shape[1:], np.uint8), affine)
     on_grid = sitk.Resample(label, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
     resampled = torch.as_tensor(to_array(on_grid).astype(np.int64))[None]
-    resampled.affine = network.affine
     assert resampled.shape[1:] != label.GetSize()  # the grids really differ
     probs = torch.nn.functional.one_hot(resampled[0].long(), 4).permute(3, 0, 1, 2).float()
     truth = to_array(label)
 
-    back = to_input_grid(probs, resampled.affine.numpy(), label)
+    back = to_input_grid(probs, affine, label)
     for c in (1, 2, 3):
         assert dice(back == c, truth == c) > 0.85, f"class {c}"
-    flipped = to_input_grid(probs.flip(1), resampled.affine.numpy(), label)
+    flipped = to_input_grid(probs.flip(1), affine, label)
     assert dice(flipped == 1, truth == 1) < 0.5
 
 

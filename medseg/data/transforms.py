@@ -17,7 +17,7 @@ from monai.data import MetaTensor
 from medseg.config import AugmentConfig, Config
 from medseg.data.augment import crop_margin, crop_size, intensity_steps, spatial_steps
 from medseg.data.plan import Plan
-from medseg.errors import ConfigError, InputError
+from medseg.errors import InputError
 from medseg.io import check_voxel_values, grid_mismatch, ras_affine, read_channels, read_volume
 
 __all__ = [
@@ -25,9 +25,7 @@ __all__ = [
     "body_mask",
     "train_transforms",
     "eval_transforms",
-    "infer_transforms",
     "pretrain_transforms",
-    "mirrored_axes",
 ]
 
 log = logging.getLogger(__name__)
@@ -139,23 +137,6 @@ def eval_transforms(plan: Plan) -> mt.Compose:
     return mt.Compose(_preprocess(plan, keys) + [_crop_to_body(keys), mt.EnsureTyped(keys, track_meta=False)])
 
 
-def infer_transforms(plan: Plan) -> mt.Compose:
-    """Inference: preprocess the image only; the predictor maps results back to the input grid."""
-    return mt.Compose(_preprocess(plan, ["image"]))
-
-
-def mirrored_axes(augment: AugmentConfig, spatial_dims: int) -> list[int]:
-    """The axes training mirrors: ``augment.flip_axes`` (null: all), none when ``flip_prob`` is 0."""
-    if augment.flip_prob <= 0:
-        return []
-    axes = list(range(spatial_dims)) if augment.flip_axes is None else sorted(set(augment.flip_axes))
-    if any(not 0 <= a < spatial_dims for a in axes):
-        raise ConfigError(
-            "augment.flip_axes", f"{augment.flip_axes} is not a list of axes 0..{spatial_dims - 1}"
-        )
-    return axes
-
-
 INDICES = "label_cls_indices"  # where ClassesToIndicesd keeps each class's voxel indices
 MAX_INDICES = 1_000_000  # per class: enough centres to draw from, without 8 bytes per voxel of a CT
 
@@ -204,9 +185,9 @@ def train_transforms(config: Config, plan: Plan, num_classes: int) -> mt.Compose
 
 
 def flipped_axes(augment: AugmentConfig, plan: Plan) -> list[int]:
-    """The axes training mirrors patches along: ``mirrored_axes``, less the slice axis of a
+    """The axes training mirrors patches along: ``AugmentConfig.mirrored_axes``, less the slice axis of a
     2D plan (a one-slice patch mirrored along it is the same patch)."""
-    axes = mirrored_axes(augment, plan.spatial_dims)
+    axes = augment.mirrored_axes(plan.spatial_dims)
     return [a for a in axes if a != plan.slice_axis]
 
 
@@ -227,7 +208,7 @@ def pretrain_transforms(config: Config, plan: Plan) -> mt.Compose:
             ),
             *[
                 mt.RandFlipd("image", prob=aug.flip_prob, spatial_axis=a)
-                for a in mirrored_axes(aug, plan.spatial_dims)
+                for a in aug.mirrored_axes(plan.spatial_dims)
             ],
             mt.RandScaleIntensityd("image", factors=0.15, prob=aug.intensity_prob),
             mt.RandShiftIntensityd("image", offsets=0.15, prob=aug.intensity_prob),

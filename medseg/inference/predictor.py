@@ -18,7 +18,6 @@ from torch import nn
 from medseg.checkpoint import Checkpoint, checkpoint_files, file_sha256, weights_sha256
 from medseg.config import Config
 from medseg.data.plan import Plan
-from medseg.data.transforms import infer_transforms
 from medseg.device import (
     autocast_dtype,
     channels_last_format,
@@ -33,6 +32,7 @@ from medseg.inference.cases import ChannelFiles
 from medseg.inference.grid import onto_network_grid, resample_onto, to_input_grid
 from medseg.inference.model_folder import is_exported, load_exported
 from medseg.inference.postprocess import keep_largest_component, keep_largest_labels
+from medseg.inference.preprocess import network_input
 from medseg.inference.runtime import is_runtime_network, runtime_of
 from medseg.inference.tta import (
     TTA_MIN_GAIN,
@@ -59,12 +59,14 @@ class LoadedCase:
         channels: the input as read (one image per channel, on one grid), NaNs replaced.
         tensors: the networks' inputs (channels first, on each network's grid): one per member
             of the predictor, shared by members with the same plan.
+        affines: each tensor's grid (RAS affine).
         source: what was read (for messages): a path, a DICOM series, or None for images.
         warnings: odd things about the input that did not stop it (constant, partly NaN).
     """
 
     channels: list[sitk.Image]
     tensors: list[torch.Tensor]
+    affines: list[np.ndarray]
     source: object = None
     warnings: list[str] = field(default_factory=list)
 
@@ -77,6 +79,11 @@ class LoadedCase:
     def tensor(self) -> torch.Tensor:
         """The first network's input."""
         return self.tensors[0]
+
+    @property
+    def affine(self) -> np.ndarray:
+        """The first network's grid."""
+        return self.affines[0]
 
 
 @dataclass
@@ -249,10 +256,6 @@ class Predictor:
             if member.channels_last:
                 member.model = member.model.to(memory_format=channels_last_format(member.plan.network_dims))
         self.model = members[0].model
-        # One preprocessing per distinct plan: the members of a cross-validation share one.
-        self._transforms = {}
-        for member in members:
-            self._transforms.setdefault(_plan_key(member.plan), infer_transforms(member.plan))
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # every window has one size: tune its kernels once
         self.sw_batch_size = windows_per_forward(config.infer.sw_batch_size, self.device, self.amp_dtype)
@@ -349,11 +352,14 @@ class Predictor:
             image, warning = check_voxel_values(channel, where)
             checked.append(image)
             warnings += [warning] if warning else []
-        prepared = {
-            key: transform({"image": checked})["image"] for key, transform in self._transforms.items()
-        }
-        tensors = [prepared[_plan_key(m.plan)] for m in self.members]
-        return LoadedCase(checked, tensors, source, warnings)
+        # One preprocessing per distinct plan: the members of a cross-validation share one.
+        prepared = {}
+        for member in self.members:
+            key = _plan_key(member.plan)
+            if key not in prepared:
+                prepared[key] = network_input(checked, member.plan)
+        tensors, affines = zip(*(prepared[_plan_key(m.plan)] for m in self.members))
+        return LoadedCase(checked, list(tensors), list(affines), source, warnings)
 
     @torch.inference_mode()
     def network_probabilities(self, case: LoadedCase, uncertainty: bool = False):
@@ -364,7 +370,7 @@ class Predictor:
             self.check_uncertainty()
         mean = ProbabilityMean(disagreement=uncertainty)
         first = case.tensors[0]
-        for member, tensor in zip(self.members, case.tensors):
+        for member, tensor, affine in zip(self.members, case.tensors, case.affines):
             for axes in self.flips:
                 probs = mirrored_pass(
                     member.model,
@@ -377,7 +383,7 @@ class Predictor:
                     channels_last=member.channels_last,
                 )
                 if tensor is not first:
-                    probs = onto_network_grid(probs, _affine(tensor), _affine(first), first.shape[1:])
+                    probs = onto_network_grid(probs, affine, case.affine, first.shape[1:])
                 mean.add(probs)
         probs = mean.mean()
         return (probs, mean.disagreement(probs)) if uncertainty else probs
@@ -389,7 +395,7 @@ class Predictor:
         ``probabilities`` and ``uncertainty``, also those maps there (see ``Segmentation``)."""
         found = self.network_probabilities(case, uncertainty)
         probs, disagreement = found if uncertainty else (found, None)
-        affine = _affine(case.tensor)
+        affine = case.affine
         if probabilities:
             labels, kept = to_input_grid(probs, affine, case.reference, probabilities=True)
         else:
@@ -436,10 +442,6 @@ class Predictor:
         ``output`` on the (first) input's grid."""
         case = self.load(source)
         return self.write(self.segment(case).labels, case, output, overwrite)
-
-
-def _affine(tensor: torch.Tensor) -> np.ndarray:
-    return tensor.affine.numpy()
 
 
 def _plan_key(plan: Plan) -> str:

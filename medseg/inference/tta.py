@@ -18,7 +18,6 @@ import torch
 
 from medseg.config import Config
 from medseg.data.plan import Plan
-from medseg.data.transforms import mirrored_axes
 from medseg.errors import ConfigError
 from medseg.inference.sliding import sliding_window_probs
 
@@ -56,7 +55,7 @@ def tta_axes(config: Config, plan: Plan) -> list[int]:
         if any(not 0 <= a < spatial_dims for a in axes):
             raise ConfigError("infer.tta_axes", f"{axes} is not a list of axes 0..{spatial_dims - 1}")
         return axes
-    axes = [a for a in mirrored_axes(config.augment, spatial_dims) if a != plan.slice_axis]
+    axes = [a for a in config.augment.mirrored_axes(spatial_dims) if a != plan.slice_axis]
     if not axes:
         raise ConfigError(
             "tta",
