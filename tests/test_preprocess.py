@@ -61,6 +61,7 @@ def _assert_same(channels: list[sitk.Image], plan: Plan) -> None:
     [
         ((1.0, 1.0, 1.0), (1.0, 1.0, 1.0)),  # no resampling
         ((0.7, 0.9, 2.5), (1.25, 1.25, 1.25)),
+        ((0.5, 1.0, 2.0), (1.0, 0.5, 2.0)),  # every other voxel taken (no blend), one between each
         # 30 voxels of 0.6 mm are 22.5 of 0.8: a rounding tie that must fall as MONAI's does
         ((1.5, 0.6, 3.3), (0.8, 1.1, 2.0)),
     ],

@@ -64,9 +64,12 @@ def _resample(values: torch.Tensor, affine: np.ndarray, spacing) -> tuple[torch.
             continue
         where = (torch.arange(out_size, dtype=torch.float64) * step).clamp_(0, size - 1)
         low = where.floor().long()
+        below = values.index_select(axis + 1, low)
+        if torch.equal(where, low.double()):  # whole voxels (a spacing halved or doubled): no blend
+            values = below
+            continue
         high = (low + 1).clamp_(max=size - 1)
         weight = (where - low).float().reshape([-1 if d == axis + 1 else 1 for d in range(values.ndim)])
-        below = values.index_select(axis + 1, low)
         values = below.add_(values.index_select(axis + 1, high).sub_(below).mul_(weight))
     return values, out_affine
 
