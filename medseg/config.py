@@ -248,6 +248,11 @@ class TrainConfig:
             learns from them as from labelled cases, instead of by consistency; null: off.
         unlabeled_weight: the consistency loss's full weight (it ramps up over the first 40 %).
         teacher_decay: the teacher's moving-average decay.
+        unlabeled_loss: how the student learns from the teacher on unlabelled patches: ``mse``,
+            the mean squared difference of their softmaxes (mean teacher, UA-MT), or
+            ``confident``, cross-entropy towards the teacher's class wherever the teacher gives
+            it at least ``confidence`` (pseudo-labels, as FixMatch and UniMatch threshold them).
+        confidence: ``confident``'s threshold on the teacher's probability.
     """
 
     output_dir: str = "runs/heart"
@@ -280,6 +285,8 @@ class TrainConfig:
     pseudo_labels: str | None = None
     unlabeled_weight: float = 1.0
     teacher_decay: float = 0.99
+    unlabeled_loss: str = "mse"
+    confidence: float = 0.95
 
     @property
     def epoch_limit(self) -> float:

@@ -5,7 +5,11 @@ A teacher network is the exponential moving average of the student's weights. Ea
 student also sees a batch of unlabelled patches, and is pulled towards the teacher's class
 probabilities on the same patches with a little noise added: the mean squared difference of
 the two softmaxes. Its weight ramps up (``exp(-5 (1 - r)^2)``, r from 0 to 1 over the first
-``RAMP_UP`` of the run), since an untrained teacher has nothing to teach.
+``RAMP_UP`` of the run), since an untrained teacher has nothing to teach. With
+``train.unlabeled_loss: confident`` the pull is cross-entropy towards the teacher's class
+instead, on the voxels where the teacher gives it at least ``train.confidence`` (confident
+pseudo-labels, as FixMatch and UniMatch use): a hard target, larger than the softmaxes' squared
+difference, and silent where the teacher is unsure.
 
 The teacher is not what training saves or validates (that stays the student, or its own
 ``train.ema_decay`` average); it lives in the checkpoint's training state, so a resumed run
@@ -17,21 +21,35 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from medseg.errors import ConfigError
 from medseg.training.optim import make_ema
 
-__all__ = ["MeanTeacher", "consistency_weight", "RAMP_UP", "TEACHER_NOISE"]
+__all__ = ["MeanTeacher", "consistency_weight", "RAMP_UP", "TEACHER_NOISE", "UNLABELED_LOSSES", "unlabeled_loss"]
 
 RAMP_UP = 0.4  # share of the run over which the consistency weight rises to its full value
 TEACHER_NOISE = (0.1, 0.2)  # the teacher's input noise: Gaussian std, clipped at +- this (UA-MT's)
+UNLABELED_LOSSES = ("mse", "confident")
 
 
 def consistency_weight(progress: float, weight: float) -> float:
     """The weight of the consistency loss at ``progress`` (0..1) of the run."""
     r = min(1.0, max(0.0, progress) / RAMP_UP)
     return weight * math.exp(-5.0 * (1.0 - r) ** 2)
+
+
+def unlabeled_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, kind: str, confidence: float):
+    """The student's loss against the teacher's probabilities (N, C, *spatial): ``mse``, their
+    softmaxes' mean squared difference; ``confident``, the cross-entropy towards the teacher's
+    class on the voxels where its probability is at least ``confidence``, averaged over every
+    voxel (so an unsure teacher weighs less, as in FixMatch)."""
+    if kind == "confident":
+        sure, label = teacher_probs.max(1)
+        ce = F.cross_entropy(student_logits.float(), label, reduction="none")
+        return (ce * (sure >= confidence)).mean()
+    return ((student_logits.float().softmax(1) - teacher_probs) ** 2).mean()
 
 
 class MeanTeacher:
@@ -42,21 +60,34 @@ class MeanTeacher:
         decay: the teacher's decay (0.99: it follows the last hundred or so steps); it warms up
             as ``train.ema_decay`` does, so the teacher tracks the student's first steps.
         weight: the consistency loss's full weight.
+        kind: ``mse`` (softmaxes' squared difference) or ``confident`` (cross-entropy towards
+            the teacher's class where its probability reaches ``confidence``).
+        confidence: ``confident``'s threshold, in (0, 1].
     """
 
-    def __init__(self, model: nn.Module, decay: float, weight: float):
+    def __init__(self, model: nn.Module, decay: float, weight: float, kind: str = "mse", confidence: float = 0.95):
         if weight < 0:
             raise ConfigError("train.unlabeled_weight", f"must be 0 or more, not {weight}")
+        if kind not in UNLABELED_LOSSES:
+            raise ConfigError("train.unlabeled_loss", f"must be {' or '.join(UNLABELED_LOSSES)}, not {kind!r}")
+        if not 0 < confidence <= 1:
+            raise ConfigError("train.confidence", f"must be in (0, 1], not {confidence}")
         self.teacher = make_ema(model, decay)
-        self.weight = weight
+        self.weight, self.kind, self.confidence = weight, kind, confidence
         self.teacher.module.eval()  # its batch norm uses the averaged statistics
+
+    @classmethod
+    def from_config(cls, model: nn.Module, train) -> MeanTeacher:
+        """The teacher ``train`` (a ``TrainConfig``) asks for."""
+        return cls(model, train.teacher_decay, train.unlabeled_weight, train.unlabeled_loss, train.confidence)
 
     def update(self, model: nn.Module) -> None:
         self.teacher.update_parameters(model)
 
     def loss(self, student_logits: torch.Tensor, images: torch.Tensor, autocast, seed: int) -> torch.Tensor:
-        """Mean squared difference between the student's softmax on ``images`` and the teacher's
-        on ``images`` plus clipped noise. The noise comes from its own generator seeded with
+        """How far the student's logits on ``images`` are from the teacher's answer on ``images``
+        plus clipped noise: their softmaxes' mean squared difference, or (``confident``) the
+        cross-entropy towards the teacher's class on its confident voxels, averaged over all. The noise comes from its own generator seeded with
         ``seed`` (the run's seed and step), so a resumed run draws the same noise whatever
         else used the global generator meanwhile (a data loader's start does)."""
         std, clip = TEACHER_NOISE
@@ -67,7 +98,7 @@ class MeanTeacher:
             target = self.teacher.module(noisy)
         if isinstance(target, list):  # deep supervision: the full-resolution output
             target = target[0]
-        return ((student_logits.float().softmax(1) - target.float().softmax(1)) ** 2).mean()
+        return unlabeled_loss(student_logits, target.float().softmax(1), self.kind, self.confidence)
 
     def state_dict(self) -> dict:
         return {

@@ -147,7 +147,7 @@ class Trainer:
         self.labeller = self._labeller() if train.pseudo_labels else None
         self.pseudo_cases: list[dict] = []
         self.teacher = (
-            MeanTeacher(self.model, train.teacher_decay, train.unlabeled_weight)
+            MeanTeacher.from_config(self.model, train)
             if self.unlabeled_cases and not self.labeller
             else None
         )
@@ -204,7 +204,7 @@ class Trainer:
         transfer = load_matching(self.model, train.init, train.init_parts)
         self.ema = make_ema(self.model, train.ema_decay)  # the average starts from the loaded weights
         if self.teacher is not None:  # and so does the teacher
-            self.teacher = MeanTeacher(self.model, train.teacher_decay, train.unlabeled_weight)
+            self.teacher = MeanTeacher.from_config(self.model, train)
         if self.dist.is_main:
             log.info("started from %s: %s", train.init, transfer.summary())
 
