@@ -20,7 +20,13 @@ def _no_labelled_loss(logits, label):
 
 
 def _weights_after_two_steps(data, out, unlabeled, extra=()) -> tuple[dict, dict]:
-    overrides = [*TINY_OVERRIDES, "train.weight_decay=0", "data.val_fraction=0", "train.tensorboard=false", *extra]
+    overrides = [
+        *TINY_OVERRIDES,
+        "train.weight_decay=0",
+        "data.val_fraction=0",
+        "train.tensorboard=false",
+        *extra,
+    ]
     if unlabeled:
         overrides.append(f"train.unlabeled={unlabeled}")
     config = load_config(None, overrides)
@@ -49,7 +55,9 @@ def test_confident_pseudo_labels_move_the_weights_only_where_the_teacher_is_sure
     assert sum(not torch.equal(before[k], after[k]) for k in before) > len(before) // 2
     # An untrained teacher is never 100 % sure: nothing is learnt from it.
     never = ["train.unlabeled_loss=confident", "train.confidence=1"]
-    before, after = _weights_after_two_steps(tiny_dataset, tmp_path / "never", tiny_dataset / "imagesTs", never)
+    before, after = _weights_after_two_steps(
+        tiny_dataset, tmp_path / "never", tiny_dataset / "imagesTs", never
+    )
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
@@ -57,8 +65,12 @@ def test_the_confident_loss_is_cross_entropy_on_the_sure_voxels_over_all():
     student = torch.log(torch.tensor([[0.5, 0.5], [0.2, 0.8], [0.9, 0.1], [0.6, 0.4]])).T[None]  # (1, C, 4)
     teacher = torch.tensor([[0.97, 0.03], [0.10, 0.90], [0.02, 0.98], [0.50, 0.50]]).T[None]
     # sure at 0.9: voxels 0 (class 0), 1 (class 1) and 2 (class 1); voxel 3 is not
-    expected = -(torch.log(torch.tensor(0.5)) + torch.log(torch.tensor(0.8)) + torch.log(torch.tensor(0.1))) / 4
-    assert unlabeled_loss(student, teacher, "confident", 0.9).item() == pytest.approx(expected.item(), rel=1e-5)
+    expected = (
+        -(torch.log(torch.tensor(0.5)) + torch.log(torch.tensor(0.8)) + torch.log(torch.tensor(0.1))) / 4
+    )
+    assert unlabeled_loss(student, teacher, "confident", 0.9).item() == pytest.approx(
+        expected.item(), rel=1e-5
+    )
     assert unlabeled_loss(student, teacher, "confident", 0.99).item() == 0.0
     mse = ((student.softmax(1) - teacher) ** 2).mean()
     assert unlabeled_loss(student, teacher, "mse", 0.9).item() == pytest.approx(mse.item())

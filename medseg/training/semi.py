@@ -27,7 +27,14 @@ from torch import nn
 from medseg.errors import ConfigError
 from medseg.training.optim import make_ema
 
-__all__ = ["MeanTeacher", "consistency_weight", "RAMP_UP", "TEACHER_NOISE", "UNLABELED_LOSSES", "unlabeled_loss"]
+__all__ = [
+    "MeanTeacher",
+    "consistency_weight",
+    "RAMP_UP",
+    "TEACHER_NOISE",
+    "UNLABELED_LOSSES",
+    "unlabeled_loss",
+]
 
 RAMP_UP = 0.4  # share of the run over which the consistency weight rises to its full value
 TEACHER_NOISE = (0.1, 0.2)  # the teacher's input noise: Gaussian std, clipped at +- this (UA-MT's)
@@ -65,11 +72,15 @@ class MeanTeacher:
         confidence: ``confident``'s threshold, in (0, 1].
     """
 
-    def __init__(self, model: nn.Module, decay: float, weight: float, kind: str = "mse", confidence: float = 0.95):
+    def __init__(
+        self, model: nn.Module, decay: float, weight: float, kind: str = "mse", confidence: float = 0.95
+    ):
         if weight < 0:
             raise ConfigError("train.unlabeled_weight", f"must be 0 or more, not {weight}")
         if kind not in UNLABELED_LOSSES:
-            raise ConfigError("train.unlabeled_loss", f"must be {' or '.join(UNLABELED_LOSSES)}, not {kind!r}")
+            raise ConfigError(
+                "train.unlabeled_loss", f"must be {' or '.join(UNLABELED_LOSSES)}, not {kind!r}"
+            )
         if not 0 < confidence <= 1:
             raise ConfigError("train.confidence", f"must be in (0, 1], not {confidence}")
         self.teacher = make_ema(model, decay)
@@ -87,9 +98,10 @@ class MeanTeacher:
     def loss(self, student_logits: torch.Tensor, images: torch.Tensor, autocast, seed: int) -> torch.Tensor:
         """How far the student's logits on ``images`` are from the teacher's answer on ``images``
         plus clipped noise: their softmaxes' mean squared difference, or (``confident``) the
-        cross-entropy towards the teacher's class on its confident voxels, averaged over all. The noise comes from its own generator seeded with
-        ``seed`` (the run's seed and step), so a resumed run draws the same noise whatever
-        else used the global generator meanwhile (a data loader's start does)."""
+        cross-entropy towards the teacher's class on its confident voxels, averaged over all.
+        The noise comes from its own generator seeded with ``seed`` (the run's seed and step),
+        so a resumed run draws the same noise whatever else used the global generator
+        meanwhile (a data loader's start does)."""
         std, clip = TEACHER_NOISE
         generator = torch.Generator(device=images.device).manual_seed(seed)
         noise = torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)

@@ -147,9 +147,7 @@ class Trainer:
         self.labeller = self._labeller() if train.pseudo_labels else None
         self.pseudo_cases: list[dict] = []
         self.teacher = (
-            MeanTeacher.from_config(self.model, train)
-            if self.unlabeled_cases and not self.labeller
-            else None
+            MeanTeacher.from_config(self.model, train) if self.unlabeled_cases and not self.labeller else None
         )
         self.progress = 0.0  # of the run, 0..1: the consistency weight's ramp follows it
         # What the training step calls: the network, wrapped for DDP and compiled if asked.
