@@ -19,6 +19,7 @@ from medseg.atomic import atomic_path
 from medseg.config import Config
 from medseg.data.plan import Plan
 from medseg.errors import CheckpointError, first_line
+from medseg.files import EXPORTED_MODEL_FILE
 
 __all__ = [
     "FORMAT",
@@ -162,7 +163,6 @@ class Checkpoint:
 
 
 CHECKPOINT_NAMES = ("best", "last")  # the two files a run folder holds
-EXPORTED_MODEL_FILE = "medseg-model.json"  # what a folder from medseg export holds
 
 
 def checkpoint_file(path: str | Path, which: str = "best") -> Path:

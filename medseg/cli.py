@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 import time
 import traceback
@@ -126,6 +127,22 @@ def _set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+def _openmp_waits_passively_for_exported(models: list[str]) -> None:
+    """With an exported model, let torch's OpenMP threads sleep while they wait.
+
+    Its network runs in OpenVINO's own threads, between torch's small operations (cutting
+    windows, blending them, resampling). libgomp's threads spin after each of those, by default,
+    and take the cores from OpenVINO: on 32 left-atrium volumes the whole process took 0.88x the
+    time with them asleep (docs/performance.md); torch's own network went slower (so not for
+    checkpoints). libgomp reads this once, when torch loads it: call before importing torch. A
+    value the user set is kept.
+    """
+    from medseg.files import EXPORTED_MODEL_FILE
+
+    if any(Path(m).name == EXPORTED_MODEL_FILE or (Path(m) / EXPORTED_MODEL_FILE).is_file() for m in models):
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def _trainer(kind, args):
     """A Trainer (or Pretrainer) from the command line: a new run, or ``--resume``."""
     from medseg.config import load_config
@@ -184,6 +201,7 @@ def cmd_plan(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    _openmp_waits_passively_for_exported(args.model)
     from medseg.inference.cases import parse_shard
     from medseg.inference.dicomweb import is_dicomweb, predict_dicomweb
     from medseg.inference.predictor import Predictor
@@ -362,6 +380,8 @@ def cmd_export(args) -> int:
 
 def cmd_listen(args) -> int:
     import signal
+
+    _openmp_waits_passively_for_exported([args.model])
 
     from medseg.inference.listener import Listener, Tls, parse_destination
     from medseg.inference.predictor import Predictor

@@ -11,6 +11,7 @@ __all__ = [
     "VOLUME_SUFFIXES",
     "EXTRAS",
     "LABELS_FILE",
+    "EXPORTED_MODEL_FILE",
     "is_volume_file",
     "case_id",
     "safe_name",
@@ -23,6 +24,7 @@ __all__ = [
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".tif", ".tiff")
 EXTRAS = ("probabilities", "uncertainty")  # maps predict writes beside a mask on request
 LABELS_FILE = "labels.json"  # predict writes it beside the masks: class index -> name
+EXPORTED_MODEL_FILE = "medseg-model.json"  # what a folder from medseg export holds
 _CHANNEL = re.compile(r"_(\d{4})$")
 
 

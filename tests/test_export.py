@@ -4,7 +4,9 @@ Runtime; its refusals; the CLI."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -133,6 +135,27 @@ def test_cli_export_then_predict_with_the_folder(exported, tmp_path):
     np.testing.assert_array_equal(sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b))
     proc = run_cli("export", "-m", str(run), "-o", str(tmp_path / "model"))
     assert proc.returncode == 2 and "already exists" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_openmp_threads_sleep_while_an_exported_network_runs(exported, tmp_path):
+    # libgomp reads OMP_WAIT_POLICY when torch loads it: predict must set it before any import
+    # of torch, and only for an exported model (torch's own network is slower with it).
+    checkpoint, folder = exported
+    image, _ = learned_phantom(503)
+    sitk.WriteImage(image, str(tmp_path / "scan.nii.gz"))
+    code = (
+        "import os, sys; import medseg.cli as cli; assert 'torch' not in sys.modules; "
+        "rc = cli.main(['predict', '-m', sys.argv[1], '-i', sys.argv[2], '-o', sys.argv[3], '-q']); "
+        "print(rc, os.environ.get('OMP_WAIT_POLICY'))"
+    )
+    seen = {}
+    for model, out in ((folder, "a"), (checkpoint, "b")):
+        env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+        argv = [sys.executable, "-c", code, str(model), str(tmp_path / "scan.nii.gz"), str(tmp_path / out)]
+        proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        seen[out] = proc.stdout.split()[-2:]
+    assert seen == {"a": ["0", "PASSIVE"], "b": ["0", "None"]}
 
 
 needs_int8 = pytest.mark.skipif(
