@@ -158,6 +158,21 @@ def test_openmp_threads_sleep_while_an_exported_network_runs(exported, tmp_path)
     assert seen == {"a": ["0", "PASSIVE"], "b": ["0", "None"]}
 
 
+def test_a_python_caller_is_told_to_let_openmp_threads_sleep(exported, monkeypatch, caplog):
+    from medseg.inference.runtime import RuntimeNetwork
+
+    _, folder = exported
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    with caplog.at_level("INFO", logger="medseg.inference.runtime"):
+        RuntimeNetwork(folder / NETWORK_FILE).prepare(None)
+    assert "set OMP_WAIT_POLICY=PASSIVE before importing torch" in caplog.text
+    caplog.clear()
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    with caplog.at_level("INFO", logger="medseg.inference.runtime"):
+        RuntimeNetwork(folder / NETWORK_FILE).prepare(None)
+    assert "OMP_WAIT_POLICY" not in caplog.text
+
+
 needs_int8 = pytest.mark.skipif(
     any(__import__("importlib").util.find_spec(m) is None for m in ("nncf", "openvino")),
     reason="int8 needs NNCF and OpenVINO: pip install medseg[int8]",
