@@ -355,6 +355,8 @@ class _CaseProgress:
 
 
 def cmd_export(args) -> int:
+    if args.int8:  # its Dice guard predicts with two exported networks, both in OpenVINO
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see _openmp_waits_passively_for_exported
     from medseg.inference.export import export_model
 
     _set_threads(args.threads)

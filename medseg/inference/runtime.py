@@ -82,7 +82,8 @@ class RuntimeNetwork(nn.Module):
         if "OMP_WAIT_POLICY" not in os.environ:  # medseg predict sets it; a Python caller may not
             log.info(
                 "torch's OpenMP threads spin between the windows and slow the exported network "
-                "(0.88x the time without it): set OMP_WAIT_POLICY=PASSIVE before importing torch"
+                "(medseg predict took 0.88x the time with them asleep): set OMP_WAIT_POLICY=PASSIVE "
+                "before importing torch"
             )
         if self.runtime == "openvino":
             self.precision = "bf16" if amp_dtype == torch.bfloat16 else "fp32"
