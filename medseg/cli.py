@@ -127,8 +127,8 @@ def _set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def _openmp_waits_passively_for_exported(models: list[str]) -> None:
-    """With an exported model, let torch's OpenMP threads sleep while they wait.
+def _let_openmp_threads_sleep() -> None:
+    """Before running an exported network: let torch's OpenMP threads sleep while they wait.
 
     Its network runs in OpenVINO's own threads, between torch's small operations (cutting
     windows, blending them, resampling). libgomp's threads spin after each of those, by default,
@@ -137,10 +137,7 @@ def _openmp_waits_passively_for_exported(models: list[str]) -> None:
     checkpoints). libgomp reads this once, when torch loads it: call before importing torch. A
     value the user set is kept.
     """
-    from medseg.files import EXPORTED_MODEL_FILE
-
-    if any(Path(m).name == EXPORTED_MODEL_FILE or (Path(m) / EXPORTED_MODEL_FILE).is_file() for m in models):
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def _trainer(kind, args):
@@ -201,7 +198,10 @@ def cmd_plan(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    _openmp_waits_passively_for_exported(args.model)
+    from medseg.files import is_exported
+
+    if any(is_exported(m) for m in args.model):
+        _let_openmp_threads_sleep()
     from medseg.inference.cases import parse_shard
     from medseg.inference.dicomweb import is_dicomweb, predict_dicomweb
     from medseg.inference.predictor import Predictor
@@ -356,7 +356,7 @@ class _CaseProgress:
 
 def cmd_export(args) -> int:
     if args.int8:  # its Dice guard predicts with two exported networks, both in OpenVINO
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see _openmp_waits_passively_for_exported
+        _let_openmp_threads_sleep()
     from medseg.inference.export import export_model
 
     _set_threads(args.threads)
@@ -383,7 +383,10 @@ def cmd_export(args) -> int:
 def cmd_listen(args) -> int:
     import signal
 
-    _openmp_waits_passively_for_exported([args.model])
+    from medseg.files import is_exported
+
+    if is_exported(args.model):
+        _let_openmp_threads_sleep()
 
     from medseg.inference.listener import Listener, Tls, parse_destination
     from medseg.inference.predictor import Predictor

@@ -12,6 +12,7 @@ __all__ = [
     "EXTRAS",
     "LABELS_FILE",
     "EXPORTED_MODEL_FILE",
+    "is_exported",
     "is_volume_file",
     "case_id",
     "safe_name",
@@ -32,6 +33,13 @@ def volume_suffix(path: str | Path) -> str:
     """The format suffix of a volume file name (``.nii.gz``, ``.nrrd``, ...), or ''."""
     name = Path(path).name.lower()
     return next((s for s in VOLUME_SUFFIXES if name.endswith(s)), "")
+
+
+def is_exported(path: str | Path) -> bool:
+    """Whether ``path`` is an exported model's ``medseg-model.json`` or its folder. Here, not
+    beside the rest of the model folder's code, so the command line can ask before torch loads."""
+    path = Path(path)
+    return path.name == EXPORTED_MODEL_FILE or (path / EXPORTED_MODEL_FILE).is_file()
 
 
 def is_volume_file(path: str | Path) -> bool:

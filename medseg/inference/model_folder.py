@@ -12,6 +12,7 @@ from torch import nn
 
 from medseg.checkpoint import EXPORTED_MODEL_FILE, Checkpoint, file_sha256
 from medseg.errors import CheckpointError
+from medseg.files import is_exported
 from medseg.models.slicewise import SliceWise
 
 __all__ = ["EXPORT_FORMAT", "MODEL_FILE", "NETWORK_FILE", "INT8_FILES", "is_exported", "load_exported"]
@@ -20,12 +21,6 @@ EXPORT_FORMAT = "medseg-export/1"
 MODEL_FILE = EXPORTED_MODEL_FILE
 NETWORK_FILE = "network.onnx"
 INT8_FILES = ("network.xml", "network.bin")  # OpenVINO IR: the graph, then its weights
-
-
-def is_exported(path: str | Path) -> bool:
-    """Whether ``path`` is an exported model's ``medseg-model.json`` or its folder."""
-    path = Path(path)
-    return path.name == MODEL_FILE or (path / MODEL_FILE).is_file()
 
 
 def load_exported(path: str | Path, runtime: str = "auto") -> tuple[Checkpoint, nn.Module, str]:
