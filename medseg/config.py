@@ -253,6 +253,9 @@ class TrainConfig:
             ``confident``, cross-entropy towards the teacher's class wherever the teacher gives
             it at least ``confidence`` (pseudo-labels, as FixMatch and UniMatch threshold them).
         confidence: ``confident``'s threshold on the teacher's probability.
+        unlabeled_mix: ``none``, or ``cutmix``: each unlabelled patch the student sees has a box
+            of another pasted in, and so have the teacher's answers it learns from (French et
+            al. 2020), a stronger perturbation than the teacher's noise alone.
     """
 
     output_dir: str = "runs/heart"
@@ -287,6 +290,7 @@ class TrainConfig:
     teacher_decay: float = 0.99
     unlabeled_loss: str = "mse"
     confidence: float = 0.95
+    unlabeled_mix: str = "none"
 
     @property
     def epoch_limit(self) -> float:

@@ -7,7 +7,8 @@ import torch
 
 from medseg.config import load_config
 from medseg.errors import ConfigError
-from medseg.training.semi import RAMP_UP, MeanTeacher, consistency_weight, unlabeled_loss
+from medseg.training import semi
+from medseg.training.semi import RAMP_UP, MeanTeacher, consistency_weight, cutmix_masks, unlabeled_loss
 from medseg.training.trainer import Trainer
 from tests.conftest import TINY_OVERRIDES, run_cli
 from tests.test_resume import SETTINGS, whole_and_resumed
@@ -80,6 +81,52 @@ def test_the_confident_loss_is_cross_entropy_on_the_sure_voxels_over_all():
         MeanTeacher(torch.nn.Conv3d(1, 2, 1), 0.99, 1.0, "confident", 0)
 
 
+def test_cutmix_pastes_one_box_of_the_next_patch_into_each():
+    shape = torch.Size((3, 1, 16, 12, 8))
+    masks = cutmix_masks(shape, torch.Generator().manual_seed(5))
+    assert masks.shape == (3, 1, 16, 12, 8)
+    for mask in masks[:, 0]:
+        inside = mask.nonzero()
+        lo, hi = inside.min(0).values, inside.max(0).values
+        assert (hi - lo + 1).tolist() == [13, 10, 6]  # each side 0.5 ** (1/3) of the patch's
+        assert mask.sum() == 13 * 10 * 6  # one solid box
+    assert not torch.equal(masks[0], masks[1])  # each patch its own place
+    assert torch.equal(masks, cutmix_masks(shape, torch.Generator().manual_seed(5)))  # a resume cuts the same
+    images = torch.arange(3.0).view(3, 1, 1, 1, 1).expand(shape)
+    mixed = semi.paste(masks, images)
+    assert torch.equal(mixed[1][masks[1] == 1], torch.full((13 * 10 * 6,), 1.0))  # its own box
+    assert torch.equal(mixed[1][masks[1] == 0], torch.zeros(16 * 12 * 8 - 13 * 10 * 6))  # the patch before
+    assert torch.equal(mixed[0][masks[0] == 0], torch.full((16 * 12 * 8 - 13 * 10 * 6,), 2.0))  # the last
+
+
+def test_cutmix_pulls_the_student_on_the_mix_towards_the_teachers_answers_mixed_alike(monkeypatch):
+    # A voxel-wise network answers a pasted input with its answers pasted: with the teacher's
+    # noise off and the teacher still the student, the loss is zero only if the student's
+    # input and the teacher's answers were cut and pasted alike.
+    monkeypatch.setattr(semi, "TEACHER_NOISE", (0.0, 0.0))
+    torch.manual_seed(0)
+    net = torch.nn.Conv3d(1, 3, 1)
+    teacher = MeanTeacher(net, 0.99, 1.0, mix="cutmix")
+    images = torch.randn(2, 1, 8, 8, 8)
+    masks = teacher.masks(images, seed=7)
+    student = net(teacher.student_input(images, masks))
+    no_autocast = torch.autocast("cpu", enabled=False)
+    assert teacher.loss(student, images, lambda: no_autocast, 7, masks).item() < 1e-12
+    assert teacher.loss(net(images), images, lambda: no_autocast, 7, masks).item() > 1e-4  # input not mixed
+    assert teacher.loss(student, images, lambda: no_autocast, 7, None).item() > 1e-4  # answers not mixed
+    assert MeanTeacher(net, 0.99, 1.0).masks(images, 7) is None  # the default mixes nothing
+    with pytest.raises(ConfigError, match="train.unlabeled_mix.*none or cutmix, not 'mixup'"):
+        MeanTeacher(net, 0.99, 1.0, mix="mixup")
+
+
+def test_cutmix_consistency_moves_the_weights_and_needs_two_patches(tiny_dataset, tmp_path):
+    mixed = ["train.unlabeled_mix=cutmix", "train.batch_size=2"]
+    before, after = _weights_after_two_steps(tiny_dataset, tmp_path / "mix", tiny_dataset / "imagesTs", mixed)
+    assert sum(not torch.equal(before[k], after[k]) for k in before) > len(before) // 2
+    with pytest.raises(ConfigError, match="train.unlabeled_mix.*batch_size of 2 or more, not 1"):
+        _weights_after_two_steps(tiny_dataset, tmp_path / "one", tiny_dataset / "imagesTs", mixed[:1])
+
+
 def test_the_consistency_weight_ramps_up():
     assert consistency_weight(0.0, 2.0) == pytest.approx(2.0 * 2.718281828 ** (-5))
     assert consistency_weight(RAMP_UP / 2, 2.0) == pytest.approx(2.0 * 2.718281828 ** (-1.25))
@@ -87,7 +134,9 @@ def test_the_consistency_weight_ramps_up():
 
 
 def test_a_killed_semi_supervised_run_resumes_exactly(tiny_dataset, tmp_path):
-    settings = [*SETTINGS, f"train.unlabeled={tiny_dataset / 'imagesTs'}"]
+    # with cutmix: the teacher's noise and the boxes must both be drawn again alike
+    cutmix = ["train.unlabeled_mix=cutmix", "train.batch_size=2"]
+    settings = [*SETTINGS, f"train.unlabeled={tiny_dataset / 'imagesTs'}", *cutmix]
     whole, again = whole_and_resumed(tiny_dataset, tmp_path, settings)
     assert again["step"] == whole["step"] == 8
     assert again["teacher"]["updates"] == whole["teacher"]["updates"] == 8

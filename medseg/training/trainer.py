@@ -149,6 +149,9 @@ class Trainer:
         self.teacher = (
             MeanTeacher.from_config(self.model, train) if self.unlabeled_cases and not self.labeller else None
         )
+        if self.teacher is not None and train.unlabeled_mix == "cutmix" and self.plan.batch_size < 2:
+            # cutmix joins each patch with the next of its batch: one patch would join itself
+            raise ConfigError("train.unlabeled_mix", "cutmix needs train.batch_size of 2 or more, not 1")
         self.progress = 0.0  # of the run, 0..1: the consistency weight's ramp follows it
         # What the training step calls: the network, wrapped for DDP and compiled if asked.
         self.net: nn.Module = self.model
@@ -442,8 +445,13 @@ class Trainer:
         image = self.to_device(batch["image"])
         label = batch["label"].to(self.device, non_blocking=True)
         extra = self.to_device(batch["unlabeled"]) if "unlabeled" in batch else None
+        seed = self.config.train.seed * 1_000_003 + self.step  # this step's teacher noise and boxes
+        masks = self.teacher.masks(extra, seed) if extra is not None else None
         with self.autocast():
-            logits = self.net(image if extra is None else torch.cat([image, extra]))
+            if extra is None:
+                logits = self.net(image)
+            else:
+                logits = self.net(torch.cat([image, self.teacher.student_input(extra, masks)]))
         logits = [x.float() for x in logits] if isinstance(logits, list) else logits.float()
         if extra is None:
             return self.loss_fn(logits, label)
@@ -451,8 +459,8 @@ class Trainer:
         labelled = [x[:n] for x in logits] if isinstance(logits, list) else logits[:n]
         student = logits[0][n:] if isinstance(logits, list) else logits[n:]
         weight = consistency_weight(self.progress, self.teacher.weight)
-        seed = self.config.train.seed * 1_000_003 + self.step  # this step's teacher noise
-        return self.loss_fn(labelled, label) + weight * self.teacher.loss(student, extra, self.autocast, seed)
+        consistency = self.teacher.loss(student, extra, self.autocast, seed, masks)
+        return self.loss_fn(labelled, label) + weight * consistency
 
     def to_device(self, image: torch.Tensor) -> torch.Tensor:
         """A batch of images on the training device, channels-last where that is faster."""
