@@ -1,5 +1,6 @@
 """The command line end to end on tiny volumes, and its one-line errors."""
 
+import argparse
 import csv
 import json
 
@@ -117,6 +118,14 @@ def test_help(command):
     proc = run_cli(command, "--help")
     assert proc.returncode == 0
     assert "usage: medseg " + command in proc.stdout
+
+
+def test_every_subcommand_runs_its_command():
+    from medseg.cli import COMMANDS
+    from medseg.cli_parser import build_parser
+
+    subcommands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(subcommands.choices) == set(COMMANDS)
 
 
 def test_train_lists_every_bad_case_before_starting(tiny_dataset, tmp_path):
